@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - tiny end-to-end run on CPU (convert -> cache -> train -> resume -> export -> sample)
+#   make test   - the test suite (what CI runs)
+# Both create/reuse .venv and install the package with the `ref` extra (torch CPU, diffusers, peft: the
+# numerical references the tests compare against and the tiny-model builder uses).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[ref]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py --out demo_out
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py --config configs/demo.py
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,35 @@
+"""Flux Kontext dev (12B) DreamOmni2 LoRA on a TPU v5p pod slice.
+
+Single host (e.g. v5p-8):
+    python scripts/train.py --config configs/tpu_v5.py --set model.path=/data/flux-kontext-jax \
+        --set data.cache_dir=gs://bucket/cache --set train.run_dir=gs://bucket/runs/do2
+
+Multi-host pod slice (e.g. v5p-64, 8 hosts): run the same command on every host at once, e.g.
+    gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command \
+      "cd dreamomni2-jax && .venv/bin/python scripts/train.py --config configs/tpu_v5.py \
+       --set model.path=/data/flux-kontext-jax --set data.cache_dir=gs://bucket/cache \
+       --set train.run_dir=gs://bucket/runs/do2"
+jax.distributed.initialize() is called automatically on multi-host TPU; base weights and optimizer
+state are FSDP-sharded over all chips, the batch over data x fsdp.
+"""
+from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
+                                   OptimConfig, SampleConfig, TrainConfig, ValidationSample)
+
+
+def get_config() -> Config:
+    return Config(
+        model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="auto",
+                          remat="dots_saveable", position_scheme="dreamomni2", guidance=1.0),
+        lora=LoraConfig(rank=16, alpha=16.0, preset="attention", dtype="float32"),
+        data=DataConfig(batch_size=32, max_refs=3, target_max_area=1024 * 1024, batching="bucket", num_workers=8,
+                        caption_dropout=0.05, synthetic_resolution=(1024, 1024),
+                        synthetic_refs=((1024, 1024), (1024, 1024))),
+        optim=OptimConfig(lr=1e-4, schedule="constant", warmup_steps=100, grad_clip=1.0),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed="auto"),
+        checkpoint=CheckpointConfig(every_steps=250, max_to_keep=3, async_save=True),
+        sample=SampleConfig(steps=28, guidance=3.5, every_steps=500, validation=(
+            ValidationSample(prompt="Make the bag have the same pattern as the dress in the second image. "
+                                    "It is editing task.", references=(), seed=0),)),
+        train=TrainConfig(run_dir="runs/tpu_v5", steps=5000, seed=0, timestep_sampling="logit_normal",
+                          weighting="none", log_every=10),
+    )

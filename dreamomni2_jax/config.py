@@ -1,0 +1,364 @@
+"""Typed, frozen configuration: one dataclass per section, loaded from a Python config file.
+
+A config file defines ``get_config() -> Config``. Command-line overrides use
+``section.key=value`` (``--set optim.lr=3e-4 --set mesh.fsdp=8``); values are parsed by the
+field's declared type, and unknown sections/keys or unparsable values raise
+:class:`ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names it."""
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+class _Section:
+    """Base of config sections: field types are checked before values are validated."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f"{_SECTION_NAMES.get(type(self).__name__, type(self).__name__)}.{f.name}",
+                        getattr(self, f.name), hints[f.name])
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+
+def _check_type(key: str, value: Any, tp) -> None:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if tp in (int, float, str, bool) and type(value) is not tp:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if typing.get_origin(tp) is tuple and not isinstance(value, tuple):
+        raise ConfigError(f"{key}: expected a tuple, got {type(value).__name__} {value!r}")
+
+
+_SECTION_NAMES = {"ModelConfig": "model", "LoraConfig": "lora", "DataConfig": "data", "OptimConfig": "optim",
+                  "MeshConfig": "mesh", "CheckpointConfig": "checkpoint", "SampleConfig": "sample",
+                  "TrainConfig": "train"}
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    path: str = ""  # converted model folder (convert/pipeline.py output) or a diffusers Flux Kontext folder
+    param_dtype: str = "bfloat16"  # frozen base weights
+    compute_dtype: str = "bfloat16"
+    attention: str = "auto"  # auto | xla | cudnn | splash
+    remat: str = "dots_saveable"  # none | full | dots_saveable
+    position_scheme: str = "dreamomni2"  # dreamomni2 | kontext (see dreamomni2_jax.positions)
+    guidance: float = 1.0  # guidance-embedding value fed during training (guidance-distilled models)
+
+    def _validate(self):
+        _choice("model.param_dtype", self.param_dtype, ("bfloat16", "float32", "float16"))
+        _choice("model.compute_dtype", self.compute_dtype, ("bfloat16", "float32", "float16"))
+        _choice("model.attention", self.attention, ("auto", "xla", "cudnn", "splash"))
+        _choice("model.remat", self.remat, ("none", "full", "dots_saveable"))
+
+
+LORA_PRESETS: dict[str, tuple[str, ...]] = {
+    # DreamOmni2 release config: every attention's q/k/v/out projections.
+    "attention": (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0"),
+    # The wider diffusers Kontext target list.
+    "kontext_wide": (
+        r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0",
+        r"attn\.add_q_proj", r"attn\.add_k_proj", r"attn\.add_v_proj", r"attn\.to_add_out",
+        r"ff\.net\.0\.proj", r"ff\.net\.2", r"ff_context\.net\.0\.proj", r"ff_context\.net\.2",
+        r"single_transformer_blocks\.proj_mlp", r"single_transformer_blocks\.proj_out",
+        r"norm1\.linear", r"norm1_context\.linear", r"norm\.linear",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LoraConfig(_Section):
+    rank: int = 16
+    alpha: float = 16.0
+    preset: str = "attention"  # a key of LORA_PRESETS, or "custom" to use `targets` only
+    targets: tuple[str, ...] = ()  # extra regexes over module paths (searched, not fully matched)
+    dropout: float = 0.0
+    dtype: str = "float32"  # adapter parameter dtype
+    init_from: str = ""  # existing LoRA safetensors (diffusers/PEFT or kohya) to start from
+
+    def _validate(self):
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        _choice("lora.preset", self.preset, (*LORA_PRESETS, "custom"))
+        _choice("lora.dtype", self.dtype, ("float32", "bfloat16"))
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if self.preset == "custom" and not self.targets:
+            raise ConfigError("lora.preset='custom' needs lora.targets")
+
+    @property
+    def target_patterns(self) -> tuple[str, ...]:
+        return (() if self.preset == "custom" else LORA_PRESETS[self.preset]) + tuple(self.targets)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    cache_dir: str = ""  # output of scripts/cache.py; empty -> synthetic batches (benchmarks, smoke runs)
+    batch_size: int = 1  # global batch size (all hosts and devices)
+    max_refs: int = 3
+    target_max_area: int = 1024 * 1024  # pixels; targets are resized to fit, keeping aspect
+    min_image_size: int = 64  # pixels, shorter side; smaller inputs are bad input
+    batching: str = "bucket"  # bucket (same shapes per batch) | pad (pad to batch max, token masks)
+    num_workers: int = 0  # grain worker processes (0 = in-process)
+    shuffle_seed: int = 0
+    caption_dropout: float = 0.0  # probability of using the cached empty-prompt embeddings
+    max_sequence_length: int = 512  # T5 tokens
+    synthetic_resolution: tuple[int, int] = (1024, 1024)  # target pixels for synthetic batches
+    synthetic_refs: tuple[tuple[int, int], ...] = ((1024, 1024),)  # reference pixels for synthetic batches
+
+    def _validate(self):
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.max_refs", self.max_refs)
+        _choice("data.batching", self.batching, ("bucket", "pad"))
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if not 0 <= self.caption_dropout <= 1:
+            raise ConfigError(f"data.caption_dropout={self.caption_dropout} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    lr: float = 1e-4
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum: int = 1  # micro-batches per update (equal to one k-times larger batch)
+    max_nonfinite: int = 5  # consecutive NaN/inf steps (skipped) before training stops
+
+    def _validate(self):
+        _positive("optim.lr", self.lr)
+        _choice("optim.schedule", self.schedule, ("constant", "cosine"))
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("optim.grad_accum", self.grad_accum)
+        _positive("optim.max_nonfinite", self.max_nonfinite)
+
+
+@dataclass(frozen=True)
+class MeshConfig(_Section):
+    data: int = 1  # pure data parallelism (replicated weights), e.g. across hosts
+    fsdp: int = -1  # -1: all remaining devices; base weights and optimizer state sharded here
+    tensor: int = 1  # tensor parallelism over heads / MLP hidden
+    distributed: str = "auto"  # auto | on | off: jax.distributed.initialize() for multi-host
+
+    def _validate(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise ConfigError(f"mesh sizes (data, fsdp, tensor)={sizes}: each >= 1, at most one -1")
+        _choice("mesh.distributed", self.distributed, ("auto", "on", "off"))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    every_steps: int = 500
+    max_to_keep: int = 3
+    async_save: bool = True
+
+    def _validate(self):
+        _positive("checkpoint.every_steps", self.every_steps)
+        _positive("checkpoint.max_to_keep", self.max_to_keep)
+
+
+@dataclass(frozen=True)
+class ValidationSample:
+    prompt: str
+    references: tuple[str, ...] = ()
+    seed: int = 0
+    height: int = 1024
+    width: int = 1024
+
+
+@dataclass(frozen=True)
+class SampleConfig(_Section):
+    steps: int = 28
+    guidance: float = 3.5  # guidance embedding at inference (Kontext dev default 2.5-3.5)
+    true_cfg_scale: float = 1.0  # > 1 enables true CFG with negative_prompt
+    negative_prompt: str = ""
+    every_steps: int = 0  # validation sampling during training; 0 disables
+    validation: tuple[ValidationSample, ...] = ()
+
+    def _validate(self):
+        _positive("sample.steps", self.steps)
+        _positive("sample.every_steps", self.every_steps, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    seed: int = 0
+    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | mode | sigmoid_shift
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: str = "none"  # none | sigma_sqrt | cosmap
+    log_every: int = 1
+
+    def _validate(self):
+        _positive("train.steps", self.steps)
+        _choice("train.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal", "mode", "sigmoid_shift"))
+        _choice("train.weighting", self.weighting, ("none", "sigma_sqrt", "cosmap"))
+        _positive("train.log_every", self.log_every)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _parse_value(key: str, text: str, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a bool (true/false), got {text!r}")
+    if tp in (int, float):
+        try:
+            value = float(text) if tp is float else int(text, 0)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {text!r}") from None
+        return value
+    if tp is str:
+        return text
+    if origin is tuple:
+        try:
+            raw = json.loads(text) if text.strip().startswith("[") else [t for t in text.split(",") if t.strip()]
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}: cannot parse {text!r} as a list ({e})") from None
+        args = typing.get_args(tp)
+        elem = args[0] if args else str
+        return tuple(_coerce(key, v, elem) for v in raw)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.strip().lower() in ("none", "null"):
+            return None
+        return _parse_value(key, text, args[0])
+    raise ConfigError(f"{key}: overriding fields of type {tp} from the command line is not supported")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (elem, *_) = typing.get_args(tp) or (str,)
+        return tuple(_coerce(key, v, elem) for v in value)
+    if isinstance(value, str):
+        return _parse_value(key, value, tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings; errors name the offending key."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key.count(".") != 1:
+            raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
+        sec_name, field_name = key.split(".")
+        sections = {f.name for f in dataclasses.fields(cfg)}
+        if sec_name not in sections:
+            raise ConfigError(f"unknown config section {sec_name!r} in {key!r}; sections: {sorted(sections)}")
+        section = getattr(cfg, sec_name)
+        hints = typing.get_type_hints(type(section))
+        if field_name not in hints:
+            raise ConfigError(f"unknown config key {key!r}; {sec_name} keys: {sorted(hints)}")
+        value = _parse_value(key, text, hints[field_name])
+        try:
+            section = dataclasses.replace(section, **{field_name: value})
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+        cfg = dataclasses.replace(cfg, **{sec_name: section})
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Import a config file, call its ``get_config()``, apply overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_dreamomni2_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected dreamomni2_jax.config.Config")
+    return apply_overrides(cfg, overrides)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint's saved config)."""
+    sections = {}
+    for sec in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[sec.name]
+        raw = dict(data.get(sec.name, {}))
+        hints = typing.get_type_hints(cls)
+        unknown = set(raw) - set(hints)
+        if unknown:
+            raise ConfigError(f"unknown keys in section {sec.name!r}: {sorted(unknown)}")
+        if sec.name == "sample" and "validation" in raw:
+            raw["validation"] = tuple(ValidationSample(**{**v, "references": tuple(v.get("references", ()))})
+                                      for v in raw["validation"])
+        for k, v in list(raw.items()):
+            if typing.get_origin(hints[k]) is tuple and k != "validation":
+                raw[k] = _coerce(f"{sec.name}.{k}", v, hints[k])
+        sections[sec.name] = cls(**raw)
+    return Config(**sections)

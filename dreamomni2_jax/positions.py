@@ -1,0 +1,185 @@
+"""Token layout and position ids for Kontext / DreamOmni2 inputs (pure numpy, host side).
+
+Sizes are VAE-latent sizes (pixels / 8). Tokens are 2x2 latent patches, so a latent of
+``(h, w)`` gives ``(h // 2) * (w // 2)`` tokens in row-major order.
+
+Ids are ``[domain, row, col]``:
+
+* target (noisy) image: domain 0, ``[0, row, col]``;
+* reference image ``i`` (0-based): domain ``i + 1``, ``[i + 1, row, col + w_offset_i]``;
+* text tokens: all zeros.
+
+``w_offset_i`` comes from the scheme. ``"dreamomni2"``: cumulative token width of the
+previous references (the official pipeline also accumulates an ``h_offset`` but never
+applies it; neither do we). ``"kontext"``: no offset. With one reference both equal
+diffusers' ``FluxKontextPipeline`` image ids exactly. New schemes register with
+:func:`register_scheme` without touching callers.
+
+Model input per sample is ``[target tokens | reference tokens]``. Batches of samples with
+different sizes are padded per section (see :func:`batch_layout`) so the target part is
+always ``tokens[:, :target_len]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+LatentSize = tuple[int, int]
+SchemeFn = Callable[[Sequence[LatentSize]], list[int]]
+
+_SCHEMES: dict[str, SchemeFn] = {}
+
+
+def register_scheme(name: str, column_offsets: SchemeFn) -> None:
+    """Register an id scheme: ``column_offsets(latent_sizes) -> [w_offset_i]`` per reference."""
+    _SCHEMES[name] = column_offsets
+
+
+def schemes() -> tuple[str, ...]:
+    return tuple(_SCHEMES)
+
+
+def _dreamomni2_offsets(latent_sizes: Sequence[LatentSize]) -> list[int]:
+    offsets, w_offset = [], 0
+    for _, w in latent_sizes:
+        offsets.append(w_offset)
+        w_offset += w // 2
+    return offsets
+
+
+register_scheme("dreamomni2", _dreamomni2_offsets)
+register_scheme("kontext", lambda latent_sizes: [0] * len(latent_sizes))
+
+
+def _check_size(h: int, w: int) -> None:
+    if h < 2 or w < 2 or h % 2 or w % 2:
+        raise ValueError(f"latent size must be even and >= 2, got {(h, w)}")
+
+
+def num_tokens(latent_h: int, latent_w: int) -> int:
+    return (latent_h // 2) * (latent_w // 2)
+
+
+def _grid_ids(domain: int, latent_h: int, latent_w: int, col_offset: int = 0) -> np.ndarray:
+    _check_size(latent_h, latent_w)
+    rows, cols = np.meshgrid(np.arange(latent_h // 2), np.arange(latent_w // 2), indexing="ij")
+    ids = np.stack([np.full_like(rows, domain), rows, cols + col_offset], axis=-1)
+    return ids.reshape(-1, 3).astype(np.int32)
+
+
+def target_ids(latent_h: int, latent_w: int) -> np.ndarray:
+    """int32 ``[(h//2)*(w//2), 3]`` with rows ``[0, row, col]`` in row-major order."""
+    return _grid_ids(0, latent_h, latent_w)
+
+
+def reference_ids(latent_sizes: Sequence[LatentSize], scheme: str = "dreamomni2") -> np.ndarray:
+    """All reference tokens' ids, concatenated in order; image ``i`` gets domain ``i + 1``."""
+    if scheme not in _SCHEMES:
+        raise ValueError(f"unknown position scheme {scheme!r}; known: {sorted(_SCHEMES)}")
+    sizes = [tuple(int(v) for v in s) for s in latent_sizes]
+    if not sizes:
+        return np.zeros((0, 3), np.int32)
+    offsets = _SCHEMES[scheme](sizes)
+    parts = [_grid_ids(i + 1, h, w, off) for i, ((h, w), off) in enumerate(zip(sizes, offsets))]
+    return np.concatenate(parts, axis=0)
+
+
+def text_ids(n: int) -> np.ndarray:
+    """Zeros ``[n, 3]`` (int32)."""
+    return np.zeros((n, 3), np.int32)
+
+
+def pack_latents(latents):
+    """NHWC latents ``[B, H, W, C]`` -> tokens ``[B, (H/2)*(W/2), C*4]``.
+
+    Same token and feature order as diffusers' ``FluxPipeline._pack_latents`` on NCHW
+    (features ordered channel, dy, dx). Works on numpy and jax arrays.
+    """
+    b, h, w, c = latents.shape
+    _check_size(h, w)
+    x = latents.reshape(b, h // 2, 2, w // 2, 2, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4)  # b, h2, w2, c, dy, dx
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens, latent_h: int, latent_w: int):
+    """Inverse of :func:`pack_latents`: ``[B, S, C*4]`` -> NHWC ``[B, H, W, C]``."""
+    b, s, d = tokens.shape
+    _check_size(latent_h, latent_w)
+    if s != num_tokens(latent_h, latent_w) or d % 4:
+        raise ValueError(f"{tokens.shape} tokens do not fit a latent of {(latent_h, latent_w)}")
+    c = d // 4
+    x = tokens.reshape(b, latent_h // 2, latent_w // 2, c, 2, 2)
+    x = x.transpose(0, 1, 4, 2, 5, 3)  # b, h2, dy, w2, dx, c
+    return x.reshape(b, latent_h, latent_w, c)
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """Latent sizes of one sample: the target and its ordered references."""
+
+    target: LatentSize
+    references: tuple[LatentSize, ...] = ()
+
+    @property
+    def target_tokens(self) -> int:
+        return num_tokens(*self.target)
+
+    @property
+    def reference_tokens(self) -> int:
+        return sum(num_tokens(h, w) for h, w in self.references)
+
+    def ids(self, scheme: str = "dreamomni2") -> np.ndarray:
+        """``[target_tokens + reference_tokens, 3]``: target ids then reference ids."""
+        return np.concatenate([target_ids(*self.target), reference_ids(self.references, scheme)], axis=0)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Padded image-token layout of a batch: ``[target (target_len) | references (reference_len)]``."""
+
+    ids: np.ndarray  # int32 [B, target_len + reference_len, 3]
+    mask: np.ndarray  # bool [B, target_len + reference_len], True on real tokens
+    target_len: int
+    reference_len: int
+
+    @property
+    def target_mask(self) -> np.ndarray:
+        return self.mask[:, : self.target_len]
+
+
+def batch_layout(
+    samples: Sequence[SampleLayout],
+    scheme: str = "dreamomni2",
+    target_len: int | None = None,
+    reference_len: int | None = None,
+) -> BatchLayout:
+    """Per-sample ids padded to a common length, plus the boolean token mask.
+
+    Each sample's target tokens fill ``[0, target_len)`` and its reference tokens
+    ``[target_len, target_len + reference_len)``; the rest is padding (id 0, mask False).
+    ``target_len``/``reference_len`` default to the batch maxima (pass fixed values for
+    static shapes under jit).
+    """
+    if not samples:
+        raise ValueError("batch_layout needs at least one sample")
+    t_max = max(s.target_tokens for s in samples)
+    r_max = max(s.reference_tokens for s in samples)
+    target_len = t_max if target_len is None else target_len
+    reference_len = r_max if reference_len is None else reference_len
+    if t_max > target_len or r_max > reference_len:
+        raise ValueError(
+            f"batch needs target_len >= {t_max} and reference_len >= {r_max}, got {target_len}, {reference_len}"
+        )
+    n = target_len + reference_len
+    ids = np.zeros((len(samples), n, 3), np.int32)
+    mask = np.zeros((len(samples), n), bool)
+    for b, s in enumerate(samples):
+        ids[b, : s.target_tokens] = target_ids(*s.target)
+        mask[b, : s.target_tokens] = True
+        ref = reference_ids(s.references, scheme)
+        ids[b, target_len : target_len + len(ref)] = ref
+        mask[b, target_len : target_len + len(ref)] = True
+    return BatchLayout(ids=ids, mask=mask, target_len=target_len, reference_len=reference_len)

@@ -1,0 +1,28 @@
+"""Shared tiny-model fixtures: one tiny random Flux Kontext pipeline folder per session.
+
+The folder is written by :mod:`dreamomni2_jax.tiny` with the real diffusers / transformers
+classes (``save_pretrained``, safetensors), so every test runs our real converters and
+loaders on real on-disk formats. Per-area fixtures live in ``tests/_fixtures_*.py``
+modules and are registered here.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from dreamomni2_jax import tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """Tiny diffusers Flux Kontext pipeline folder (guidance-distilled transformer, like Kontext dev)."""
+    return tiny.build_pipeline(tmp_path_factory.mktemp("tiny") / "flux-kontext", seed=0, guidance_embeds=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir_noguidance(tmp_path_factory):
+    """Same layout, transformer without a guidance embedder."""
+    return tiny.build_pipeline(tmp_path_factory.mktemp("tiny") / "flux-noguid", seed=10, guidance_embeds=False)
