@@ -39,8 +39,8 @@ def _tokenize(tok, prompts: list[str], max_length: int, what: str) -> np.ndarray
               return_tensors="np").input_ids
     longest = tok(prompts, padding="longest", return_tensors="np").input_ids
     if longest.shape[-1] > ids.shape[-1]:
-        log.warning("%s: prompt truncated to %d tokens: %s", what, max_length,
-                    tok.batch_decode(longest[:, max_length - 1:-1]))
+        cut = [t[:200] for t in tok.batch_decode(longest[:, max_length - 1:-1], skip_special_tokens=True) if t]
+        log.warning("%s: prompt(s) truncated to %d tokens; dropped: %s", what, max_length, cut)
     return ids.astype(np.int32)
 
 
@@ -73,7 +73,8 @@ class TextEncoders:
         t5_ids = _tokenize(self.tokenizer_2, prompts, max_sequence_length, "T5")
         return clip_ids, t5_ids
 
-    def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512) -> tuple[jax.Array, jax.Array]:
+    def encode_prompt(self, prompts: str | Sequence[str],
+                      max_sequence_length: int = 512) -> tuple[jax.Array, jax.Array]:
         """``(t5_embeds [B, max_sequence_length, d_t5], pooled [B, d_clip])`` in the encoders' dtypes."""
         clip_ids, t5_ids = self.tokenize(prompts, max_sequence_length)
         pooled = _clip_pooled(self.clip, jnp.asarray(clip_ids))
@@ -89,15 +90,19 @@ def load_tokenizers(root: str | Path) -> tuple[Any, Any]:
     for sub in ("tokenizer", "tokenizer_2"):
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root / sub}: tokenizer folder missing")
-    return CLIPTokenizer.from_pretrained(str(root / "tokenizer")), T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"))
+    return (CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+            T5TokenizerFast.from_pretrained(str(root / "tokenizer_2")))
 
 
 def load_text_encoders(converted_dir: str | Path, dtype=jnp.bfloat16, param_sharding=None) -> TextEncoders:
-    """Load ``text_encoder/`` (CLIP), ``text_encoder_2/`` (T5) and both tokenizers from a converted folder."""
+    """Load ``text_encoder/`` (CLIP), ``text_encoder_2/`` (T5) and both tokenizers.
+
+    ``converted_dir``: a ``convert/pipeline.py`` output, or a diffusers Flux folder (converted on the fly).
+    """
     root = Path(converted_dir)
     for sub in ("text_encoder", "text_encoder_2"):
         if not (root / sub / "config.json").is_file():
-            raise FileNotFoundError(f"{root / sub}: converted text encoder missing (run convert/pipeline.py)")
+            raise FileNotFoundError(f"{root / sub}: text encoder folder (with config.json) missing")
     tok, tok2 = load_tokenizers(root)
     clip = load_clip(root / "text_encoder", dtype, param_sharding=param_sharding)
     t5 = load_t5(root / "text_encoder_2", dtype, param_sharding=param_sharding)

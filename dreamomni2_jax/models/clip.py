@@ -168,13 +168,27 @@ class CLIPTextModel(nnx.Module):
         return h, pooled
 
 
-def load_clip(path: str | Path, dtype=jnp.bfloat16, param_sharding=None) -> CLIPTextModel:
-    """Restore a converted CLIP folder (``config.json`` + Orbax params) with params and compute in ``dtype``."""
-    from convert.table import restore_params
+def load_clip(path: str | Path, dtype=jnp.float32, *, param_sharding=None) -> CLIPTextModel:
+    """Load the CLIP text encoder with params and matmuls in ``dtype``.
+
+    ``path``: a converted folder (``convert/clip.py`` OUT: ``config.json`` + Orbax ``params/``) or a source
+    transformers ``text_encoder/`` folder converted on the fly in memory.
+    ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
+    """
+    from convert import table
 
     path = Path(path)
-    cfg = CLIPConfig.from_json(path / "config.json")
+    if table.is_converted(path):
+        cfg, items = CLIPConfig.from_json(path / "config.json"), None
+    else:
+        from convert.clip import build_plan
+
+        plan, cfg = build_plan(path, param_dtype=dtype)
+        items = plan.items(progress=False)
     abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    state = restore_params(path, state, stacked={}, param_sharding=param_sharding)
+    if items is None:
+        state = table.restore_params(path, state, {}, param_sharding)
+    else:
+        state = table.load_params_from_items(items, state, {}, param_sharding)
     return nnx.merge(graphdef, state)

@@ -233,13 +233,27 @@ def _to_compute(x, dtype):
     return x.astype(dtype)
 
 
-def load_t5(path: str | Path, dtype=jnp.bfloat16, param_sharding=None) -> T5EncoderModel:
-    """Restore a converted T5 folder (``config.json`` + Orbax params); matmuls in ``dtype`` (``wo``/norms fp32)."""
-    from convert.table import restore_params
+def load_t5(path: str | Path, dtype=jnp.bfloat16, *, param_sharding=None) -> T5EncoderModel:
+    """Load the T5 encoder with params and matmuls in ``dtype`` (``wo`` and norms stay float32).
+
+    ``path``: a converted folder (``convert/t5.py`` OUT: ``config.json`` + Orbax ``params/``) or a source
+    transformers ``text_encoder_2/`` folder converted on the fly in memory.
+    ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
+    """
+    from convert import table
 
     path = Path(path)
-    cfg = T5Config.from_json(path / "config.json")
+    if table.is_converted(path):
+        cfg, items = T5Config.from_json(path / "config.json"), None
+    else:
+        from convert.t5 import build_plan
+
+        plan, cfg = build_plan(path, param_dtype=dtype)
+        items = plan.items(progress=False)
     abstract = nnx.eval_shape(lambda: T5EncoderModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    state = restore_params(path, state, stacked={}, param_sharding=param_sharding)
+    if items is None:
+        state = table.restore_params(path, state, {}, param_sharding)
+    else:
+        state = table.load_params_from_items(items, state, {}, param_sharding)
     return nnx.merge(graphdef, state)

@@ -49,7 +49,8 @@ class VAEConfig:
             raise ValueError(f"VAEConfig.act_fn={self.act_fn!r}: only 'silu' is supported")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
-                raise ValueError(f"VAEConfig: block channel {c} not divisible by norm_num_groups={self.norm_num_groups}")
+                raise ValueError(f"VAEConfig: block channel {c} not divisible by "
+                                 f"norm_num_groups={self.norm_num_groups}")
 
     @property
     def downscale(self) -> int:
@@ -65,10 +66,7 @@ class VAEConfig:
             if types is not None and (len(types) != n or any(t != want for t in types)):
                 raise ValueError(f"{source}: {key}={types} unsupported; expected {n} x {want!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "shift_factor" in d and d["shift_factor"] is None:
-            kw["shift_factor"] = None
-        return cls(**kw)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
@@ -325,11 +323,29 @@ def decode_latents(vae: VAE, latents, batch_chunk: int = 1):
     return _chunked(_decode_jit, vae, latents, batch_chunk)
 
 
-def load_vae(path: str | Path, dtype=jnp.bfloat16, attn_chunk: int = 4096) -> VAE:
-    """Restore a converted VAE folder (``config.json`` + Orbax ``params/``) with params and compute in ``dtype``."""
-    from dreamomni2_jax.models._restore import restore_module
+def load_vae(path: str | Path, dtype=jnp.float32, *, param_sharding=None, attn_chunk: int = 4096) -> VAE:
+    """Load a VAE with params and compute in ``dtype``.
+
+    ``path``: a converted folder (``convert/vae.py`` OUT: ``config.json`` + Orbax ``params/``), or a source
+    checkpoint (diffusers ``vae/`` folder or BFL ``ae.safetensors``) converted on the fly in memory.
+    ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
+    """
+    from convert import table
 
     path = Path(path)
-    cfg = VAEConfig.from_json(path / "config.json")
-    return restore_module(lambda: VAE(cfg, dtype=dtype, param_dtype=dtype, attn_chunk=attn_chunk,
-                                      rngs=nnx.Rngs(0)), path)
+    if table.is_converted(path):
+        cfg = VAEConfig.from_json(path / "config.json")
+        items = None
+    else:
+        from convert.vae import build_plan
+
+        plan, cfg = build_plan(path, param_dtype=dtype)
+        items = plan.items(progress=False)
+    abstract = nnx.eval_shape(lambda: VAE(cfg, dtype=dtype, param_dtype=dtype, attn_chunk=attn_chunk,
+                                          rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    if items is None:
+        state = table.restore_params(path, state, {}, param_sharding)
+    else:
+        state = table.load_params_from_items(items, state, {}, param_sharding)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,102 @@
+"""Convert a transformers ``CLIPTextModel`` folder (Flux ``text_encoder/``) to our Orbax format.
+
+    python convert/clip.py --src SRC --out OUT [--dtype fp32|bf16] [--overwrite]
+
+SRC: a folder with ``config.json`` (``CLIPTextModel``) and one safetensors file or a sharded index. Keys with the
+transformers-4 ``text_model.`` prefix and without it (transformers 5) are both accepted; the non-persistent
+``position_ids`` buffer some checkpoints carry is ignored. OUT: ``params/`` (Orbax) + ``config.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from convert.safetensors_io import Reader, open_checkpoint
+from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec, write_checkpoint
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+PREFIX = "text_model."
+ARCHITECTURES = ("CLIPTextModel",)
+IGNORE = (r"embeddings\.position_ids",)
+
+_L = "encoder.layers.{i}."
+_LINEARS = tuple(_L + m for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                  "self_attn.out_proj", "mlp.fc1", "mlp.fc2"))
+_NORMS = (_L + "layer_norm1", _L + "layer_norm2", "final_layer_norm")
+RULES = (
+    [Rule("embeddings.token_embedding.embedding", "embeddings.token_embedding.weight"),
+     Rule("embeddings.position_embedding.embedding", "embeddings.position_embedding.weight")]
+    + [r for m in _LINEARS for r in (Rule(f"{m}.kernel", f"{m}.weight", LINEAR), Rule(f"{m}.bias", f"{m}.bias"))]
+    + [r for m in _NORMS for r in (Rule(f"{m}.scale", f"{m}.weight", IDENTITY), Rule(f"{m}.bias", f"{m}.bias"))]
+)
+
+
+def _strip_prefix(reader: Reader) -> Reader:
+    if not any(k.startswith(PREFIX) for k in reader.keys()):
+        return reader
+    return Reader({(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in reader.infos.items()},
+                  reader.source)
+
+
+def read_config(folder: Path):
+    """CLIPConfig from ``folder/config.json``, checking ``architectures``."""
+    from dreamomni2_jax.models.clip import CLIPConfig
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: CLIP text encoder config missing")
+    d = json.loads(cfg_path.read_text())
+    arch = d.get("architectures") or []
+    if arch and not any(a in ARCHITECTURES for a in arch):
+        raise ValueError(f"{cfg_path}: architectures={arch}, expected one of {list(ARCHITECTURES)}")
+    return CLIPConfig.from_dict(d, source=str(cfg_path))
+
+
+def build_plan(src: str | Path, param_dtype=np.float32):
+    """Validate ``src`` against the config's model -> ``(Plan, CLIPConfig)`` (nothing read yet)."""
+    from flax import nnx
+
+    from dreamomni2_jax.models.clip import CLIPTextModel
+
+    src = Path(src)
+    cfg = read_config(src if src.is_dir() else src.parent)
+    reader = _strip_prefix(open_checkpoint(src))
+    abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, dtype=param_dtype, param_dtype=param_dtype,
+                                                    rngs=nnx.Rngs(0)))
+    spec = target_spec(nnx.state(abstract, nnx.Param))
+    return Plan(reader, expand(RULES, {"i": cfg.num_hidden_layers}), spec, ignore=IGNORE), cfg
+
+
+def convert(src: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Convert ``src`` into the folder ``out`` (see module docstring)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    plan, cfg = build_plan(src, param_dtype=DTYPES[dtype])
+    meta = {**cfg.to_dict(), "_converted_from": str(Path(src).absolute()), "_dtype": dtype}
+    return write_checkpoint(out, plan.items(progress=progress), meta, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", required=True, help="transformers CLIPTextModel folder (text_encoder/)")
+    ap.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = convert(args.src, args.out, args.dtype, args.overwrite, not args.no_progress)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Convert a local diffusers Flux Kontext pipeline folder into one converted model folder.
+
+    python convert/pipeline.py --src FOLDER --out OUT [--dtype bf16|fp32] [--small-dtype fp32|bf16]
+
+FOLDER: ``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/`` (CLIP), ``text_encoder_2/`` (T5),
+``tokenizer/``, ``tokenizer_2/``, ``scheduler/``. Everything is validated before anything is written; a missing
+component or a wrong ``_class_name`` / ``architectures`` raises one error naming each problem.
+OUT: ``transformer/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/`` converted (``params/`` Orbax +
+``config.json`` each), ``tokenizer/``, ``tokenizer_2/``, ``scheduler/`` copied, the source ``model_index.json``
+and ``manifest.json`` (what is there, dtypes, source). ``--dtype`` is for the transformer and T5 (default bf16),
+``--small-dtype`` for the VAE and CLIP (default fp32). Each component is written to a temp folder and renamed;
+a re-run skips components already present (a dtype mismatch is an error unless ``--overwrite``), so an
+interrupted run resumes and never leaves partial outputs. The manifest is written last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from convert import table
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT = "dreamomni2-jax-converted-pipeline"
+PIPELINE_CLASSES = ("FluxKontextPipeline", "FluxPipeline")
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    library: str  # model_index.json library
+    class_name: str  # model_index.json class and the component config's _class_name / architectures
+    config_file: str | None  # file whose class is checked (None: tokenizer, checked by files)
+    converter: str | None  # "convert.<module>" or None for a copied folder
+    big: bool = False  # uses --dtype (else --small-dtype)
+
+
+COMPONENTS = (
+    Component("transformer", "diffusers", "FluxTransformer2DModel", "config.json", "flux_transformer", big=True),
+    Component("vae", "diffusers", "AutoencoderKL", "config.json", "vae"),
+    Component("text_encoder", "transformers", "CLIPTextModel", "config.json", "clip"),
+    Component("text_encoder_2", "transformers", "T5EncoderModel", "config.json", "t5", big=True),
+    Component("tokenizer", "transformers", "CLIPTokenizer", None, None),
+    Component("tokenizer_2", "transformers", "T5TokenizerFast", None, None),
+    Component("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler", "scheduler_config.json", None),
+)
+_TOKENIZER_FILES = {"tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+                    "tokenizer_2": (("tokenizer.json",), ("spiece.model",))}
+
+
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        problems.append(f"{path}: missing")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problems.append(f"{path}: not valid JSON ({e})")
+    return None
+
+
+def validate_source(src: str | Path) -> dict:
+    """Check the diffusers folder; returns its model_index. Raises ``ValueError`` listing every problem."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder")
+    problems: list[str] = []
+    index = _read_json(src / "model_index.json", problems) or {}
+    if index and index.get("_class_name") not in PIPELINE_CLASSES:
+        problems.append(f"{src / 'model_index.json'}: _class_name is {index.get('_class_name')!r}, "
+                        f"expected one of {list(PIPELINE_CLASSES)}")
+    for c in COMPONENTS:
+        folder = src / c.name
+        entry = index.get(c.name)
+        if index and (not isinstance(entry, list) or len(entry) != 2 or entry[1] != c.class_name):
+            problems.append(f"{src / 'model_index.json'}: component {c.name!r} is {entry!r}, "
+                            f"expected [{c.library!r}, {c.class_name!r}]")
+        if not folder.is_dir():
+            problems.append(f"{folder}: component {c.name!r} missing")
+            continue
+        if c.config_file is not None:
+            cfg = _read_json(folder / c.config_file, problems)
+            if cfg is None:
+                continue
+            got = cfg.get("_class_name") if c.library == "diffusers" else cfg.get("architectures")
+            ok = got == c.class_name if c.library == "diffusers" else isinstance(got, list) and c.class_name in got
+            if not ok:
+                key = "_class_name" if c.library == "diffusers" else "architectures"
+                problems.append(f"{folder / c.config_file}: {key} is {got!r}, component {c.name!r} "
+                                f"must be {c.class_name!r}")
+        if c.name in _TOKENIZER_FILES:
+            if not any(all((folder / f).is_file() for f in group) for group in _TOKENIZER_FILES[c.name]):
+                problems.append(f"{folder}: component {c.name!r} has no tokenizer files "
+                                f"(expected one of {[list(g) for g in _TOKENIZER_FILES[c.name]]})")
+    if problems:
+        raise ValueError(f"{src}: not a usable diffusers Flux Kontext folder ({len(problems)} problem(s)):\n  "
+                         + "\n  ".join(problems))
+    return index
+
+
+def _copy_dir(src: Path, out: Path) -> None:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_existing(out: Path, dtype: str, small_dtype: str, overwrite: bool) -> None:
+    """Before writing anything: components already in ``out`` must match the requested dtypes."""
+    if overwrite:
+        return
+    problems = []
+    for c in COMPONENTS:
+        dst = out / c.name
+        if c.converter is None or not dst.exists():
+            continue
+        want = dtype if c.big else small_dtype
+        if not table.is_converted(dst):
+            problems.append(f"{dst}: exists but is not a converted component (remove it or pass --overwrite)")
+            continue
+        have = json.loads((dst / table.CONFIG_FILE).read_text()).get("_dtype")
+        if have != want:
+            problems.append(f"{dst}: already converted with dtype {have!r}, requested {want!r}")
+    if problems:
+        raise ValueError("cannot resume into an existing folder (pass --overwrite to reconvert):\n  "
+                         + "\n  ".join(problems))
+
+
+def _converter(c: Component) -> Callable[..., Path]:
+    import importlib
+
+    return importlib.import_module(f"convert.{c.converter}").convert
+
+
+def convert_pipeline(src: str | Path, out: str | Path, dtype: str = "bf16", small_dtype: str = "fp32",
+                     overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert / copy every component of ``src`` into ``out`` (see module docstring); returns ``out``."""
+    for name, v in (("dtype", dtype), ("small_dtype", small_dtype)):
+        if v not in ("bf16", "fp32"):
+            raise ValueError(f"{name} must be 'bf16' or 'fp32', got {v!r}")
+    src, out = Path(src).absolute(), Path(out).absolute()
+    index = validate_source(src)
+    _check_existing(out, dtype, small_dtype, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*")]:  # leftovers of an interrupted run
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    if (out / MANIFEST).exists():
+        (out / MANIFEST).unlink()  # the manifest marks a complete folder; it is rewritten at the end
+    components = {}
+    for k, c in enumerate(COMPONENTS, 1):
+        dst, want = out / c.name, (dtype if c.big else small_dtype) if c.converter else None
+        tag = f"[{k}/{len(COMPONENTS)}] {c.name}"
+        if c.converter is None:
+            if dst.exists() and overwrite:
+                shutil.rmtree(dst)
+            if dst.exists():
+                log.info("%s: already copied, skipping", tag)
+            else:
+                log.info("%s: copying", tag)
+                _copy_dir(src / c.name, dst)
+            components[c.name] = {"class": c.class_name, "kind": "copied"}
+            continue
+        if table.is_converted(dst) and not overwrite:
+            log.info("%s: already converted (%s), skipping", tag, want)
+        else:
+            t0 = time.time()
+            log.info("%s: converting (%s)", tag, want)
+            _converter(c)(src / c.name, dst, dtype=want, overwrite=overwrite, progress=progress)
+            log.info("%s: done in %.1fs", tag, time.time() - t0)
+        components[c.name] = {"class": c.class_name, "kind": "converted", "dtype": want,
+                              "converter": f"convert.{c.converter}"}
+    _write_json(out / "model_index.json", index)
+    _write_json(out / MANIFEST, {"format": FORMAT, "version": 1, "source": str(src),
+                                 "pipeline_class": index.get("_class_name"), "components": components})
+    return out
+
+
+def is_converted_pipeline(path: str | Path) -> bool:
+    """True if ``path`` is a complete ``convert/pipeline.py`` output."""
+    return read_manifest(path) is not None
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest of a converted pipeline folder, or None when ``path`` is not one (or is incomplete)."""
+    p = Path(path) / MANIFEST
+    if not p.is_file():
+        return None
+    m = json.loads(p.read_text())
+    return m if m.get("format") == FORMAT else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", required=True, help="local diffusers Flux Kontext pipeline folder")
+    ap.add_argument("--out", required=True, help="converted folder (created; re-runs skip finished components)")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="transformer and T5 params")
+    ap.add_argument("--small-dtype", default="fp32", choices=("bf16", "fp32"), help="VAE and CLIP params")
+    ap.add_argument("--overwrite", action="store_true", help="reconvert components already present")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    out = convert_pipeline(args.src, args.out, args.dtype, args.small_dtype, args.overwrite, not args.no_progress)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Convert a transformers ``T5EncoderModel`` folder (Flux ``text_encoder_2/``) to our Orbax format.
+
+    python convert/t5.py --src SRC --out OUT [--dtype bf16|fp32] [--overwrite]
+
+SRC: a folder with ``config.json`` and one safetensors file or a sharded ``*.safetensors.index.json``. The token
+embedding is read from ``shared.weight`` (or ``encoder.embed_tokens.weight`` when ``shared`` is absent; the tied
+copy is skipped). A full encoder-decoder checkpoint (``T5ForConditionalGeneration``) is accepted: its
+``decoder.*`` and ``lm_head`` tensors are skipped with a warning. ``wo`` and the RMS norms are stored in float32
+(transformers keeps ``wo`` in fp32), the rest in ``--dtype``. OUT: ``params/`` (Orbax) + ``config.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from convert.safetensors_io import open_checkpoint
+from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec, write_checkpoint
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
+DECODER = (r"decoder\..*", r"lm_head\.weight")
+
+_B = "encoder.block.{i}.layer."
+
+
+def rules(cfg, embed_source: str) -> list[Rule]:
+    ff = ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")
+    linears = [f"{_B}0.SelfAttention.{m}" for m in "qkvo"] + [f"{_B}1.DenseReluDense.{m}" for m in ff]
+    norms = [f"{_B}0.layer_norm", f"{_B}1.layer_norm", "encoder.final_layer_norm"]
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+    return ([Rule("shared.embedding", embed_source), Rule(f"{bias}.embedding", f"{bias}.weight")]
+            + [Rule(f"{m}.kernel", f"{m}.weight", LINEAR) for m in linears]
+            + [Rule(f"{m}.scale", f"{m}.weight", IDENTITY) for m in norms])
+
+
+def read_config(folder: Path):
+    """T5Config from ``folder/config.json``, checking ``architectures``."""
+    from dreamomni2_jax.models.t5 import T5Config
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: T5 encoder config missing")
+    d = json.loads(cfg_path.read_text())
+    arch = d.get("architectures") or []
+    if arch and not any(a in ARCHITECTURES for a in arch):
+        raise ValueError(f"{cfg_path}: architectures={arch}, expected one of {list(ARCHITECTURES)}")
+    return T5Config.from_dict(d, source=str(cfg_path))
+
+
+def build_plan(src: str | Path, param_dtype=ml_dtypes.bfloat16):
+    """Validate ``src`` against the config's model -> ``(Plan, T5Config)`` (nothing read yet)."""
+    from flax import nnx
+
+    from dreamomni2_jax.models.t5 import T5EncoderModel
+
+    src = Path(src)
+    cfg = read_config(src if src.is_dir() else src.parent)
+    reader = open_checkpoint(src)
+    embed = "shared.weight" if "shared.weight" in reader else "encoder.embed_tokens.weight"
+    ignore = ["encoder\\.embed_tokens\\.weight"] if embed == "shared.weight" else []
+    skipped = [k for k in reader.keys() if k.startswith("decoder.") or k == "lm_head.weight"]
+    if skipped:
+        log.warning("%s: skipping %d decoder / lm_head tensors (encoder only)", reader.source, len(skipped))
+        ignore += DECODER
+    abstract = nnx.eval_shape(lambda: T5EncoderModel(cfg, dtype=param_dtype, param_dtype=param_dtype,
+                                                     rngs=nnx.Rngs(0)))
+    spec = target_spec(nnx.state(abstract, nnx.Param))
+    return Plan(reader, expand(rules(cfg, embed), {"i": cfg.num_layers}), spec, ignore=ignore), cfg
+
+
+def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Convert ``src`` into the folder ``out`` (see module docstring)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    plan, cfg = build_plan(src, param_dtype=DTYPES[dtype])
+    meta = {**cfg.to_dict(), "_converted_from": str(Path(src).absolute()), "_dtype": dtype}
+    return write_checkpoint(out, plan.items(progress=progress), meta, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", required=True, help="transformers T5EncoderModel folder (text_encoder_2/)")
+    ap.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = convert(args.src, args.out, args.dtype, args.overwrite, not args.no_progress)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
