@@ -2,13 +2,14 @@
 
 Single host (e.g. v5p-8):
     python scripts/train.py --config configs/tpu_v5.py --set model.path=/data/flux-kontext-jax \
-        --set data.cache_dir=gs://bucket/cache --set train.run_dir=gs://bucket/runs/do2
+        --set data.cache_dir=/mnt/bucket/cache --set train.run_dir=/mnt/bucket/runs/do2
 
 Multi-host pod slice (e.g. v5p-64, 8 hosts): run the same command on every host at once, e.g.
     gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command \
       "cd dreamomni2-jax && .venv/bin/python scripts/train.py --config configs/tpu_v5.py \
-       --set model.path=/data/flux-kontext-jax --set data.cache_dir=gs://bucket/cache \
-       --set train.run_dir=gs://bucket/runs/do2"
+       --set model.path=/data/flux-kontext-jax --set data.cache_dir=/mnt/bucket/cache \
+       --set train.run_dir=/mnt/bucket/runs/do2"
+/mnt/bucket is a gcsfuse mount of your bucket (or any shared filesystem) on every host.
 jax.distributed.initialize() is called automatically on multi-host TPU; base weights and optimizer
 state are FSDP-sharded over all chips, the batch over data x fsdp.
 """

@@ -121,8 +121,10 @@ class DataConfig(_Section):
     batch_size: int = 1  # global batch size (all hosts and devices)
     max_refs: int = 3
     target_max_area: int = 1024 * 1024  # pixels; targets are resized to fit, keeping aspect
+    reference_max_area: int = 0  # pixels; 0 -> target_max_area. >= 1024**2 gives the exact Kontext resolutions
     min_image_size: int = 64  # pixels, shorter side; smaller inputs are bad input
     batching: str = "bucket"  # bucket (same shapes per batch) | pad (pad to batch max, token masks)
+    pad_multiple: int = 1  # batching="pad": round token counts up to a multiple (fewer recompiles)
     num_workers: int = 0  # grain worker processes (0 = in-process)
     shuffle_seed: int = 0
     caption_dropout: float = 0.0  # probability of using the cached empty-prompt embeddings
@@ -135,6 +137,8 @@ class DataConfig(_Section):
         _positive("data.max_refs", self.max_refs)
         _choice("data.batching", self.batching, ("bucket", "pad"))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.reference_max_area", self.reference_max_area, allow_zero=True)
+        _positive("data.pad_multiple", self.pad_multiple)
         if not 0 <= self.caption_dropout <= 1:
             raise ConfigError(f"data.caption_dropout={self.caption_dropout} must be in [0, 1]")
 

@@ -26,3 +26,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 def tiny_pipeline_dir_noguidance(tmp_path_factory):
     """Same layout, transformer without a guidance embedder."""
     return tiny.build_pipeline(tmp_path_factory.mktemp("tiny") / "flux-noguid", seed=10, guidance_embeds=False)
+
+
+# Converted tiny model, real tiny encoders and a tiny cache (built on first use, shared by all modules).
+from _fixtures_data import tiny_cache, tiny_converted_dir, tiny_encoders  # noqa: E402,F401

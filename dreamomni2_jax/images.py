@@ -1,0 +1,280 @@
+"""Training inputs for the cache stage: manifest / folder parsing, image loading and resizing.
+
+Two input formats (both give a list of :class:`Record`):
+
+* JSONL manifest, one record per line ``{"instruction": str, "target": path, "references": [path, ...]}``
+  plus an optional ``"task": "editing" | "generation"``. Relative paths resolve against the
+  manifest's folder. For editing the source image is the first reference.
+* qflux-style folder: ``name.png`` target, ``name.txt`` instruction, ``name_control.png``,
+  ``name_control_1.png``, ``name_control_2.png``, ... references in that order (``.jpg``,
+  ``.jpeg``, ``.webp``, ``.bmp`` also accepted).
+
+Task rule (used by the instruction enhancer and stored in the cache): a record is an editing
+task when it has at least one reference and its task is ``"editing"`` (the ``"task"`` key, else
+the cache's default task, ``editing``); a record without references is always ``generation``.
+
+Sizes (multiples of ``multiple`` = 2 x VAE downscale = 16 pixels):
+
+* target: scaled (up or down) to ``target_max_area`` keeping its aspect ratio, as diffusers'
+  ``FluxKontextPipeline`` computes its output size, then floored to the multiple;
+* references: snapped to the closest aspect ratio of :data:`PREFERRED_KONTEXT_RESOLUTIONS` (as
+  the DreamOmni2 / Kontext pipelines do with ``_auto_resize``), floored to the multiple. The list
+  is for a 1024 x 1024 budget; when the reference area budget is smaller (tiny test / demo
+  configs) the chosen entry is scaled by ``sqrt(area / 1024**2)`` first. Real configs (1024**2)
+  get the exact Kontext list.
+
+Pixels become float32 NHWC in [-1, 1] exactly as diffusers' ``VaeImageProcessor`` (PIL lanczos
+resize, ``x / 255 * 2 - 1``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Copied from diffusers/pipelines/flux/pipeline_flux_kontext.py (width, height).
+PREFERRED_KONTEXT_RESOLUTIONS = [
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+]
+KONTEXT_AREA = 1024 * 1024
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TASKS = ("editing", "generation")
+TASK_SUFFIX = {"editing": " It is editing task.", "generation": " It is generation task."}
+
+
+class BadInput(ValueError):
+    """A training input is unusable; ``where`` names the manifest line / folder entry, ``path`` the file."""
+
+    def __init__(self, where: str, reason: str, path: str | None = None):
+        self.where, self.reason, self.path = where, reason, path
+        super().__init__(f"{where}: {reason}" + (f" ({path})" if path else ""))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training sample before encoding."""
+
+    instruction: str
+    target: str
+    references: tuple[str, ...]
+    where: str  # "manifest.jsonl:3" or "folder/name" (for error messages and the index)
+    line: int | None = None  # 1-based manifest line (None for folders)
+    task: str | None = None  # "editing" | "generation" | None (use the default)
+    raw: dict = field(default_factory=dict, compare=False)  # what was read (for the skipped report)
+
+    def resolved_task(self, default: str = "editing") -> str:
+        if not self.references:
+            return "generation"
+        return self.task or default
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def _floor(v: float, multiple: int) -> int:
+    return int(v) // multiple * multiple
+
+
+def target_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
+    """``(width, height)`` with area ~``max_area``, the input's aspect ratio, multiples of ``multiple``."""
+    aspect = width / height
+    w = round((max_area * aspect) ** 0.5)
+    h = round((max_area / aspect) ** 0.5)
+    w, h = _floor(w, multiple), _floor(h, multiple)
+    if w < multiple or h < multiple:
+        raise ValueError(f"image {width}x{height} gives an empty target size at max_area={max_area}")
+    return w, h
+
+
+def reference_size(width: int, height: int, max_area: int = KONTEXT_AREA, multiple: int = 16) -> tuple[int, int]:
+    """Closest-aspect Kontext preferred resolution (scaled for ``max_area < 1024**2``), floored to ``multiple``."""
+    aspect = width / height
+    _, w, h = min((abs(aspect - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
+    if max_area < KONTEXT_AREA:
+        s = math.sqrt(max_area / KONTEXT_AREA)
+        w, h = w * s, h * s
+    w, h = _floor(w, multiple), _floor(h, multiple)
+    if w < multiple or h < multiple:
+        raise ValueError(f"image {width}x{height} gives an empty reference size at max_area={max_area}")
+    return w, h
+
+
+# --------------------------------------------------------------------------- images
+
+
+def open_image(path: str, where: str, min_size: int = 0) -> Image.Image:
+    """Fully decoded RGB image; :class:`BadInput` if missing, unreadable, corrupt or smaller than ``min_size``."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(where, "image file not found", path)
+    try:
+        with Image.open(p) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt/truncated data
+        raise BadInput(where, f"cannot read image ({type(e).__name__}: {e})", path) from None
+    if min(rgb.size) < min_size:
+        raise BadInput(where, f"image {rgb.size[0]}x{rgb.size[1]} is below data.min_image_size={min_size}", path)
+    return rgb
+
+
+def image_size(path: str, where: str) -> tuple[int, int]:
+    """``(width, height)`` from the header only (cheap pre-check); :class:`BadInput` when unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(where, "image file not found", path)
+    try:
+        with Image.open(p) as img:
+            return img.size
+    except Exception as e:
+        raise BadInput(where, f"cannot read image ({type(e).__name__}: {e})", path) from None
+
+
+def to_pixels(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Lanczos resize to ``size`` = (width, height) -> float32 ``[H, W, 3]`` in [-1, 1] (VaeImageProcessor)."""
+    if img.size != tuple(size):
+        img = img.resize(tuple(size), resample=Image.Resampling.LANCZOS)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    return 2.0 * x - 1.0
+
+
+# --------------------------------------------------------------------------- input formats
+
+
+def _manifest_record(obj, base: Path, where: str, line: int) -> Record:
+    if not isinstance(obj, dict):
+        raise BadInput(where, f"expected a JSON object, got {type(obj).__name__}")
+    unknown = set(obj) - {"instruction", "target", "references", "task"}
+    if unknown:
+        raise BadInput(where, f"unknown keys {sorted(unknown)} (expected instruction, target, references, task)")
+    instruction = obj.get("instruction")
+    if not isinstance(instruction, str):
+        raise BadInput(where, "'instruction' must be a string")
+    target = obj.get("target")
+    if not isinstance(target, str) or not target:
+        raise BadInput(where, "'target' must be a non-empty path string")
+    refs = obj.get("references", [])
+    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+        raise BadInput(where, "'references' must be a list of path strings")
+    task = obj.get("task")
+    if task is not None and task not in TASKS:
+        raise BadInput(where, f"'task'={task!r} is not one of {list(TASKS)}")
+    return Record(instruction=instruction, target=str(base / target), references=tuple(str(base / r) for r in refs),
+                  where=where, line=line, task=task, raw=obj)
+
+
+def read_manifest(path: str | Path) -> tuple[list[Record], list[BadInput]]:
+    """Parse a JSONL manifest; unparsable lines come back as :class:`BadInput` (blank lines ignored)."""
+    path = Path(path)
+    records, bad = [], []
+    base = path.resolve().parent
+    for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            bad.append(BadInput(where, f"invalid JSON ({e})"))
+            continue
+        try:
+            records.append(_manifest_record(obj, base, where, i))
+        except BadInput as e:
+            bad.append(e)
+    return records, bad
+
+
+_CONTROL = re.compile(r"^(?P<name>.+)_control(?:_(?P<k>\d+))?$")
+
+
+def read_folder(path: str | Path) -> tuple[list[Record], list[BadInput]]:
+    """Parse a qflux-style folder (sorted by name). Orphan files are reported as :class:`BadInput`."""
+    root = Path(path)
+    images: dict[str, Path] = {}
+    controls: dict[str, dict[int, Path]] = {}
+    texts: dict[str, Path] = {}
+    bad: list[BadInput] = []
+    for f in sorted(root.iterdir()):
+        if f.is_dir() or f.name.startswith("."):
+            continue
+        ext = f.suffix.lower()
+        if ext == ".txt":
+            texts[f.stem] = f
+        elif ext in IMAGE_EXTS:
+            m = _CONTROL.match(f.stem)
+            if m:
+                k = 0 if m.group("k") is None else int(m.group("k"))
+                prev = controls.setdefault(m.group("name"), {}).get(k)
+                if prev is not None:
+                    bad.append(BadInput(str(root / m.group("name")), f"two files for control index {k}", str(f)))
+                controls[m.group("name")][k] = f
+            elif f.stem in images:
+                bad.append(BadInput(str(root / f.stem), "two target images with the same name", str(f)))
+            else:
+                images[f.stem] = f
+    records = []
+    for name, img in images.items():
+        where = str(root / name)
+        ctrl = controls.get(name, {})
+        idx = sorted(ctrl)
+        if idx and idx != list(range(len(idx))):
+            bad.append(BadInput(where, f"control images must be numbered name_control, name_control_1, ... "
+                                       f"without gaps; found indices {idx}", str(img)))
+            continue
+        text = texts.get(name)
+        if text is None:
+            bad.append(BadInput(where, "instruction file missing", str(root / f"{name}.txt")))
+            continue
+        instruction = text.read_text(encoding="utf-8").strip()
+        records.append(Record(instruction=instruction, target=str(img), references=tuple(str(ctrl[k]) for k in idx),
+                              where=where, raw={"name": name}))
+    for name in sorted(set(controls) - set(images)):
+        bad.append(BadInput(str(root / name), "control images without a target image",
+                            str(next(iter(controls[name].values())))))
+    for name in sorted(set(texts) - set(images)):
+        bad.append(BadInput(str(root / name), "instruction file without a target image", str(texts[name])))
+    return records, bad
+
+
+def read_inputs(path: str | Path) -> tuple[list[Record], list[BadInput]]:
+    """A JSONL manifest file or a qflux-style folder."""
+    p = Path(path)
+    if p.is_dir():
+        return read_folder(p)
+    if p.is_file():
+        return read_manifest(p)
+    raise FileNotFoundError(f"--data {p}: no such manifest file or folder")
+
+
+def check_record(rec: Record, max_refs: int, min_size: int) -> None:
+    """Cheap checks before encoding (no full decode): instruction, reference count, files and sizes."""
+    if not rec.instruction.strip():
+        raise BadInput(rec.where, "empty instruction", rec.target)
+    if len(rec.references) > max_refs:
+        raise BadInput(rec.where, f"{len(rec.references)} references, more than data.max_refs={max_refs}",
+                       rec.references[max_refs])
+    for p in (rec.target, *rec.references):
+        w, h = image_size(p, rec.where)
+        if min(w, h) < min_size:
+            raise BadInput(rec.where, f"image {w}x{h} is below data.min_image_size={min_size}", p)
