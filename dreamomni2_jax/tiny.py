@@ -1,6 +1,7 @@
 """Tiny random Flux Kontext pipeline folders in the real diffusers on-disk layout.
 
-Used by the test fixtures and by the demo in place of a model download. The components
+Used by the test fixtures and by the demo in place of a model download (and of a dataset:
+:func:`write_jsonl` / :func:`write_folder` draw small multi-reference samples). The components
 are the real diffusers / transformers classes with tiny configs and seeded random weights,
 written with ``save_pretrained`` (safetensors), so our converters and loaders run on the
 exact formats a user's download has. Needs the ``ref`` extra (torch, diffusers,
@@ -15,6 +16,9 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 # Latent channels 4 -> packed transformer in_channels 16. Four VAE blocks -> scale factor 8.
 VAE_TINY = dict(
@@ -246,6 +250,76 @@ def build_pipeline(root, seed: int = 0, guidance_embeds: bool = True, **transfor
     (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     tmp.rename(root)
     return root
+
+
+# --------------------------------------------------------------------------- tiny datasets
+# Drawn shapes (PIL): 1, 2 and 3 references of different sizes, in both input formats.
+
+INSTRUCTIONS = [
+    "put the hat from image 2 on the person in image 1",
+    "make the bag have the same pattern as the dress",
+    "a red ball on a blue table",
+    "replace the object with the one in the second image",
+    "a green square and a yellow circle",
+    "turn the background white",
+    "make it look like a painting",
+    "draw the shapes of image 1 in the colors of image 2",
+]
+
+SPECS: list[tuple[tuple[int, int], list[tuple[int, int]]]] = [
+    ((96, 96), [(96, 96)]),
+    ((128, 96), [(96, 96), (64, 112)]),
+    ((96, 96), [(96, 96)]),
+    ((96, 128), [(128, 64), (96, 96), (64, 64)]),
+    ((128, 96), [(96, 96), (64, 112)]),
+    ((96, 96), [(96, 96)]),
+]
+
+
+def draw_image(path: Path, size: tuple[int, int], seed: int) -> Path:
+    """A few random rectangles / ellipses on a random background (RGB PNG / JPEG by extension)."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
+        x1, y1 = x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 2))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)([x0, y0, x1, y1], fill=fill)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def write_jsonl(root, specs=SPECS, name: str = "train.jsonl", seed: int = 0) -> Path:
+    """``root/name`` manifest with images under ``root/img/`` (relative paths)."""
+    root = Path(root)
+    lines = []
+    for i, (tsize, rsizes) in enumerate(specs):
+        target = draw_image(root / "img" / f"s{i}_target.png", tsize, seed * 1000 + 10 * i)
+        refs = [draw_image(root / "img" / f"s{i}_ref{j}.png", r, seed * 1000 + 10 * i + 1 + j)
+                for j, r in enumerate(rsizes)]
+        lines.append(json.dumps({"instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)],
+                                 "target": str(target.relative_to(root)),
+                                 "references": [str(r.relative_to(root)) for r in refs]}))
+    path = root / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_folder(root, specs=SPECS, seed: int = 0) -> Path:
+    """qflux-style folder: ``sI.png``, ``sI.txt``, ``sI_control.png``, ``sI_control_1.png``, ..."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (tsize, rsizes) in enumerate(specs):
+        draw_image(root / f"s{i}.png", tsize, seed * 1000 + 10 * i)
+        (root / f"s{i}.txt").write_text(INSTRUCTIONS[i % len(INSTRUCTIONS)] + "\n")
+        for j, r in enumerate(rsizes):
+            suffix = "_control" if j == 0 else f"_control_{j}"
+            draw_image(root / f"s{i}{suffix}.png", r, seed * 1000 + 10 * i + 1 + j)
+    return root
+
 
 
 def main(argv=None) -> None:
