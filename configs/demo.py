@@ -21,7 +21,7 @@ def get_config() -> Config:
         checkpoint=CheckpointConfig(every_steps=5, max_to_keep=2, async_save=False),
         sample=SampleConfig(steps=4, guidance=3.5, every_steps=10, validation=(
             ValidationSample(prompt="put the hat from image 2 on the person in image 1",
-                             references=("demo_out/data/sample_000_ref0.png", "demo_out/data/sample_000_ref1.png"),
+                             references=("demo_out/data/img/s1_ref0.png", "demo_out/data/img/s1_ref1.png"),
                              seed=0, height=128, width=128),)),
         train=TrainConfig(run_dir="demo_out/run", steps=20, seed=0, timestep_sampling="logit_normal", log_every=1),
     )

@@ -14,7 +14,7 @@ from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraCon
 def get_config() -> Config:
     return Config(
         model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="cudnn",
-                          remat="dots_saveable", position_scheme="dreamomni2", guidance=1.0),
+                          remat="dots_no_batch_saveable", position_scheme="dreamomni2", guidance=1.0),
         lora=LoraConfig(rank=16, alpha=16.0, preset="attention", dtype="float32"),
         data=DataConfig(batch_size=8, max_refs=3, target_max_area=1024 * 1024, batching="bucket", num_workers=4,
                         caption_dropout=0.05, synthetic_resolution=(1024, 1024),

@@ -185,7 +185,8 @@ def write_safetensors(path: str | Path, specs: dict[str, tuple[tuple[int, ...], 
         for key, (shape, dtype) in specs.items():
             arr = np.ascontiguousarray(produce(key))
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise ValueError(f"{key}: produced {arr.dtype}{list(arr.shape)}, declared {np.dtype(dtype)}{list(shape)}")
+                raise ValueError(f"{key}: produced {arr.dtype}{list(arr.shape)}, "
+                                 f"declared {np.dtype(dtype)}{list(shape)}")
             f.write(arr.reshape(-1).view(np.uint8).data)
     os.replace(tmp, path)
 
@@ -194,3 +195,20 @@ def save_arrays(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict
     """Write an in-memory dict of numpy arrays as one safetensors file."""
     write_safetensors(path, {k: (v.shape, v.dtype) for k, v in tensors.items()}, tensors.__getitem__, metadata)
 
+
+
+def limit_malloc_caching(mmap_threshold: int = 1 << 20, arena_max: int = 2) -> bool:
+    """glibc only: serve big allocations with mmap (returned to the OS on free) and cap malloc arenas.
+
+    For converter CLIs: without it, freed tensor buffers stay in per-thread arenas (Orbax / TensorStore write from
+    thread pools) and the process RSS creeps to several times the largest tensor. Returns False if unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold, m_arena_max = -3, -8  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_arena_max, arena_max))
+    except (OSError, AttributeError):
+        return False

@@ -12,38 +12,43 @@ spliced into the path right after the stacked module's name: ``"transformer_bloc
 Rules: ``Rule(targets, sources, hook=IDENTITY)`` — ``targets`` / ``sources`` are tuples of key *templates*;
 ``{name}`` placeholders (e.g. ``{i}``) are expanded by ``expand(rules, {"i": 19})`` into one concrete rule per
 index. ``sources`` name keys in the safetensors checkpoint, ``targets`` name TargetSpec paths. A rule may be
-1->1 (rename), 1->N (split a fused tensor) or N->1 (concat); the hook maps the list of source arrays to the list of
+1->1 (rename), 1->N (split a fused tensor) or N->1 (custom hook); the hook maps the list of source arrays to the list of
 target arrays (same order as the templates).
 
 Hooks (``Hook`` objects, composable with ``chain(h1, h2, ...)`` applied left to right) know both directions:
-``hook(list[np.ndarray]) -> list[np.ndarray]`` converts, and ``hook.source_shapes(list[target_shape]) ->
-list[source_shape]`` predicts the source shapes, so every shape is validated from headers before any data is read.
-Built-ins:
-  ``IDENTITY``                    copy (e.g. norm weight -> ``scale``, bias -> ``bias``)
+``hook(arrays: list[np.ndarray], target_shapes: list[shape]) -> list[np.ndarray]`` converts, and
+``hook.source_shapes(target_shapes) -> list[source_shape]`` predicts the source shapes, so every shape is
+validated from the safetensors headers before any data is read. Built-ins (elementwise ones act on every array):
+  ``IDENTITY``                    copy (norm weight -> ``scale``, bias -> ``bias``, embeddings)
   ``LINEAR``                      torch Linear weight [out, in] -> Flax kernel [in, out]
   ``CONV``                        torch Conv weight [O, I, *k] -> Flax kernel [*k, I, O]
-  ``split(axis=0)``               one fused source -> N targets split along ``axis`` with sizes taken from the
-                                  (pre-split) target shapes; combine as ``chain(split(0), each(LINEAR))``
-  ``each(hook)``                  apply a 1->1 hook to every array of the list
+  ``split(axis=0)``               one fused source -> N targets split along ``axis``, sizes from the target
+                                  shapes; e.g. fused qkv weight: ``chain(split(0), LINEAR)``, its bias: ``split(0)``
   ``swap_halves(axis=0)``         [a; b] -> [b; a] (BFL final-layer shift/scale order vs diffusers scale/shift)
-  ``reshape()``                   reshape to the target shape (e.g. conv 1x1 <-> linear); inverse needs source shape
-                                  given explicitly: ``reshape(src_shape_fn)``
+  ``reshape(source_shape_fn)``    reshape to the target shape; ``source_shape_fn(target_shape)`` gives the
+                                  expected source shape (e.g. 1x1 conv weight -> linear)
 Write your own by subclassing ``Hook`` (override ``__call__`` and ``source_shapes``).
 
 Engine:
-  ``plan = Plan(reader, rules, spec)`` validates everything at once and raises ONE ``ConversionError`` listing every
-      missing source key, unused source key (unless matched by ``ignore`` regexes), target path not produced,
-      target produced twice, and shape mismatch (file + key + expected + actual). Nothing is read yet.
-  ``plan.items(dtype=np.float32|ml_dtypes.bfloat16, progress=True)`` yields ``(target_path, np.ndarray)`` rule by
-      rule (sources read one at a time from the streaming reader, tqdm bar over tensors), cast to ``dtype``.
-  ``write_checkpoint(out_dir, items, config: dict)`` writes an Orbax checkpoint of the per-layer slices plus
-      ``config.json`` into a temp dir next to ``out_dir`` and renames it (never a partial ``out_dir``); host memory
-      stays bounded by a few tensors.
-  ``restore_params(ckpt_dir, abstract_state, stacked, param_sharding=None, dtype=None)`` restores into the
-      abstract (``nnx.eval_shape``) state: every param is placed with ``param_sharding(path, shape) -> Sharding``
-      (default: replicated on one device), stacked params are restored slice by slice and stacked on device.
-      Returns the filled ``nnx.State``; use ``nnx.merge(graphdef, state)``. ``load_params_from_items(items, ...)``
-      does the same from an in-memory ``plan.items()`` stream (convert-on-the-fly, nothing written).
+  ``plan = Plan(reader, rules, spec, ignore=())`` validates everything at once and raises ONE ``ConversionError``
+      listing every missing source key, unused source key (unless it fully matches an ``ignore`` regex), target
+      path not produced, target produced twice, non-float source and shape mismatch (file + key + expected +
+      actual). Nothing is read yet.
+  ``plan.items(dtype=None, progress=True)`` yields ``(target_path, np.ndarray)`` rule by rule (sources read one
+      at a time, tqdm bar over tensors), cast to ``dtype`` (default: the spec's dtype of that param).
+  ``write_checkpoint(out_dir, items, config: dict, group_bytes=16 MiB, overwrite=False)`` writes
+      ``out_dir/params`` (Orbax, one ``orbax.checkpoint.experimental.v1.partial`` save per ~group_bytes; stacked
+      params stored as per-layer slices) and ``out_dir/config.json``, all into a temp dir next to ``out_dir``
+      renamed at the end (never a partial ``out_dir``). Host memory ~ 2 x (largest tensor + group_bytes).
+  ``is_converted(path)`` -> bool (``config.json`` + ``params/`` present).
+  ``restore_params(ckpt_dir, abstract_state, stacked, param_sharding=None)`` restores into the abstract
+      (``nnx.split(nnx.eval_shape(...))[1]``) state: every param is placed with ``param_sharding(path, shape)
+      -> Sharding`` (dotted path of the *stacked* param and its full shape; ``replicated(mesh)`` by default =
+      replicated on ``mesh`` or on the first device); stacked params are restored slice by slice (slice sharding
+      = the param's NamedSharding spec without its leading axis) and stacked on device. Values are cast to the
+      abstract dtypes. Returns the filled ``nnx.State``: ``nnx.merge(graphdef, state)``.
+  ``load_params_from_items(items, abstract_state, stacked, param_sharding=None)`` does the same from an
+      in-memory ``plan.items()`` stream (convert on the fly, nothing written).
 
 Reader: ``convert.safetensors_io.open_checkpoint(path)`` -> ``Reader`` with ``keys()``, ``shape(key)``,
 ``dtype(key)``, ``file_of(key)``, ``read(key) -> np.ndarray`` (single file, sharded folder with
@@ -51,6 +56,7 @@ Reader: ``convert.safetensors_io.open_checkpoint(path)`` -> ``Reader`` with ``ke
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -265,7 +271,7 @@ class Plan:
                 if tuple(reader.shape(s)) != tuple(e):
                     problems.append(f"{reader.file_of(s)}: {s}: expected shape {list(e)}, got "
                                     f"{list(reader.shape(s))} (for {list(rule.targets)})")
-                elif reader.dtype(s).kind not in "fV" and not np.issubdtype(reader.dtype(s), np.floating):
+                elif reader.dtype(s).kind not in "fV":  # ml_dtypes floats (bf16, fp8) are kind "V"
                     problems.append(f"{reader.file_of(s)}: {s}: expected a float tensor, got {reader.dtype(s)}")
         for t, (shape, _) in spec.items():
             if t not in produced:
@@ -278,6 +284,7 @@ class Plan:
             raise ConversionError(f"cannot convert {reader.source} ({len(problems)} problem(s)):\n  "
                                   + "\n  ".join(problems))
         self.num_sources = sum(len(r.sources) for r in self.rules)
+        self.max_source_bytes = max((reader.nbytes(s) for r in self.rules for s in r.sources), default=0)
 
     def items(self, dtype=None, progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(target_path, array)`` cast to ``dtype`` (default: the spec's dtype), one rule at a time."""
@@ -292,13 +299,216 @@ class Plan:
                     bar.update(1)
                 outs = rule.hook(arrays, [self.spec[t][0] for t in rule.targets])
                 del arrays
-                for t, a in zip(rule.targets, outs):
+                # Materialize owned, contiguous outputs and drop the sources (views may pin them) before yielding,
+                # and keep no reference to a yielded array: memory here peaks at ~2x one source tensor.
+                ready = []
+                for t in rule.targets:
+                    a = outs.pop(0)
                     want = np.dtype(dtype if dtype is not None else self.spec[t][1])
-                    a = np.ascontiguousarray(a.astype(want, copy=False))
+                    a = np.array(a, dtype=want, order="C", copy=None if a.flags.owndata else True)
                     if a.shape != self.spec[t][0]:
                         raise ConversionError(f"hook {rule.hook} produced {t} with shape {a.shape}, "
                                               f"expected {self.spec[t][0]}")
-                    yield t, a
-                del outs
+                    ready.append((t, a))
+                del outs, a
+                while ready:
+                    yield ready.pop(0)
         finally:
             bar.close()
+
+
+# --------------------------------------------------------------------------------------------- output format
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"  # Orbax checkpoint; per-layer slices of stacked params under "<module>.<i>.<rest>"
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def is_converted(path: str | Path) -> bool:
+    """True if ``path`` is a ``write_checkpoint`` output folder."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def write_checkpoint(out_dir: str | Path, items: Iterable[tuple[str, np.ndarray]], config: Mapping[str, Any],
+                     group_bytes: int = 16 << 20, overwrite: bool = False) -> Path:
+    """Write ``items`` as an Orbax checkpoint ``out_dir/params`` plus ``out_dir/config.json``.
+
+    Arrays are flushed with an Orbax partial save as soon as the pending group reaches ``group_bytes`` (so big
+    tensors are saved alone, small ones together). Orbax copies a group while saving, so host memory peaks at
+    about 2 x (largest tensor + ``group_bytes``). Everything goes to a temp folder next to ``out_dir`` that is
+    renamed at the end: ``out_dir`` is either complete or absent.
+    """
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        group: dict[str, np.ndarray] = {}
+        size, saves = 0, 0
+        for path, arr in items:
+            group[path] = arr
+            size += arr.nbytes
+            del arr
+            if size >= group_bytes:  # flush before pulling the next item (Orbax copies the group while saving)
+                ocp.partial.save(tmp / PARAMS_DIR, _nest(group))
+                group, size, saves = {}, 0, saves + 1
+        if group or not saves:
+            ocp.partial.save(tmp / PARAMS_DIR, _nest(group))
+        del group
+        ocp.partial.finalize(tmp / PARAMS_DIR)
+        (tmp / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- restore
+def replicated(mesh=None) -> ParamSharding:
+    """Default ``param_sharding``: replicated over ``mesh`` or on the first local device."""
+    import jax
+
+    if mesh is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return lambda path, shape: sharding
+
+
+def _slice_sharding(sharding):
+    """Sharding of one layer slice of a stacked param (drop the leading axis of a NamedSharding spec)."""
+    import jax
+
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    raise TypeError(f"param_sharding must return NamedSharding or SingleDeviceSharding, got {type(sharding)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _stacker(sharding):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
+
+
+def _stack(slices, sharding):
+    """Stack per-layer device arrays into one array placed with ``sharding`` (compiled once per shape)."""
+    return _stacker(sharding)(*slices)
+
+
+class _Filler:
+    """Collects restored arrays per (possibly stacked) param and rebuilds the ``nnx.State``."""
+
+    def __init__(self, abstract_state, stacked: Mapping[str, int], param_sharding: ParamSharding):
+        from flax import nnx
+
+        self.flat = list(nnx.to_flat_state(abstract_state))
+        self.stacked, self.values, self.pending = dict(stacked), {}, {}
+        self.info = {}  # dotted full path -> (shape, dtype, sharding)
+        for path, var in self.flat:
+            v = var.get_value()
+            dotted = _dotted(path)
+            self.info[dotted] = (tuple(v.shape), np.dtype(v.dtype), param_sharding(dotted, tuple(v.shape)))
+
+    def locate(self, target: str) -> tuple[str, int | None]:
+        """Per-layer target path -> (full param path, layer index or None)."""
+        head, _, rest = target.partition(".")
+        if head in self.stacked:
+            idx, _, rest = rest.partition(".")
+            return f"{head}.{rest}", int(idx)
+        return target, None
+
+    def abstract(self, target: str):
+        import jax
+
+        full, idx = self.locate(target)
+        shape, dtype, sharding = self.info[full]
+        if idx is None:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(shape[1:], dtype, sharding=_slice_sharding(sharding))
+
+    def put(self, target: str, array) -> None:
+        import jax
+
+        full, idx = self.locate(target)
+        shape, dtype, sharding = self.info[full]
+        if idx is None:
+            self.values[full] = jax.device_put(np.asarray(array).astype(dtype, copy=False), sharding)
+            return
+        slices = self.pending.setdefault(full, [None] * shape[0])
+        if not isinstance(array, jax.Array):
+            array = jax.device_put(np.asarray(array).astype(dtype, copy=False), _slice_sharding(sharding))
+        slices[idx] = array
+        if all(s is not None for s in slices):
+            self.values[full] = _stack(self.pending.pop(full), sharding)
+
+    def state(self):
+        from flax import nnx
+
+        missing = [p for p in self.info if p not in self.values]
+        if missing:
+            raise ConversionError(f"{len(missing)} parameter(s) were not restored: {missing[:20]}")
+        return nnx.from_flat_state([(path, var.replace(self.values[_dotted(path)])) for path, var in self.flat])
+
+
+def load_params_from_items(items: Iterable[tuple[str, np.ndarray]], abstract_state, stacked: Mapping[str, int],
+                           param_sharding: ParamSharding | None = None):
+    """Fill ``abstract_state`` from a ``(target_path, array)`` stream (e.g. ``Plan.items()``), nothing written."""
+    filler = _Filler(abstract_state, stacked, param_sharding or replicated())
+    for target, array in items:
+        filler.put(target, array)
+    return filler.state()
+
+
+def restore_params(ckpt_dir: str | Path, abstract_state, stacked: Mapping[str, int],
+                   param_sharding: ParamSharding | None = None):
+    """Restore a ``write_checkpoint`` folder into ``abstract_state`` (see module docstring)."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    filler = _Filler(abstract_state, stacked, param_sharding or replicated())
+    groups: dict[str, list[str]] = {}  # one Orbax load per stacked param, one for all unstacked params
+    for full, (shape, _, _) in filler.info.items():
+        head = full.partition(".")[0]
+        if head in filler.stacked:
+            rest = full.partition(".")[2]
+            groups[full] = [f"{head}.{i}.{rest}" for i in range(shape[0])]
+        else:
+            groups.setdefault("", []).append(full)
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    params = Path(ckpt_dir) / PARAMS_DIR
+    with ctx:
+        for targets in groups.values():
+            tree = ocp.load(params, _nest({t: filler.abstract(t) for t in targets}))
+            for t in targets:
+                node = tree
+                for p in t.split("."):
+                    node = node[p]
+                filler.put(t, node)
+            del tree
+    return filler.state()

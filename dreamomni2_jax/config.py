@@ -65,7 +65,9 @@ class ModelConfig(_Section):
     param_dtype: str = "bfloat16"  # frozen base weights
     compute_dtype: str = "bfloat16"
     attention: str = "auto"  # auto | xla | cudnn | splash
-    remat: str = "dots_saveable"  # none | full | dots_saveable
+    # none | full | dots_saveable | dots_no_batch_saveable (saves weight matmuls only, not attention logits:
+    # plain dots_saveable also keeps the [B, H, S, S] logits, 514 GiB at 1024^2 + 1 reference)
+    remat: str = "dots_no_batch_saveable"
     position_scheme: str = "dreamomni2"  # dreamomni2 | kontext (see dreamomni2_jax.positions)
     guidance: float = 1.0  # guidance-embedding value fed during training (guidance-distilled models)
 
@@ -73,7 +75,7 @@ class ModelConfig(_Section):
         _choice("model.param_dtype", self.param_dtype, ("bfloat16", "float32", "float16"))
         _choice("model.compute_dtype", self.compute_dtype, ("bfloat16", "float32", "float16"))
         _choice("model.attention", self.attention, ("auto", "xla", "cudnn", "splash"))
-        _choice("model.remat", self.remat, ("none", "full", "dots_saveable"))
+        _choice("model.remat", self.remat, ("none", "full", "dots_saveable", "dots_no_batch_saveable"))
 
 
 LORA_PRESETS: dict[str, tuple[str, ...]] = {

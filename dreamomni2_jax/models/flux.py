@@ -28,7 +28,7 @@ from dreamomni2_jax.models.flux_blocks import (
 )
 from dreamomni2_jax.rope import rope_cos_sin
 
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch_saveable")
 STACKED = ("transformer_blocks", "single_transformer_blocks")
 
 
@@ -68,7 +68,8 @@ class FluxConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
         if unknown:
-            raise ValueError(f"{source}: unknown FluxTransformer2DModel config fields {unknown}; known: {sorted(known)}")
+            raise ValueError(f"{source}: unknown FluxTransformer2DModel config fields {unknown}; "
+                             f"known: {sorted(known)}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
@@ -98,7 +99,10 @@ def _remat(fn, policy: str):
         return fn
     if policy == "full":
         return jax.checkpoint(fn, prevent_cse=False)
-    return jax.checkpoint(fn, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
+    policy = {"dots_saveable": jax.checkpoint_policies.dots_saveable,
+              # saves the projections' matmul outputs but not the (batched) attention logits
+              "dots_no_batch_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+    return jax.checkpoint(fn, prevent_cse=False, policy=policy)
 
 
 def _scan_blocks(blocks, body, carry, remat: str):
@@ -127,7 +131,9 @@ class FluxTransformer2DModel(nnx.Module):
     """Flux transformer. ``dtype`` = compute dtype, ``param_dtype`` = storage dtype (norm scales stay float32).
 
     ``attention_impl``: "xla" | "cudnn" | "auto" | "splash" (see ``models.attention``).
-    ``remat``: "none" | "full" | "dots_saveable" (jax.checkpoint policy applied per scanned layer).
+    ``remat``: "none" | "full" | "dots_saveable" | "dots_no_batch_saveable" (jax.checkpoint policy per scanned
+    layer; "dots_saveable" also saves attention logits when attention runs as XLA dots — prefer
+    "dots_no_batch_saveable" or "full" with ``attention_impl="xla"``).
     """
 
     def __init__(self, config: FluxConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
@@ -196,6 +202,9 @@ class FluxTransformer2DModel(nnx.Module):
         if txt_ids.ndim != img_ids.ndim:
             txt_ids = jnp.broadcast_to(txt_ids, (b, *txt_ids.shape[-2:]))
             img_ids = jnp.broadcast_to(img_ids, (b, *img_ids.shape[-2:]))
+        for name, ids in (("txt_ids", txt_ids), ("img_ids", img_ids)):
+            if ids.dtype not in (jnp.int32, jnp.int64, jnp.float32, jnp.float64):
+                raise TypeError(f"{name} must be int32 or float32 (never bf16/fp16), got {ids.dtype}")
         if txt_ids.dtype != img_ids.dtype:
             txt_ids, img_ids = txt_ids.astype(jnp.float32), img_ids.astype(jnp.float32)
         return jnp.concatenate([txt_ids, img_ids], axis=-2)
@@ -246,7 +255,7 @@ def load_flux(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=No
         config = config or FluxConfig.from_json(path / "config.json")
         plan = None
     else:
-        plan, config = build_plan(path, config=config)
+        plan, config = build_plan(path, config=config, param_dtype=param_dtype)
     model = abstract_flux(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat)
     graphdef, abstract_state = nnx.split(model)
     if plan is None:

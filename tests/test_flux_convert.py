@@ -1,0 +1,256 @@
+"""Flux weight converter: CLI, BFL single-file layout, validation errors, atomic output, sharded restore."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from convert import flux_transformer as fc
+from convert.safetensors_io import SafetensorsError, open_checkpoint, save_arrays
+from convert.table import ConversionError, write_checkpoint
+from dreamomni2_jax import positions as P
+from dreamomni2_jax import tiny
+from dreamomni2_jax.models.flux import FluxConfig, load_flux
+
+REPO = Path(__file__).resolve().parents[1]
+INNER, HEADS, HEAD_DIM, MLP = 32, 2, 16, 128  # tiny.FLUX_TINY
+
+
+def _params(model) -> dict[str, np.ndarray]:
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _read_all(src: Path) -> dict[str, np.ndarray]:
+    reader = open_checkpoint(src)
+    return {k: reader.read(k) for k in reader.keys()}
+
+
+@pytest.fixture(scope="module")
+def transformer_dir(tiny_pipeline_dir):
+    return tiny_pipeline_dir / "transformer"
+
+
+@pytest.fixture(scope="module")
+def cli_out(transformer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "flux"
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "flux_transformer.py"), "--src", str(transformer_dir),
+                           "--out", str(out), "--dtype", "bf16"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_cli_output_and_in_memory_load_agree(cli_out, transformer_dir):
+    assert sorted(p.name for p in cli_out.parent.iterdir()) == ["flux"]  # no temp folders left behind
+    meta = json.loads((cli_out / "config.json").read_text())
+    assert meta["_dtype"] == "bf16"
+    assert FluxConfig.from_dict(meta) == FluxConfig.from_json(transformer_dir / "config.json")
+    converted = _params(load_flux(cli_out, dtype=jnp.float32))
+    direct = _params(load_flux(transformer_dir, dtype=jnp.float32))  # SRC converted on the fly, nothing written
+    assert converted.keys() == direct.keys()
+    src = _read_all(transformer_dir)
+    np.testing.assert_array_equal(direct["x_embedder.kernel"], src["x_embedder.weight"].T)
+    np.testing.assert_array_equal(direct["single_transformer_blocks.proj_out.kernel"][1],
+                                  src["single_transformer_blocks.1.proj_out.weight"].T)
+    for k, v in direct.items():  # OUT is bf16-rounded, except the (float32) norm scales
+        want = v if k.endswith(".scale") else v.astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(converted[k], want, err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------------ BFL layout
+def _bfl_state_dict(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = {"img_in": (INNER, 16), "txt_in": (INNER, 32), "time_in.in_layer": (INNER, 256),
+              "time_in.out_layer": (INNER, INNER), "vector_in.in_layer": (INNER, 32),
+              "vector_in.out_layer": (INNER, INNER), "guidance_in.in_layer": (INNER, 256),
+              "guidance_in.out_layer": (INNER, INNER), "final_layer.linear": (16, INNER),
+              "final_layer.adaLN_modulation.1": (2 * INNER, INNER)}
+    for i in range(2):
+        for s in ("img", "txt"):
+            shapes.update({f"double_blocks.{i}.{s}_mod.lin": (6 * INNER, INNER),
+                           f"double_blocks.{i}.{s}_attn.qkv": (3 * INNER, INNER),
+                           f"double_blocks.{i}.{s}_attn.proj": (INNER, INNER),
+                           f"double_blocks.{i}.{s}_mlp.0": (MLP, INNER), f"double_blocks.{i}.{s}_mlp.2": (INNER, MLP)})
+        shapes.update({f"single_blocks.{i}.linear1": (3 * INNER + MLP, INNER),
+                       f"single_blocks.{i}.linear2": (INNER, INNER + MLP),
+                       f"single_blocks.{i}.modulation.lin": (3 * INNER, INNER)})
+    sd = {}
+    for name, shape in shapes.items():
+        sd[f"{name}.weight"] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        sd[f"{name}.bias"] = (0.1 * rng.standard_normal(shape[0])).astype(np.float32)
+    norms = [f"double_blocks.{i}.{s}_attn.norm.{q}_norm.scale" for i in range(2) for s in ("img", "txt")
+             for q in ("query", "key")] + [f"single_blocks.{i}.norm.{q}_norm.scale" for i in range(2)
+                                           for q in ("query", "key")]
+    sd.update({n: (1 + 0.1 * rng.standard_normal(HEAD_DIM)).astype(np.float32) for n in norms})
+    return {f"model.diffusion_model.{k}": v for k, v in sd.items()}  # prefix as in some single-file exports
+
+
+def _diffusers_bfl_converter():
+    """diffusers' own ``convert_flux_transformer_checkpoint_to_diffusers`` with its hard-coded 3072 -> tiny width."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    src = textwrap.dedent(inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers))
+    assert src.count("inner_dim = 3072") == 1
+    namespace = dict(vars(sfu))
+    exec(src.replace("inner_dim = 3072", f"inner_dim = {INNER}"), namespace)  # noqa: S102
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+def test_bfl_single_file_matches_diffusers(tmp_path):
+    from diffusers import FluxTransformer2DModel as TorchFlux
+
+    sd = _bfl_state_dict(0)
+    bfl_file = tmp_path / "flux1-kontext-tiny.safetensors"
+    save_arrays(bfl_file, {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()})
+    bf = _read_all(bfl_file)  # what both converters see (bf16 on disk, like the real release)
+    ref_sd = _diffusers_bfl_converter()({k: torch.from_numpy(v.astype(np.float32)) for k, v in bf.items()})
+    ref = TorchFlux(**tiny.FLUX_TINY).eval()
+    ref.load_state_dict(ref_sd, strict=True)
+
+    config = tmp_path / "config.json"  # tiny head_dim / rope axes are not inferable: pass them
+    config.write_text(json.dumps({**tiny.FLUX_TINY}))
+    inferred = fc.infer_config(fc._strip_prefix(open_checkpoint(bfl_file)), "bfl",
+                               FluxConfig.from_json(config))
+    assert inferred == FluxConfig.from_dict(tiny.FLUX_TINY)
+    out = fc.convert(bfl_file, tmp_path / "out", dtype="fp32", config=config, progress=False)
+    model = load_flux(out, dtype=jnp.float32)
+    assert model.config == inferred
+
+    rng = np.random.default_rng(1)
+    layout = P.SampleLayout(target=(4, 4), references=((2, 6),))
+    n = layout.target_tokens + layout.reference_tokens
+    inputs = dict(hidden_states=rng.standard_normal((1, n, 16), np.float32),
+                  encoder_hidden_states=rng.standard_normal((1, 5, 32), np.float32),
+                  pooled_projections=rng.standard_normal((1, 32), np.float32),
+                  timestep=np.array([0.7], np.float32), img_ids=layout.ids(), txt_ids=P.text_ids(5),
+                  guidance=np.array([2.5], np.float32))
+    with torch.no_grad():
+        want = ref(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, return_dict=False)[0].numpy()
+    got = np.asarray(model(**inputs))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_bfl_default_config_needs_head_dim_128(tmp_path):
+    bfl_file = tmp_path / "tiny.safetensors"
+    save_arrays(bfl_file, _bfl_state_dict(1))
+    with pytest.raises(ValueError, match="not a multiple of head_dim 128; pass --config"):
+        fc.build_plan(bfl_file)
+
+
+# ---------------------------------------------------------------------------------------------- error paths
+def test_missing_extra_and_misshaped_tensors_listed_in_one_error(transformer_dir, tmp_path):
+    sd = _read_all(transformer_dir)
+    del sd["transformer_blocks.1.attn.to_k.weight"]
+    sd["transformer_blocks.0.attn.extra.weight"] = np.zeros((3, 3), np.float32)
+    sd["single_transformer_blocks.0.proj_mlp.weight"] = np.zeros((127, INNER), np.float32)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_arrays(bad / "diffusion_pytorch_model.safetensors", sd)
+    (bad / "config.json").write_text((transformer_dir / "config.json").read_text())
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as e:
+        fc.convert(bad, out, progress=False)
+    msg, f = str(e.value), bad / "diffusion_pytorch_model.safetensors"
+    assert "3 problem(s)" in msg
+    assert "missing key transformer_blocks.1.attn.to_k.weight" in msg
+    assert f"{f}: transformer_blocks.0.attn.extra.weight [3, 3] is not used by any rule" in msg
+    assert f"{f}: single_transformer_blocks.0.proj_mlp.weight: expected shape [128, 32], got [127, 32]" in msg
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_write_checkpoint_is_atomic(tmp_path):
+    def items():
+        yield "a.kernel", np.ones((2, 2), np.float32)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_checkpoint(tmp_path / "out", items(), {"x": 1}, group_bytes=1)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_checkpoint(tmp_path / "out", iter([]), {})
+
+
+def test_safetensors_reader(tmp_path, transformer_dir):
+    from safetensors.torch import save_file
+
+    t = torch.randn(3, 5).to(torch.bfloat16)
+    save_file({"w": t, "i": torch.arange(4, dtype=torch.int64)}, str(tmp_path / "x.safetensors"))
+    r = open_checkpoint(tmp_path / "x.safetensors")
+    assert r.dtype("w") == ml_dtypes.bfloat16 and r.shape("w") == (3, 5)
+    np.testing.assert_array_equal(r.read("w").astype(np.float32), t.float().numpy())
+    np.testing.assert_array_equal(r.read("i"), np.arange(4))
+    (tmp_path / "model.bin").write_bytes(b"\x80\x02")
+    with pytest.raises(SafetensorsError, match="never pickle"):
+        open_checkpoint(tmp_path / "model.bin")
+    # A sharded folder whose index points a key at the wrong shard.
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for f in transformer_dir.iterdir():
+        (sharded / f.name).write_bytes(f.read_bytes())
+    index = next(sharded.glob("*.index.json"))
+    meta = json.loads(index.read_text())
+    key = "x_embedder.weight"
+    other = next(v for v in sorted(set(meta["weight_map"].values())) if v != meta["weight_map"][key])
+    meta["weight_map"][key] = other
+    index.write_text(json.dumps(meta))
+    with pytest.raises(SafetensorsError, match=f"{key} mapped to {other} but not in that file"):
+        open_checkpoint(sharded)
+
+
+# ------------------------------------------------------------------------------------------- sharded restore
+SHARDED_SCRIPT = """
+import json, sys
+import jax, numpy as np, jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
+from dreamomni2_jax.models.flux import load_flux
+mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+requested = {}
+def param_sharding(path, shape):
+    dims = [i for i, d in enumerate(shape) if d % 8 == 0]
+    spec = [None] * len(shape)
+    if dims:
+        spec[max(dims, key=lambda i: shape[i])] = "fsdp"
+    requested[path] = tuple(spec)
+    return NamedSharding(mesh, PS(*spec))
+report = {}
+for name, path in (("out", sys.argv[1]), ("src", sys.argv[2])):
+    model = load_flux(path, dtype=jnp.float32, mesh=mesh, param_sharding=param_sharding)
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    report[name] = {
+        "n": len(flat),
+        "mismatch": [k for k, v in flat.items() if tuple(v.sharding.spec) + (None,) * (v.ndim - len(v.sharding.spec))
+                     != requested[k]],
+        "sharded": sum(any(s is not None for s in requested[k]) for k in flat),
+        "checksum": {k: float(np.asarray(v, np.float64).sum()) for k, v in flat.items()},
+    }
+print(json.dumps(report))
+"""
+
+
+def test_restore_sharded_on_8_devices(cli_out, transformer_dir):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(cli_out), str(transformer_dir)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    direct = _params(load_flux(transformer_dir, dtype=jnp.float32))
+    for name in ("out", "src"):
+        r = report[name]
+        assert r["n"] == len(direct) and r["mismatch"] == [] and r["sharded"] > len(direct) // 2, (name, r)
+    for k, v in direct.items():
+        np.testing.assert_allclose(report["src"]["checksum"][k], np.asarray(v, np.float64).sum(), rtol=1e-6,
+                                   atol=1e-6, err_msg=k)
+        want = (v if k.endswith(".scale") else v.astype(ml_dtypes.bfloat16)).astype(np.float64).sum()
+        np.testing.assert_allclose(report["out"]["checksum"][k], want, rtol=1e-6, atol=1e-6, err_msg=k)
