@@ -1,0 +1,403 @@
+"""Multi-reference Flux Kontext / DreamOmni2 sampler (editing and generation), pure JAX.
+
+Follows diffusers' ``FluxKontextPipeline.__call__`` with the DreamOmni2 pipeline's multi-image ``prepare_latents``:
+
+1. references (paths, PIL images, or ``[H, W, 3]`` arrays: uint8, or float in [0, 1]) are snapped to the closest
+   aspect ratio of the Kontext preferred resolutions (DreamOmni2 ``resizeinput``: aspect of the image as given) and
+   floored to multiples of 16 (``auto_resize=False``: only floored), lanczos-resized and mapped to [-1, 1];
+2. the output size is ``height``/``width`` (default: the first reference's snapped size, else 1024²), fitted to
+   ``max_area`` with its aspect ratio and floored to 16, exactly as Kontext does (``max_area=None``: floor only);
+3. references are VAE-encoded (mode, ``(z - shift) * scale``), packed and concatenated after the target tokens;
+   ids from :mod:`dreamomni2_jax.positions` (``scheme``: ``"dreamomni2"`` = domain i+1 and cumulative column
+   offsets, ``"kontext"`` = no offsets; both equal Kontext's ids for one reference);
+4. FlowMatch Euler with dynamic shift (:mod:`dreamomni2_jax.scheduler`), guidance embedding, optional true CFG
+   (``true_cfg_scale > 1`` and a ``negative_prompt``: ``neg + scale * (pos - neg)``, positive and negative in one
+   doubled batch), all steps in ONE jitted ``lax.scan``; progress comes from the scan through
+   ``jax.debug.callback`` into a tqdm bar on the host;
+5. VAE decode of ``z / scale + shift``, ``x / 2 + 0.5`` clipped: float32 images ``[N, H, W, 3]`` in [0, 1].
+
+Differences from diffusers, on purpose: the carried latents and the Euler update stay float32 (diffusers rounds
+them to the model dtype every step), and timestep / guidance reach the model in float32. In float32 the numbers are
+the same. Prompts whose inputs have different shapes run as separate batches (same results). Float arrays are
+resized per channel in float (PIL mode F) instead of diffusers' nearest-neighbour tensor resize. Kontext takes the
+snapping aspect ratio after flooring the input to 16 px, DreamOmni2's ``resizeinput`` (and we) before; they differ
+only for inputs near the midpoint between two preferred aspect ratios.
+
+A transformer sharded over a mesh (the training loop's) is used as is: the other inputs are replicated on its
+mesh, the final latents come back to the host for the (single-device) VAE decode.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from dreamomni2_jax import positions
+from dreamomni2_jax import sharding as shd
+from dreamomni2_jax.images import KONTEXT_AREA, open_image, reference_size, target_size, to_pixels
+from dreamomni2_jax.models.vae import VAE, decode_latents, denormalize_latents, encode_images, normalize_latents
+from dreamomni2_jax.scheduler import FlowMatchConfig, euler_step, set_timesteps
+
+MULTIPLE = 16  # 2 x VAE downscale: latents must be even for 2x2 packing
+DEFAULT_SIZE = 1024
+ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _floor16(w: int, h: int, what: str) -> tuple[int, int]:
+    w, h = w // MULTIPLE * MULTIPLE, h // MULTIPLE * MULTIPLE
+    if w < MULTIPLE or h < MULTIPLE:
+        raise ValueError(f"{what}: size {w}x{h} after flooring to multiples of {MULTIPLE} is empty")
+    return w, h
+
+
+def _resize_float(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Lanczos resize of a float ``[H, W, C]`` array per channel (PIL mode F, no 8-bit rounding)."""
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c]), mode="F").resize(
+        size, resample=Image.Resampling.LANCZOS)) for c in range(x.shape[-1])]
+    return np.stack(chans, axis=-1)
+
+
+def reference_pixels(image: ImageLike, auto_resize: bool = True, where: str = "reference",
+                     area: int = KONTEXT_AREA) -> np.ndarray:
+    """One reference as float32 ``[H, W, 3]`` in [-1, 1] at its sampling size (see the module docstring).
+
+    ``area`` < 1024² scales the snapped Kontext resolution down (as the cache stage does for small budgets).
+
+    Raises :class:`dreamomni2_jax.images.BadInput` (a ``ValueError``) naming ``where`` and the file for a missing
+    or unreadable file, and ``ValueError`` for arrays of the wrong shape / range."""
+    if isinstance(image, (str, Path)):
+        image = open_image(str(image), where)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"{where}: expected an RGB array [H, W, 3], got shape {image.shape}")
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        w, h = image.size
+    elif isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"{where}: expected an RGB array [H, W, 3], got shape {image.shape}")
+        image = image.astype(np.float32)
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise ValueError(f"{where}: float images must be in [0, 1], got range "
+                             f"[{np.nanmin(image):.3g}, {np.nanmax(image):.3g}]")
+        h, w = image.shape[:2]
+    else:
+        raise TypeError(f"{where}: expected a path, PIL image or numpy array, got {type(image).__name__}")
+    size = reference_size(w, h, area, MULTIPLE) if auto_resize else _floor16(w, h, where)
+    if isinstance(image, Image.Image):
+        return to_pixels(image, size)
+    if (w, h) != size:
+        image = _resize_float(image, size)
+    return image * 2.0 - 1.0
+
+
+def output_size(height: int | None, width: int | None, first_ref: tuple[int, int] | None,
+                max_area: int | None) -> tuple[int, int]:
+    """``(height, width)`` of the generated image (first_ref = ``(h, w)`` of the first reference's pixels)."""
+    if (height is None) != (width is None):
+        raise ValueError("pass both height and width, or neither")
+    if height is None:
+        height, width = first_ref if first_ref is not None else (DEFAULT_SIZE, DEFAULT_SIZE)
+    if height < 1 or width < 1:
+        raise ValueError(f"height/width must be positive, got {height}x{width}")
+    if max_area is None:
+        w, h = _floor16(width, height, "output")
+    else:
+        w, h = target_size(width, height, max_area, MULTIPLE)
+    return h, w
+
+
+# --------------------------------------------------------------------------- denoising loop
+
+
+def _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidance, timesteps, sigmas,
+             cfg_scale, tick: Callable):
+    """All steps as one ``lax.scan``. ``embeds``/``pooled``/``guidance`` hold ``[pos; neg]`` (2B rows) with CFG."""
+    model = nnx.merge(graphdef, state)
+    b, n = x.shape[0], x.shape[1]
+    cfg = embeds.shape[0] == 2 * b
+
+    def body(lat, step):
+        i, t, sigma, sigma_next = step
+        inp = jnp.concatenate([lat.astype(refs.dtype), refs], axis=1)
+        if cfg:
+            inp = jnp.concatenate([inp, inp], axis=0)
+        out = model(inp, embeds, pooled, t / 1000.0, img_ids, txt_ids, guidance)[:, :n].astype(jnp.float32)
+        if cfg:
+            out = out[b:] + cfg_scale * (out[:b] - out[b:])
+        jax.debug.callback(tick, i)
+        return euler_step(lat, out, sigma, sigma_next), None
+
+    steps = (jnp.arange(timesteps.shape[0]), timesteps, sigmas[:-1], sigmas[1:])
+    lat, _ = jax.lax.scan(body, x.astype(jnp.float32), steps)
+    return lat
+
+
+_denoise_jit = jax.jit(_denoise, static_argnames=("graphdef", "tick"))
+
+
+class _Progress:
+    """Host side of the scan's progress callback: counts steps, updates a tqdm bar per call (or nothing)."""
+
+    def __init__(self):
+        self.bar = None
+        self.count = 0
+
+    def tick(self, i) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """Flux Kontext components. ``transformer`` may carry LoRA adapters; ``__call__(transformer=...)`` overrides it
+    (e.g. the training loop's current, LoRA-patched model)."""
+
+    transformer: nnx.Module
+    vae: VAE
+    text: Any  # dreamomni2_jax.text.TextEncoders
+    scheduler: FlowMatchConfig
+    dtype: Any = jnp.bfloat16
+    max_sequence_length: int = 512
+    _progress: _Progress = dataclasses.field(default_factory=_Progress, repr=False)
+
+    def __call__(self, prompts: str | Sequence[str], references: Sequence | None = None, *,
+                 height: int | None = None, width: int | None = None, steps: int = 28, guidance: float = 3.5,
+                 seeds: int | Sequence[int] = 0, latents=None, scheme: str = "dreamomni2",
+                 true_cfg_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None,
+                 auto_resize: bool = True, max_area: int | None = KONTEXT_AREA, reference_area: int = KONTEXT_AREA,
+                 transformer: nnx.Module | None = None, progress: bool = True) -> np.ndarray:
+        """Generate ``len(prompts) * len(seeds)`` images, prompt-major (image ``k``: prompt ``k // S``, seed
+        ``k % S``), as float32 ``[N, H, W, 3]`` in [0, 1].
+
+        ``references``: one list of images per prompt, or one flat list shared by all prompts (``None`` / ``[]``:
+        text-to-image). ``latents``: explicit initial noise, packed ``[N, target_tokens, 4 * latent_channels]``
+        (parity tests); otherwise ``jax.random.normal`` from each seed. All outputs must have one size.
+        ``max_area``: output area budget (Kontext; ``None``: size only floored to 16); ``reference_area``: see
+        :func:`reference_pixels`. ``transformer``: use this (e.g. LoRA-patched, training) model instead.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
+        seeds = [seeds] if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError("seeds must not be empty")
+        refs = self._references(prompts, references, auto_resize, reference_area)
+        neg = self._negative(prompts, negative_prompt, true_cfg_scale)
+        if scheme not in positions.schemes():
+            raise ValueError(f"unknown position scheme {scheme!r}; known: {positions.schemes()}")
+        sizes = [output_size(height, width, r[0].shape[:2] if r else None, max_area) for r in refs]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"prompts give different output sizes {sorted(set(sizes))}: pass height/width or "
+                             "sample them in separate calls")
+        (h, w), s = sizes[0], len(seeds)
+        n_total = len(prompts) * s
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            want = (n_total, positions.num_tokens(*self._latent_hw(h, w)), 4 * self.vae.config.latent_channels)
+            if latents.shape != want:
+                raise ValueError(f"latents must have shape {want} (N, target tokens, channels), got {latents.shape}")
+        model = transformer if transformer is not None else self.transformer
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(refs):
+            groups.setdefault(tuple(x.shape[:2] for x in r), []).append(i)
+        out = np.zeros((n_total, h, w, 3), np.float32)
+        for idx in groups.values():
+            rows = [i * s + j for i in idx for j in range(s)]
+            noise = latents[rows] if latents is not None else self._noise(h, w, [seeds[r % s] for r in rows])
+            out[rows] = self._run(model, [prompts[i] for i in idx], [refs[i] for i in idx],
+                                  None if neg is None else [neg[i] for i in idx], s, noise, h, w, steps, guidance,
+                                  scheme, true_cfg_scale, progress)
+        return out
+
+    # ----------------------------------------------------------------- helpers
+
+    def _latent_hw(self, h: int, w: int) -> tuple[int, int]:
+        f = self.vae.config.downscale
+        return h // f, w // f
+
+    @staticmethod
+    def _references(prompts, references, auto_resize, area) -> list[list[np.ndarray]]:
+        if references is None:
+            references = []
+        references = list(references)
+        if not references or not isinstance(references[0], (list, tuple)):
+            references = [references] * len(prompts)
+        if len(references) != len(prompts):
+            raise ValueError(f"got {len(references)} reference lists for {len(prompts)} prompts")
+        cache: dict[int, np.ndarray] = {}
+        out = []
+        for i, refs in enumerate(references):
+            row = []
+            for j, img in enumerate(refs):
+                if id(img) not in cache:
+                    cache[id(img)] = reference_pixels(img, auto_resize, f"prompt {i} reference {j}", area)
+                row.append(cache[id(img)])
+            out.append(row)
+        return out
+
+    @staticmethod
+    def _negative(prompts, negative_prompt, true_cfg_scale) -> list[str] | None:
+        if true_cfg_scale <= 1 or negative_prompt is None:
+            return None
+        neg = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(neg) != len(prompts):
+            raise ValueError(f"got {len(neg)} negative prompts for {len(prompts)} prompts")
+        return neg
+
+    def _noise(self, h: int, w: int, seeds: list[int]) -> np.ndarray:
+        lh, lw = self._latent_hw(h, w)
+        shape = (positions.num_tokens(lh, lw), 4 * self.vae.config.latent_channels)
+        return np.stack([np.asarray(jax.random.normal(jax.random.key(sd), shape, jnp.float32)) for sd in seeds])
+
+    def _encode_refs(self, refs: list[list[np.ndarray]]) -> tuple[jax.Array, list[tuple[int, int]]]:
+        """Packed, normalized reference latents ``[B, ref_tokens, 4C]`` (references concatenated) + latent sizes."""
+        parts, sizes = [], []
+        for j in range(len(refs[0])):
+            shared = all(r[j] is refs[0][j] for r in refs)  # one image for every prompt: encode it once
+            x = refs[0][j][None] if shared else np.stack([r[j] for r in refs])
+            z = normalize_latents(encode_images(self.vae, jnp.asarray(x)).astype(jnp.float32), self.vae.config)
+            sizes.append(tuple(z.shape[1:3]))
+            tokens = positions.pack_latents(z)
+            parts.append(jnp.broadcast_to(tokens, (len(refs), *tokens.shape[1:])))
+        c4 = 4 * self.vae.config.latent_channels
+        if not parts:
+            return jnp.zeros((len(refs), 0, c4), jnp.float32), sizes
+        return jnp.concatenate(parts, axis=1), sizes
+
+    def _run(self, model, prompts, refs, neg, s, noise, h, w, steps, guidance, scheme, true_cfg_scale, progress):
+        lh, lw = self._latent_hw(h, w)
+        ref_tokens, ref_sizes = self._encode_refs(refs)
+        ref_tokens = jnp.repeat(ref_tokens, s, axis=0).astype(self.dtype)
+        embeds, pooled = self.text.encode_prompt(prompts, self.max_sequence_length)
+        if neg is not None:
+            n_embeds, n_pooled = self.text.encode_prompt(neg, self.max_sequence_length)
+            embeds, pooled = jnp.concatenate([embeds, n_embeds]), jnp.concatenate([pooled, n_pooled])
+        reps = np.repeat(np.arange(embeds.shape[0]), s)  # [pos (B*s) ; neg (B*s)], seeds innermost
+        embeds, pooled = embeds[reps], pooled[reps]
+        img_ids = positions.SampleLayout((lh, lw), tuple(ref_sizes)).ids(scheme)
+        txt_ids = positions.text_ids(embeds.shape[1])
+        cfg = model.config
+        g = None if not cfg.guidance_embeds else jnp.full((embeds.shape[0],), guidance, jnp.float32)
+        timesteps, sigmas = set_timesteps(self.scheduler, steps, image_seq_len=positions.num_tokens(lh, lw))
+        graphdef, state = nnx.split(model)
+        inputs = (noise, ref_tokens, embeds, pooled, img_ids, txt_ids, g, timesteps, sigmas,
+                  np.float32(true_cfg_scale))
+        mesh = _model_mesh(state)
+        if mesh is not None:  # model sharded over a mesh (training): inputs replicated on that mesh
+            inputs = shd.place(inputs, jax.tree.map(lambda _: shd.replicated(mesh), inputs))
+        self._progress.bar = _tqdm(steps) if progress else None
+        self._progress.count = 0
+        try:
+            lat = _denoise_jit(graphdef, state, *inputs, tick=self._progress.tick)
+            if mesh is not None:
+                lat = shd.shard(lat, shd.replicated(mesh)).addressable_data(0)  # one full local copy
+            lat = np.asarray(jax.block_until_ready(lat))
+            jax.effects_barrier()  # all step callbacks have run
+        finally:
+            if self._progress.bar is not None:
+                self._progress.bar.close()
+            self._progress.bar = None
+        z = denormalize_latents(positions.unpack_latents(lat, lh, lw), self.vae.config)
+        images = decode_latents(self.vae, z.astype(self.vae.dtype))
+        return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _model_mesh(state) -> jax.sharding.Mesh | None:
+    """The mesh of a model sharded over several devices (its first such param), else None."""
+    for leaf in jax.tree.leaves(state):
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1:
+            return sh.mesh
+    return None
+
+
+def _tqdm(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="denoising", unit="step", leave=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_pipeline(model_dir: str | Path, dtype=jnp.bfloat16, *, lora: str | Path | None = None,
+                  lora_scale: float = 1.0, vae_dtype=None, attention_impl: str = "xla",
+                  max_sequence_length: int = 512) -> Pipeline:
+    """Load transformer, VAE, CLIP + T5 and the scheduler config from a converted folder (``convert/pipeline.py``
+    output) or a diffusers Flux Kontext folder (converted on the fly), optionally with a LoRA at ``lora_scale``."""
+    from dreamomni2_jax.models.flux import load_flux
+    from dreamomni2_jax.models.vae import load_vae
+    from dreamomni2_jax.text import load_text_encoders
+
+    root = Path(model_dir)
+    missing = [s for s in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                           "scheduler") if not (root / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{root}: not a Flux Kontext model folder, missing {missing}")
+    pipe = Pipeline(
+        transformer=load_flux(root / "transformer", dtype=dtype, attention_impl=attention_impl),
+        vae=load_vae(root / "vae", vae_dtype or dtype),
+        text=load_text_encoders(root, dtype),
+        scheduler=FlowMatchConfig.from_json(root / "scheduler" / "scheduler_config.json"),
+        dtype=dtype, max_sequence_length=max_sequence_length)
+    if lora is not None:
+        load_lora(pipe.transformer, lora, lora_scale)
+    return pipe
+
+
+def load_lora(model: nnx.Module, path: str | Path, scale: float = 1.0) -> dict:
+    """Attach a LoRA to ``model`` at strength ``scale`` (folded into ``lora_B``; unmerged, so bf16 base weights do
+    not swallow the update). ``path``: a diffusers/PEFT or kohya safetensors file, or a training run / checkpoint
+    folder (latest complete step). Returns ``{"rank", "alpha", "targets", ...}``; a LoRA that does not fit the
+    model raises ``LoraFileError`` / ``LoraError`` naming the modules, a bad folder ``CheckpointError``."""
+    import re
+
+    from dreamomni2_jax import lora, lora_io
+    from dreamomni2_jax.checkpoint import load_lora as load_checkpoint_lora
+
+    path = Path(path)
+    if not path.is_dir():
+        return lora_io.apply_lora_file(model, path, scale)
+    flat, meta = load_checkpoint_lora(path)
+    unknown = sorted(set(meta["targets"]) - set(lora.linear_paths(model)))
+    if unknown:
+        raise lora_io.LoraFileError(f"{path}: LoRA targets that are not Linear modules of the model: {unknown}")
+    lora.apply_lora(model, [f"^{re.escape(t)}$" for t in meta["targets"]], rank=meta["rank"], alpha=meta["alpha"])
+    lora.set_lora_state(model, {k: v * np.float32(scale) if k.endswith(".lora_B") else v for k, v in flat.items()})
+    return meta
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8 as diffusers' ``numpy_to_pil`` (``round(x * 255)``)."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def save_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write one ``[H, W, 3]`` image in [0, 1] (or uint8) as PNG: temp file in the same folder, then rename."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = image if image.dtype == np.uint8 else to_uint8(image)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,193 @@
+"""Validation sampling during training: a grid PNG per validation step plus a TensorBoard image.
+
+    hook = make_validation_hook(cfg, transformer_getter, model_dir, run_dir)
+    ...
+    hook(step, model)   # every step; samples when step % cfg.sample.every_steps == 0 (step > 0)
+    hook.close()
+    # or, with dreamomni2_jax.loop: train(ctx, callbacks=[make_validation_hook(cfg, None, model_dir, run_dir)])
+
+Each ``cfg.sample.validation`` entry (prompt, reference paths, seed, size) is sampled with the current
+(LoRA-patched) transformer ``transformer_getter(model)`` through :class:`dreamomni2_jax.sampler.Pipeline`, with
+``cfg.sample`` steps / guidance / true CFG, ``cfg.model.position_scheme`` ids, the entry's height x width (floored
+to 16, no area refit) and references sized like the cache stage does (Kontext resolutions scaled to the data
+area budget). The grid has one row per entry: its references, then the output, all scaled to one row height.
+Written to ``run_dir/samples/step_XXXXXX.png`` (temp + rename) and ``run_dir/tb`` (tensorboardX, tag
+``validation``) by process 0; every process runs the sampling (it is SPMD when the model is sharded).
+
+Memory: VAE and text encoders are loaded at the first validation, not before. The prompts are fixed, so their
+T5/CLIP embeddings are computed once and the text encoders are dropped right after.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from dreamomni2_jax.config import Config
+from dreamomni2_jax.images import open_image
+
+log = logging.getLogger(__name__)
+ROW_HEIGHT = 256
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+class CachedPrompts:
+    """``encode_prompt`` over a fixed prompt set: embeddings computed once, the encoders not kept."""
+
+    def __init__(self, text, prompts, max_sequence_length: int):
+        self.max_sequence_length = max_sequence_length
+        self.table: dict[str, tuple[jax.Array, jax.Array]] = {}
+        for p in dict.fromkeys(prompts):
+            embeds, pooled = text.encode_prompt([p], max_sequence_length)
+            self.table[p] = (embeds[0], pooled[0])
+
+    def encode_prompt(self, prompts, max_sequence_length: int = 512):
+        if max_sequence_length != self.max_sequence_length:
+            raise ValueError(f"prompts were encoded with max_sequence_length={self.max_sequence_length}")
+        missing = [p for p in prompts if p not in self.table]
+        if missing:
+            raise KeyError(f"prompts not in the validation set: {missing}")
+        return (jnp.stack([self.table[p][0] for p in prompts]), jnp.stack([self.table[p][1] for p in prompts]))
+
+
+def _fit_height(img: np.ndarray, height: int) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` scaled to ``height`` rows keeping the aspect ratio."""
+    h, w = img.shape[:2]
+    width = max(1, round(w * height / h))
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.LANCZOS))
+
+
+def make_grid(rows: list[list[np.ndarray]], row_height: int = ROW_HEIGHT, pad: int = 4) -> np.ndarray:
+    """uint8 grid: one row per list of uint8 ``[H, W, 3]`` images (scaled to ``row_height``), white padding."""
+    if not rows or not all(rows):
+        raise ValueError("make_grid needs at least one non-empty row")
+    scaled = [[_fit_height(im, row_height) for im in row] for row in rows]
+    widths = [sum(im.shape[1] for im in row) + pad * (len(row) + 1) for row in scaled]
+    grid = np.full((len(rows) * (row_height + pad) + pad, max(widths), 3), 255, np.uint8)
+    y = pad
+    for row in scaled:
+        x = pad
+        for im in row:
+            grid[y:y + row_height, x:x + im.shape[1]] = im
+            x += im.shape[1] + pad
+        y += row_height + pad
+    return grid
+
+
+class ValidationHook:
+    """``hook(step, model)``: validation sampling every ``cfg.sample.every_steps`` (a no-op when disabled)."""
+
+    def __init__(self, cfg: Config, transformer_getter: Callable[[Any], Any] | None, model_dir: str | Path,
+                 run_dir: str | Path, row_height: int = ROW_HEIGHT):
+        self.cfg = cfg
+        self.every = cfg.sample.every_steps
+        self.samples = cfg.sample.validation
+        self.transformer_getter = transformer_getter or _default_transformer
+        self.model_dir = Path(model_dir)
+        self.run_dir = Path(run_dir)
+        self.row_height = row_height
+        self.reference_area = getattr(cfg.data, "reference_max_area", 0) or cfg.data.target_max_area
+        self._pipe = None
+        self._writer = None
+        if self.enabled:
+            for i, s in enumerate(self.samples):  # fail at start-up, not hours into training
+                for r in s.references:
+                    open_image(r, f"sample.validation[{i}]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 and len(self.samples) > 0
+
+    def __call__(self, step: int, model) -> None:
+        if self.enabled and step > 0 and step % self.every == 0:
+            self.run(step, model)
+
+    def _pipeline(self):
+        if self._pipe is None:
+            from dreamomni2_jax.models.vae import load_vae
+            from dreamomni2_jax.sampler import Pipeline
+            from dreamomni2_jax.scheduler import FlowMatchConfig
+            from dreamomni2_jax.text import load_text_encoders
+
+            dtype = _DTYPES[self.cfg.model.compute_dtype]
+            max_len = self.cfg.data.max_sequence_length
+            prompts = [s.prompt for s in self.samples]
+            if self.cfg.sample.true_cfg_scale > 1:
+                prompts.append(self.cfg.sample.negative_prompt)
+            text = CachedPrompts(load_text_encoders(self.model_dir, dtype), prompts, max_len)
+            self._pipe = Pipeline(
+                transformer=None, vae=load_vae(self.model_dir / "vae", dtype), text=text,
+                scheduler=FlowMatchConfig.from_json(self.model_dir / "scheduler" / "scheduler_config.json"),
+                dtype=dtype, max_sequence_length=max_len)
+        return self._pipe
+
+    def sample(self, model) -> list[tuple[list[np.ndarray], np.ndarray]]:
+        """``[(reference images uint8, output uint8)]`` per validation entry (every process)."""
+        from dreamomni2_jax.sampler import to_uint8
+
+        pipe, transformer, sc = self._pipeline(), self.transformer_getter(model), self.cfg.sample
+        out = []
+        for i, s in enumerate(self.samples):
+            refs = [open_image(r, f"sample.validation[{i}]") for r in s.references]
+            img = pipe(s.prompt, refs, height=s.height, width=s.width, steps=sc.steps, guidance=sc.guidance,
+                       seeds=[s.seed], scheme=self.cfg.model.position_scheme, true_cfg_scale=sc.true_cfg_scale,
+                       negative_prompt=sc.negative_prompt, max_area=None, reference_area=self.reference_area,
+                       transformer=transformer, progress=False)[0]
+            out.append(([np.asarray(r) for r in refs], to_uint8(img)))
+        return out
+
+    def run(self, step: int, model) -> Path | None:
+        """Sample now and write the grid; returns its path on process 0 (else None)."""
+        from dreamomni2_jax.sampler import save_png
+
+        t0 = time.time()
+        results = self.sample(model)
+        if jax.process_index() != 0:
+            return None
+        grid = make_grid([refs + [img] for refs, img in results], self.row_height)
+        path = save_png(self.run_dir / "samples" / f"step_{step:06d}.png", grid)
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=str(self.run_dir / "tb"))
+        self._writer.add_image("validation", grid, global_step=step, dataformats="HWC")
+        self._writer.flush()
+        log.info("validation step %d: %d samples in %.1fs -> %s", step, len(results), time.time() - t0, path)
+        return path
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # dreamomni2_jax.loop.Callback protocol: pass the hook in train(ctx, callbacks=[...]).
+    def on_start(self, ctx) -> None:
+        pass
+
+    def on_step_end(self, ctx, metrics) -> None:
+        self(ctx.step, ctx)
+
+    def on_end(self, ctx) -> None:
+        self.close()
+
+
+def _default_transformer(obj):
+    """The loop's ``LoopContext`` -> ``ctx.model()`` (current adapted model, eval mode); a model -> itself."""
+    model = getattr(obj, "model", None)
+    return model() if callable(model) else obj
+
+
+def make_validation_hook(cfg: Config, transformer_getter: Callable[[Any], Any] | None, model_dir: str | Path,
+                         run_dir: str | Path) -> ValidationHook:
+    """The training loop's validation callable ``hook(step, model) -> None`` (see the module docstring); it is
+    also a ``dreamomni2_jax.loop.Callback`` (``on_step_end(ctx, metrics)`` samples with ``ctx.model()``).
+
+    ``transformer_getter(model)`` returns the Flux transformer (with its LoRA adapters) from whatever is passed as
+    ``model``; ``None``: ``model.model()`` when it has that method (a ``LoopContext``), else ``model`` itself."""
+    return ValidationHook(cfg, transformer_getter, model_dir, run_dir)

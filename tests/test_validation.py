@@ -1,0 +1,91 @@
+"""Validation hook: grid PNG under run_dir/samples and a TensorBoard event file holding the same image."""
+from __future__ import annotations
+
+import io
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamomni2_jax.config import Config, DataConfig, ModelConfig, SampleConfig, ValidationSample
+from dreamomni2_jax.images import BadInput
+from dreamomni2_jax.lora import apply_lora
+from dreamomni2_jax.models.flux import load_flux
+from dreamomni2_jax.validation import make_grid, make_validation_hook
+
+
+def _events(path):
+    """Parse a TFRecord event file (length, crc, data, crc records) into tensorboardX Event protos."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        ev = Event()
+        ev.ParseFromString(data[i + 12:i + 12 + n])
+        out.append(ev)
+        i += 12 + n + 4
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_png(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((64, 48))
+    path = tmp_path_factory.mktemp("val") / "ref.png"
+    img.save(path)
+    return path
+
+
+def _cfg(ref, every=2, **sample):
+    entries = (ValidationSample("put the hat from image 2 on the person in image 1", (str(ref),), seed=0,
+                                height=32, width=48),
+               ValidationSample("turn the background white", (str(ref),), seed=1, height=32, width=48))
+    return Config(model=ModelConfig(compute_dtype="float32", param_dtype="float32"),
+                  data=DataConfig(target_max_area=48 * 64, max_sequence_length=32),
+                  sample=SampleConfig(steps=2, every_steps=every, validation=entries, **sample))
+
+
+def test_hook_writes_grid_png_and_tensorboard_image(tiny_pipeline_dir, ref_png, tmp_path):
+    model = load_flux(tiny_pipeline_dir / "transformer", dtype=jnp.float32)
+    apply_lora(model, [r"attn\.to_q"], rank=2, alpha=2.0)  # what the training loop passes: a LoRA-patched model
+    run = tmp_path / "run"
+    hook = make_validation_hook(_cfg(ref_png, true_cfg_scale=2.0, negative_prompt="blurry"),
+                                lambda m: m["flux"], tiny_pipeline_dir, run)
+    hook(1, {"flux": model})
+    assert not (run / "samples").exists() and not (run / "tb").exists()
+    hook(2, {"flux": model})
+    hook.close()
+    png = run / "samples" / "step_000002.png"
+    grid = np.asarray(Image.open(png))
+    assert grid.shape == (2 * (256 + 4) + 4, 4 + 341 + 4 + 384 + 4, 3)  # rows: ref 64x48 and output 48x32 at 256
+    out_a, out_b = grid[4:260, 349:733], grid[264:520, 349:733]
+    assert out_a.std() > 5 and np.abs(out_a.astype(int) - out_b.astype(int)).max() > 20
+    files = list((run / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    images = [(ev.step, v) for ev in _events(files[0]) for v in ev.summary.value if v.HasField("image")]
+    assert [(step, v.tag) for step, v in images] == [(2, "validation")]
+    logged = np.asarray(Image.open(io.BytesIO(images[0][1].image.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(logged, grid)
+    assert not list(run.rglob(".*tmp*"))
+
+
+def test_disabled_hook_and_bad_reference(tiny_pipeline_dir, ref_png, tmp_path):
+    hook = make_validation_hook(_cfg(ref_png, every=0), None, tiny_pipeline_dir, tmp_path / "run")
+    assert not hook.enabled
+    hook(10, object())
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(BadInput, match=r"sample\.validation\[0\].*not found.*nope\.png"):
+        make_validation_hook(_cfg(tmp_path / "nope.png"), None, tiny_pipeline_dir, tmp_path / "run")
+
+
+def test_make_grid_layout():
+    a = np.zeros((10, 20, 3), np.uint8)
+    b = np.full((20, 10, 3), 7, np.uint8)
+    g = make_grid([[a, b], [b]], row_height=10, pad=1)
+    assert g.shape == (2 * 11 + 1, 1 + 20 + 1 + 5 + 1, 3)
+    assert (g[1:11, 1:21] == 0).all() and (g[1:11, 22:27] == 7).all() and (g[0] == 255).all()
+    with pytest.raises(ValueError):
+        make_grid([])
