@@ -490,6 +490,7 @@ def restore_params(ckpt_dir: str | Path, abstract_state, stacked: Mapping[str, i
     """Restore a ``write_checkpoint`` folder into ``abstract_state`` (see module docstring)."""
     import orbax.checkpoint.experimental.v1 as ocp
 
+    ckpt_dir = Path(ckpt_dir).absolute()  # Orbax refuses relative paths
     filler = _Filler(abstract_state, stacked, param_sharding or replicated())
     groups: dict[str, list[str]] = {}  # one Orbax load per stacked param, one for all unstacked params
     for full, (shape, _, _) in filler.info.items():

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     refs = sorted((data / "img").glob("s1_ref*.png"))
     run("scripts/sample.py", "--model", str(model), "--prompt", "put the hat from image 2 on the person in image 1",
         *[a for r in refs for a in ("--ref", str(r))], "--lora", str(diffusers_lora), "--steps", "4",
-        "--height", "128", "--width", "128", "--seed", "0", "--dtype", "fp32", "--out", str(sample))
+        "--height", "128", "--width", "128", "--max-area", str(128 * 128), "--ref-area", str(128 * 128),
+        "--seed", "0", "--dtype", "fp32", "--out", str(sample))
 
     losses = [m["loss"] for m in _metrics(run_dir)]
     print(f"\n== demo finished in {time.time() - t0:.0f} s ==")

@@ -41,6 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--negative-prompt", default="")
     ap.add_argument("--no-auto-resize", action="store_true", help="keep reference sizes (floored to 16)")
     ap.add_argument("--max-area", type=int, default=1024 ** 2, help="output area budget (Kontext); 0 = none")
+    ap.add_argument("--ref-area", type=int, default=1024 ** 2,
+                    help="reference area: 1024^2 gives the exact Kontext resolutions; smaller scales them down")
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         images = pipe(args.prompt, args.ref, height=args.height, width=args.width, steps=args.steps,
                       guidance=args.guidance, seeds=list(range(args.seed, args.seed + args.num_images)),
                       scheme=args.scheme, true_cfg_scale=args.true_cfg, negative_prompt=args.negative_prompt,
-                      auto_resize=not args.no_auto_resize, max_area=args.max_area or None,
+                      auto_resize=not args.no_auto_resize, max_area=args.max_area or None, reference_area=args.ref_area,
                       progress=not args.no_progress)
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # bad image / LoRA / size: named in the message
         print(f"error: {e}", file=sys.stderr)

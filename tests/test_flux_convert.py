@@ -254,3 +254,12 @@ def test_restore_sharded_on_8_devices(cli_out, transformer_dir):
                                    atol=1e-6, err_msg=k)
         want = (v if k.endswith(".scale") else v.astype(ml_dtypes.bfloat16)).astype(np.float64).sum()
         np.testing.assert_allclose(report["out"]["checksum"][k], want, rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_load_flux_accepts_relative_converted_path(tiny_converted_dir, monkeypatch):
+    """Orbax refuses relative paths; users pass them (e.g. --model demo_out/model)."""
+    from dreamomni2_jax.models.flux import load_flux
+
+    monkeypatch.chdir(tiny_converted_dir.parent)
+    model = load_flux(os.path.join(tiny_converted_dir.name, "transformer"), dtype=jnp.float32)
+    assert model.config.num_layers >= 1
