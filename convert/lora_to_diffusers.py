@@ -1,0 +1,48 @@
+"""Export the LoRA of a training checkpoint as a diffusers (or kohya/ComfyUI) safetensors file.
+
+    python convert/lora_to_diffusers.py --ckpt RUN_OR_CKPT_DIR [--step N] --out pytorch_lora_weights.safetensors \
+        [--dtype bf16|fp16|fp32] [--format diffusers|kohya]
+
+``--ckpt``: a run directory, its ``checkpoints/`` folder or one step folder (latest complete step by default).
+diffusers output loads with ``FluxKontextPipeline.load_lora_weights`` (rank / alpha / targets in the file's
+``lora_adapter_metadata``); kohya output uses BFL module names with fused q/k/v (ComfyUI, sd-scripts).
+Only the adapters are read; the base model is not needed. Written to a temp file and renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dreamomni2_jax.checkpoint import CheckpointError, load_lora
+from dreamomni2_jax.lora_io import DTYPES, FORMATS, LoraFileError, save_lora_file
+
+
+def export(ckpt: str, out: str, step: int | None = None, dtype: str = "bf16", format: str = "diffusers") -> dict:
+    """Export and return a summary ``{"out", "step", "rank", "alpha", "modules", "format", "dtype"}``."""
+    flat, meta = load_lora(ckpt, step)
+    extra = {"dreamomni2_checkpoint": json.dumps({"step_dir": meta["step_dir"], "step": meta["step"]})}
+    path = save_lora_file(out, flat, meta["alpha"], format=format, dtype=dtype, extra_metadata=extra)
+    return {"out": str(path), "step": meta["step"], "rank": meta["rank"], "alpha": meta["alpha"],
+            "modules": len(meta["targets"]), "format": format, "dtype": dtype}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="run directory, its checkpoints/ folder, or a step folder")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
+    ap.add_argument("--out", required=True, help="output .safetensors file")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--format", default="diffusers", choices=FORMATS)
+    args = ap.parse_args(argv)
+    try:
+        summary = export(args.ckpt, args.out, args.step, args.dtype, args.format)
+    except (CheckpointError, LoraFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

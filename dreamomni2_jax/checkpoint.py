@@ -1,0 +1,508 @@
+"""Training checkpoints (Orbax) with exact resume: adapter + optimizer state, step, RNG, data iterator, config.
+
+Layout of a run directory::
+
+    RUN/checkpoints/<step>/state/    Orbax pytree: whatever the loop passes as ``state`` (LoRA params under
+                                     ``state["lora"]``, optimizer state, ...); never the frozen base weights
+    RUN/checkpoints/<step>/meta/     JSON (process 0): step, RNG key, process count, format version
+    RUN/checkpoints/<step>/data/     one JSON per process: ``process_<i>-of-<n>.json`` = that host's iterator state
+    RUN/checkpoints/<step>/config/   JSON (process 0): the resolved :class:`~dreamomni2_jax.config.Config`
+
+Every save goes to ``<step>.orbax-checkpoint-tmp*`` and is renamed once all of it is written (Orbax's
+tmp-dir + finalize protocol), so a save killed at any point never leaves a directory that counts as a
+checkpoint. All processes call :meth:`RunCheckpointer.save` / ``restore``; Orbax coordinates the hosts.
+
+Preemption: :meth:`RunCheckpointer.install_sigterm_handler` (single process) turns SIGTERM into a flag; the loop
+asks :meth:`RunCheckpointer.should_stop` after each step, then saves (``force=True``), waits and exits 0. With
+several processes JAX's own preemption sync point is used instead (``jax.distributed`` registers SIGTERM).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from dreamomni2_jax.config import Config, ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+ITEMS = ("state", "meta", "data", "config")
+FORMAT_VERSION = 1
+KILL_ENV = "DREAMOMNI2_KILL_AFTER_SAVE"  # fault injection for tests: SIGKILL self once this step is committed
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the directory and a step to resume from."""
+
+
+# ------------------------------------------------------------------------------------------ per-process JSON item
+def _encode_data_state(state: Any) -> dict:
+    if state is None:
+        return {"kind": "none"}
+    if isinstance(state, (bytes, bytearray)):
+        try:
+            return {"kind": "bytes_utf8", "value": bytes(state).decode("utf-8")}
+        except UnicodeDecodeError:
+            return {"kind": "bytes_b64", "value": base64.b64encode(bytes(state)).decode("ascii")}
+    return {"kind": "json", "value": state}
+
+
+def _decode_data_state(blob: dict) -> Any:
+    kind = blob.get("kind")
+    if kind == "none":
+        return None
+    if kind == "bytes_utf8":
+        return blob["value"].encode("utf-8")
+    if kind == "bytes_b64":
+        return base64.b64decode(blob["value"])
+    if kind == "json":
+        return blob["value"]
+    raise ValueError(f"unknown data state kind {kind!r}")
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Writes each process's data-iterator state to ``process_<i>-of-<n>.json`` (hosts read their own)."""
+
+    @staticmethod
+    def _file(directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: "DataStateSave"):
+        self._file(directory).write_text(json.dumps(_encode_data_state(args.state)))
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
+        path = self._file(directory)
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+            raise CheckpointError(f"{path} does not exist (files there: {found}); the checkpoint was written by a "
+                                  f"different number of processes than the {jax.process_count()} running now, so "
+                                  "the data iterator position cannot be restored")
+        return _decode_data_state(json.loads(path.read_text()))
+
+    def metadata(self, directory: epath.Path):
+        return None
+
+    def finalize(self, directory: epath.Path):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------------- RNG
+def _encode_rng(rng) -> dict | None:
+    if rng is None:
+        return None
+    rng = jax.device_get(rng) if not isinstance(rng, jax.Array) else rng
+    typed = isinstance(rng, jax.Array) and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    data = np.asarray(jax.device_get(jax.random.key_data(rng) if typed else rng))
+    impl = str(jax.random.key_impl(rng)) if typed else None
+    return {"typed": typed, "impl": impl, "dtype": str(data.dtype), "shape": list(data.shape),
+            "data": data.ravel().tolist()}
+
+
+def _decode_rng(blob: dict | None):
+    if blob is None:
+        return None
+    data = np.asarray(blob["data"], dtype=blob["dtype"]).reshape(blob["shape"])
+    if blob["typed"]:
+        return jax.random.wrap_key_data(data, impl=blob["impl"])
+    return jax.numpy.asarray(data)
+
+
+# ------------------------------------------------------------------------------------------------ the manager
+def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int]:
+    """``RUN`` / ``RUN/checkpoints`` / ``RUN/checkpoints/<step>`` (+ optional ``step``) -> (checkpoints dir, step).
+
+    Without ``step`` the latest complete step is used. Raises :class:`CheckpointError` naming the path.
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if path.name.isdigit() and ((path / "state").exists() or path.parent.name == CHECKPOINTS_DIR):
+        if step is not None and step != int(path.name):
+            raise CheckpointError(f"{path} is the checkpoint of step {path.name}, but step {step} was requested")
+        return path.parent, int(path.name)
+    root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    steps = complete_steps(root)
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint under {root}" + _tmp_note(root))
+    if step is None:
+        return root, steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} under {root}; available steps: {steps}")
+    return root, step
+
+
+def complete_steps(root: str | Path) -> list[int]:
+    """Steps with a finalized directory under ``root`` (temp dirs of unfinished saves are not steps)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _tmp_note(root: Path) -> str:
+    tmps = sorted(p.name for p in root.iterdir() if ".orbax-checkpoint-tmp" in p.name) if root.is_dir() else []
+    return f" (unfinished saves, ignored: {tmps})" if tmps else ""
+
+
+def _key_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_key_str(p): tuple(getattr(v, "shape", ())) for p, v in leaves}
+
+
+def _check_structure(step_dir: Path, saved_metadata, abstract_state) -> None:
+    """Saved state vs the one the caller expects: one error listing every missing / extra / reshaped leaf."""
+    saved, want = _shapes(saved_metadata), _shapes(abstract_state)
+    problems = [f"missing in checkpoint: {k} {list(want[k])}" for k in sorted(set(want) - set(saved))]
+    problems += [f"not expected by the model/optimizer: {k} {list(saved[k])}" for k in sorted(set(saved) - set(want))]
+    problems += [f"shape {k}: checkpoint {list(saved[k])}, expected {list(want[k])}"
+                 for k in sorted(set(saved) & set(want)) if saved[k] != want[k]]
+    if problems:
+        more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+        raise CheckpointError(f"{step_dir / 'state'} does not match the current training state (was the LoRA or "
+                              f"optimizer config changed?):\n  " + "\n  ".join(problems[:30]) + more)
+
+
+def _short(err: Exception, limit: int = 400) -> str:
+    text = (str(err).splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class RunCheckpointer:
+    """Orbax ``CheckpointManager`` for one run directory; see the module docstring. Use :func:`open_run`."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config | None = None, *, every_steps: int | None = None,
+                 max_to_keep: int | None = None, async_save: bool | None = None, read_only: bool = False,
+                 root: str | Path | None = None, adapter: dict | None = None):
+        ck = cfg.checkpoint if cfg is not None else None
+        self.adapter = dict(adapter) if adapter is not None else None  # lora_metadata(model), saved in meta
+        self.run_dir = Path(run_dir).absolute()
+        self.root = Path(root).absolute() if root is not None else self.run_dir / CHECKPOINTS_DIR
+        self.cfg = cfg
+        self.every_steps = every_steps if every_steps is not None else (ck.every_steps if ck else 500)
+        keep = max_to_keep if max_to_keep is not None else (ck.max_to_keep if ck else 3)
+        async_save = async_save if async_save is not None else (ck.async_save if ck else True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)
+        self._mgr = ocp.CheckpointManager(epath.Path(self.root), item_names=ITEMS, options=options)
+        self._sigterm = False
+        self._prev_handler = None
+
+    # -------------------------------------------------------------------------------------------- queries
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / str(step)
+
+    def should_save(self, step: int) -> bool:
+        """Periodic save due at ``step`` (every ``checkpoint.every_steps``)."""
+        return step > 0 and step % self.every_steps == 0
+
+    # ----------------------------------------------------------------------------------------------- save
+    def save(self, step: int, state: Any, data_state: Any = None, rng=None, force: bool = False) -> bool:
+        """Save if due (``force`` saves regardless); returns whether a save started. Every process must call it.
+
+        ``state``: pytree of arrays (LoRA params under ``"lora"``, optimizer state, ...); ``data_state``: this
+        process's ``iterator.get_state()`` (dict or bytes); ``rng``: a JAX key (typed or raw uint32) or None.
+        With async saves the arrays are copied to host before returning and written in the background.
+        """
+        if not (force or self.should_save(step)) or step in self._mgr.all_steps():
+            return False
+        meta = {"format": FORMAT_VERSION, "step": int(step), "rng": _encode_rng(rng),
+                "process_count": jax.process_count(), "lora": self.adapter}
+        config = self.cfg.to_dict() if self.cfg is not None else {}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                  data=DataStateSave(data_state), config=ocp.args.JsonSave(config))
+        saved = self._mgr.save(step, args=args, force=True)
+        if saved and os.environ.get(KILL_ENV) == str(step):
+            self._mgr.wait_until_finished()
+            log.warning("%s=%s: killing this process (fault injection)", KILL_ENV, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return saved
+
+    # -------------------------------------------------------------------------------------------- restore
+    def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, Any, Any, int]:
+        """-> ``(state, data_state, rng, step)``; latest step when ``step`` is None.
+
+        ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` (with shardings) matching what was saved; arrays
+        are restored directly with those shardings. ``None`` restores the saved structure as host arrays.
+        A corrupt or incomplete step raises :class:`CheckpointError` naming it and the last intact step.
+        """
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no complete checkpoint under {self.root}" + _tmp_note(self.root))
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} under {self.root}; available steps: {steps}")
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.step_dir(step) / "state"))
+        except Exception as e:  # noqa: BLE001 - unreadable metadata means the directory is unusable
+            raise self._corrupt_error(step, abstract_state, e) from e
+        if abstract_state is not None:
+            _check_structure(self.step_dir(step), saved, abstract_state)
+        data_dir = self.step_dir(step) / "data"
+        if data_dir.is_dir() and not DataStateHandler._file(epath.Path(data_dir)).exists():
+            DataStateHandler().restore(epath.Path(data_dir))  # raises: written by another number of processes
+        try:
+            out = self._restore(step, abstract_state)
+        except Exception as e:  # noqa: BLE001 - any failure here means the directory is unusable
+            raise self._corrupt_error(step, abstract_state, e) from e
+        return out
+
+    def _restore(self, step: int, abstract_state: Any):
+        d = self.step_dir(step)
+        missing = [i for i in ITEMS if not (d / i).is_dir()]
+        if missing:
+            raise CheckpointError(f"{d}: missing item folder(s) {missing}")
+        state_args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else \
+            ocp.args.StandardRestore()
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            state=state_args, meta=ocp.args.JsonRestore(), data=DataStateRestore()))
+        meta = out["meta"]
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            named = meta.get("step") if isinstance(meta, dict) else meta
+            raise CheckpointError(f"{d / 'meta'}: metadata names step {named!r}")
+        return out["state"], out["data"], _decode_rng(meta.get("rng")), step
+
+    def _corrupt_error(self, step: int, abstract_state: Any, err: Exception) -> CheckpointError:
+        intact = None
+        for s in reversed([s for s in self.all_steps() if s < step]):
+            try:
+                self._restore(s, abstract_state)
+                intact = s
+                break
+            except Exception:  # noqa: BLE001
+                continue
+        hint = (f"the last intact checkpoint is step {intact} ({self.step_dir(intact)}): resume from it with "
+                f"--resume {self.step_dir(intact)} or delete {self.step_dir(step)}" if intact is not None
+                else "no earlier intact checkpoint exists")
+        return CheckpointError(f"checkpoint {self.step_dir(step)} is corrupt or incomplete "
+                               f"({type(err).__name__}: {_short(err)}); {hint}")
+
+    def restore_config(self, step: int | None = None) -> Config:
+        """The resolved config saved with ``step`` (latest by default)."""
+        return read_config(self.step_dir(step if step is not None else self.latest_step()))
+
+    # ------------------------------------------------------------------------------------------ preemption
+    def install_sigterm_handler(self) -> None:
+        """SIGTERM sets a flag (checked by :meth:`should_stop`) instead of killing the process."""
+        if jax.process_count() > 1:
+            return  # jax.distributed's preemption service owns SIGTERM; see should_stop
+
+        def handler(signum, frame):
+            log.warning("SIGTERM received: finishing the current step, then checkpointing and exiting")
+            self._sigterm = True
+
+        self._prev_handler = signal.signal(signal.SIGTERM, handler)
+
+    @property
+    def preempted(self) -> bool:
+        return self._sigterm
+
+    def should_stop(self, step: int) -> bool:
+        """True once a preemption was signalled (same answer on every process at the same step)."""
+        if jax.process_count() > 1:
+            return bool(self._mgr.reached_preemption(step))
+        return self._sigterm
+
+    # ------------------------------------------------------------------------------------------- teardown
+    def wait(self) -> None:
+        """Block until background saves are committed."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+        if self._prev_handler is not None:
+            signal.signal(signal.SIGTERM, self._prev_handler)
+            self._prev_handler = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_run(run_dir: str | Path, cfg: Config | None = None, **kwargs) -> RunCheckpointer:
+    """Checkpointer for ``run_dir`` (created if needed) using ``cfg.checkpoint``; kwargs override those fields."""
+    return RunCheckpointer(run_dir, cfg, **kwargs)
+
+
+def read_config(step_dir: str | Path) -> Config:
+    """The :class:`Config` saved in a checkpoint step directory."""
+    path = Path(step_dir) / "config" / "metadata"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: {step_dir} is not a complete checkpoint")
+    try:
+        return from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read the saved config ({e})") from None
+
+
+def load_state(path: str | Path, step: int | None = None) -> tuple[Any, int, Path]:
+    """Restore only a checkpoint's ``state`` item onto this host's first device, whatever mesh or number of
+    processes wrote it (for export tools): -> (state, step, step_dir)."""
+    root, step = resolve_checkpoint(path, step)
+    step_dir = root / str(step)
+    ckpt = RunCheckpointer(root.parent, read_only=True, async_save=False, root=root)
+    try:
+        tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir / "state")).tree
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+        state = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # noqa: BLE001 - unreadable in any way: name the directory
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt or incomplete ({type(e).__name__}: {_short(e)}); "
+                              f"complete steps under {root}: {complete_steps(root)}") from e
+    finally:
+        ckpt.close()
+    return state, step, step_dir
+
+
+class CheckpointCallback:
+    """Loop callback (``dreamomni2_jax.loop.Callback`` protocol): resume, periodic/final/preemption saves.
+
+    ``on_start`` restores ``ctx.state`` (its ``trainable()`` part), ``ctx.step``, ``ctx.rng`` and the data stream
+    from ``resume`` (a run/checkpoints/step path) or else from the latest checkpoint of ``train.run_dir``, if any.
+    ``on_step_end`` saves every ``checkpoint.every_steps`` and stops the loop after a forced save once SIGTERM
+    (or the multi-host preemption sync point) is seen; ``on_end`` saves the final step and waits for the writes.
+    """
+
+    def __init__(self, cfg: Config, resume: str | Path | None = None):
+        self.cfg, self.resume = cfg, resume
+        self.ckpt: RunCheckpointer | None = None
+        self.preempted_at: int | None = None
+
+    def on_start(self, ctx) -> None:
+        from dreamomni2_jax.lora import lora_metadata
+
+        self.ckpt = open_run(self.cfg.train.run_dir, self.cfg, adapter=lora_metadata(ctx.model()))
+        self.ckpt.install_sigterm_handler()
+        if self.resume:
+            root, step = resolve_checkpoint(self.resume)
+            source = RunCheckpointer(root.parent, read_only=True, async_save=False, root=root)
+        else:
+            source, step = self.ckpt, self.ckpt.latest_step()
+        if step is None:
+            return
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                ctx.state.trainable())
+        state, data_state, rng, step = source.restore(step, abstract)
+        if source is not self.ckpt:
+            source.close()
+        _warn_config_changes(read_config(source.step_dir(step)), self.cfg)
+        ctx.state = ctx.state.replace_trainable(state)
+        if data_state is not None:
+            ctx.stream.set_state(data_state)
+        if rng is not None:
+            ctx.rng = rng
+        ctx.step = step
+        log.info("resumed from %s (step %d)", source.step_dir(step), step)
+
+    def _save(self, ctx, force: bool) -> bool:
+        return self.ckpt.save(ctx.step, ctx.state.trainable(), ctx.stream.get_state(), ctx.rng, force=force)
+
+    def on_step_end(self, ctx, metrics) -> bool:
+        self._save(ctx, force=False)
+        if self.ckpt.should_stop(ctx.step):
+            self._save(ctx, force=True)
+            self.preempted_at = ctx.step
+            log.warning("preempted: checkpoint of step %d saved in %s; stopping", ctx.step, self.ckpt.root)
+            return True
+        return False
+
+    def on_end(self, ctx) -> None:
+        try:
+            self._save(ctx, force=True)
+        finally:
+            self.ckpt.close()
+
+
+def _warn_config_changes(saved: Config, now: Config) -> None:
+    a, b = saved.to_dict(), now.to_dict()
+    changed = [f"{sec}.{k}: {a[sec].get(k)!r} -> {v!r}" for sec in b for k, v in b[sec].items()
+               if a.get(sec, {}).get(k) != v]
+    if changed:
+        log.warning("resuming with a changed config: %s", "; ".join(changed))
+
+
+def _lora_key(path) -> str:
+    parts = _key_str(path).split(".")
+    return ".".join(parts[:-1] if parts[-1] in ("value", "raw_value") else parts)
+
+
+def load_lora(path: str | Path, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The LoRA adapters of a checkpoint (``state["lora"]``) -> (flat ``{module.lora_A|B: array}``, metadata).
+
+    metadata: ``{"rank", "alpha", "targets", "step", "step_dir"}``; alpha comes from the adapter metadata saved
+    with the checkpoint, else from the saved config (``lora.alpha``).
+    """
+    state, step, step_dir = load_state(path, step)
+    if not isinstance(state, dict) or "lora" not in state:
+        raise CheckpointError(f"{step_dir / 'state'} has no 'lora' entry (top-level keys: "
+                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
+    flat = {_lora_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state["lora"])[0]}
+    bad = sorted(k for k in flat if not k.endswith((".lora_A", ".lora_B")))
+    if bad or not flat:
+        raise CheckpointError(f"{step_dir / 'state'}: 'lora' entry has non-adapter leaves {bad[:20]} "
+                              f"({len(flat)} leaves)")
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    adapter = meta.get("lora") or {}
+    if "alpha" in adapter:
+        alpha = float(adapter["alpha"])
+    else:
+        cfg = read_config(step_dir)
+        if cfg.lora.init_from:
+            raise CheckpointError(f"{step_dir}: no adapter metadata saved and lora.init_from="
+                                  f"{cfg.lora.init_from!r} may have changed alpha; cannot tell the LoRA alpha")
+        alpha = cfg.lora.alpha
+    rank = int(next(v for k, v in flat.items() if k.endswith(".lora_A")).shape[-1])
+    targets = sorted({k.rsplit(".", 1)[0] for k in flat})
+    return flat, {"rank": rank, "alpha": alpha, "targets": targets, "step": step, "step_dir": str(step_dir)}
+
+
+__all__ = ["CheckpointError", "RunCheckpointer", "open_run", "read_config", "load_state", "resolve_checkpoint",
+           "complete_steps", "load_lora", "CheckpointCallback", "KILL_ENV"]

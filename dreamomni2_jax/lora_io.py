@@ -1,0 +1,548 @@
+"""LoRA files: export/import in diffusers/PEFT and kohya/ComfyUI safetensors (numpy only, no torch).
+
+Three layouts of the same adapters:
+
+* ours (:func:`dreamomni2_jax.lora.lora_state`): ``transformer_blocks.attn.to_q.lora_A`` ``[L, in, r]`` /
+  ``.lora_B`` ``[L, r, out]`` (stacked blocks keep the layer axis), ``delta = x @ A @ B * alpha / r``;
+* diffusers/PEFT: ``transformer.transformer_blocks.3.attn.to_q.lora_A.weight`` ``[r, in]`` / ``lora_B.weight``
+  ``[out, r]`` plus ``__metadata__["lora_adapter_metadata"]`` = JSON ``{"transformer.r", "transformer.lora_alpha",
+  "transformer.target_modules", ...}`` (what diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads
+  into ``peft.LoraConfig``, so alpha != rank loads correctly);
+* kohya/ComfyUI (BFL module names): ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``lora_up`` /
+  ``.alpha``. BFL fuses q/k/v (``img_attn.qkv``, ``txt_attn.qkv``) and q/k/v/mlp (single ``linear1``); their
+  adapters are fused as ``lora_down`` = stacked downs ``[sum r, in]`` and ``lora_up`` = block diagonal
+  ``[sum out, sum r]`` (missing parts get zero blocks), which diffusers' ``_convert_kohya_flux_lora_to_diffusers``
+  splits back exactly (its "sparse" path). The final-layer modulation swaps halves (BFL shift/scale order).
+
+The neutral in-memory form is ``{unstacked diffusers module path: Adapter(down [r, in], up [out, r], alpha)}``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STACKED = ("transformer_blocks", "single_transformer_blocks")
+DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
+FORMATS = ("diffusers", "kohya")
+METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+OUR_METADATA_KEY = "dreamomni2_lora"
+PREFIX = "transformer."
+
+# kohya/BFL name -> (diffusers module paths, relative output sizes of the fused parts)
+KOHYA_DOUBLE: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "img_attn_qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), (1, 1, 1)),
+    "txt_attn_qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), (1, 1, 1)),
+    "img_attn_proj": (("attn.to_out.0",), (1,)), "txt_attn_proj": (("attn.to_add_out",), (1,)),
+    "img_mlp_0": (("ff.net.0.proj",), (1,)), "img_mlp_2": (("ff.net.2",), (1,)),
+    "txt_mlp_0": (("ff_context.net.0.proj",), (1,)), "txt_mlp_2": (("ff_context.net.2",), (1,)),
+    "img_mod_lin": (("norm1.linear",), (1,)), "txt_mod_lin": (("norm1_context.linear",), (1,)),
+}
+KOHYA_SINGLE = {
+    "linear1": (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (1, 1, 1, 4)),
+    "linear2": (("proj_out",), (1,)), "modulation_lin": (("norm.linear",), (1,)),
+}
+KOHYA_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+SWAPPED = {"norm_out.linear"}  # lora_up rows: BFL (shift, scale) vs diffusers (scale, shift)
+
+
+class LoraFileError(ValueError):
+    """A LoRA file is unreadable, has unknown keys, or does not fit the model; the message names them."""
+
+
+@dataclass
+class Adapter:
+    """One Linear's adapter in torch layout: ``delta_W [out, in] = alpha / rank * up @ down``."""
+
+    down: np.ndarray  # [r, in]   (diffusers lora_A.weight, kohya lora_down.weight)
+    up: np.ndarray  # [out, r]    (diffusers lora_B.weight, kohya lora_up.weight)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def delta(self) -> np.ndarray:
+        return self.scale * (self.up.astype(np.float64) @ self.down.astype(np.float64))
+
+
+# ---------------------------------------------------------------------------------------- ours <-> adapters
+def _split_stacked(path: str) -> tuple[str, str] | None:
+    head, _, rest = path.partition(".")
+    return (head, rest) if head in STACKED and rest else None
+
+
+def unstack(flat: Mapping[str, np.ndarray], alpha: float) -> dict[str, Adapter]:
+    """Our flat state (:func:`lora_state` format) -> ``{diffusers module path: Adapter}`` (one per layer)."""
+    modules = sorted({k.rsplit(".", 1)[0] for k in flat})
+    bad = [k for k in flat if not k.endswith((".lora_A", ".lora_B"))]
+    missing = [f"{m}.{s}" for m in modules for s in ("lora_A", "lora_B") if f"{m}.{s}" not in flat]
+    if bad or missing:
+        raise LoraFileError(f"LoRA state: keys not ending in .lora_A/.lora_B {bad}; missing {missing}")
+    out = {}
+    for m in modules:
+        a, b = np.asarray(flat[f"{m}.lora_A"]), np.asarray(flat[f"{m}.lora_B"])
+        if _split_stacked(m):
+            head, rest = _split_stacked(m)
+            for i in range(a.shape[0]):
+                out[f"{head}.{i}.{rest}"] = Adapter(a[i].T, b[i].T, float(alpha))
+        else:
+            out[m] = Adapter(a.T, b.T, float(alpha))
+    return out
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+
+
+def _uniform(adapters: Mapping[str, Adapter]) -> tuple[int, float]:
+    """Common (rank, alpha) to store all adapters with: the shared one, else max rank and the most common scale."""
+    first = next(iter(adapters.values()))
+    if all(a.rank == first.rank and _close(a.alpha, first.alpha) for a in adapters.values()):
+        return first.rank, float(first.alpha)
+    pairs = Counter((a.rank, float(a.alpha)) for a in adapters.values())
+    rank = max(a.rank for a in adapters.values())
+    scale = Counter(a.scale for a in adapters.values()).most_common(1)[0][0]
+    log.info("LoRA has mixed rank/alpha %s: storing as rank %d, alpha %g (zero-padded, scales folded into B)",
+             sorted(pairs), rank, scale * rank)
+    return rank, scale * rank
+
+
+def stack(adapters: Mapping[str, Adapter], layer_counts: Mapping[str, int] | None = None,
+          dtype=np.float32) -> tuple[dict[str, np.ndarray], int, float]:
+    """``{module: Adapter}`` -> (our flat state, rank, alpha). Per-layer adapters are stacked along a leading axis
+    of ``layer_counts[block]`` (default: highest index + 1); layers without an adapter get zeros (no effect).
+    Mixed ranks/alphas are zero-padded to the largest rank with each scale folded into ``lora_B`` (exact)."""
+    rank, alpha = _uniform(adapters)
+
+    def fit(ad: Adapter) -> tuple[np.ndarray, np.ndarray]:
+        a, b = ad.down.T.astype(np.float32), ad.up.T.astype(np.float32)  # [in, r], [r, out]
+        if ad.rank != rank or not _close(ad.alpha, alpha):
+            a = np.pad(a, ((0, 0), (0, rank - ad.rank)))
+            b = np.pad(b * np.float32(ad.scale / (alpha / rank)), ((0, rank - ad.rank), (0, 0)))
+        return a.astype(dtype), b.astype(dtype)
+
+    flat, groups = {}, {}
+    for path, ad in adapters.items():
+        m = re.fullmatch(rf"({'|'.join(STACKED)})\.(\d+)\.(.+)", path)
+        if m:
+            groups.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = ad
+        else:
+            flat[f"{path}.lora_A"], flat[f"{path}.lora_B"] = fit(ad)
+    for name, layers in sorted(groups.items()):
+        head = name.partition(".")[0]
+        n = (layer_counts or {}).get(head, max(layers) + 1)
+        if max(layers) >= n:
+            raise LoraFileError(f"LoRA has {name.replace('.', f'.{max(layers)}.', 1)} but the model has only {n} "
+                                f"{head}")
+        ref = next(iter(layers.values()))
+        shape_a, shape_b = (ref.down.shape[1], rank), (rank, ref.up.shape[0])
+        a = np.zeros((n, *shape_a), dtype)
+        b = np.zeros((n, *shape_b), dtype)
+        for i, ad in layers.items():
+            if (ad.down.shape[1], ad.up.shape[0]) != (shape_a[0], shape_b[1]):
+                raise LoraFileError(f"{head}.{i}.{name.partition('.')[2]}: in/out {ad.down.shape[1]}/"
+                                    f"{ad.up.shape[0]} differ from other layers' {shape_a[0]}/{shape_b[1]}")
+            a[i], b[i] = fit(ad)
+        if len(layers) < n:
+            log.warning("LoRA file has %s for layers %s only; the other of %d layers get a zero adapter",
+                        name, sorted(layers), n)
+        flat[f"{name}.lora_A"], flat[f"{name}.lora_B"] = a, b
+    return flat, rank, alpha
+
+
+# ------------------------------------------------------------------------------------------------ diffusers
+def to_diffusers(adapters: Mapping[str, Adapter], dtype=np.float32) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """-> (tensors, safetensors metadata) in diffusers ``save_lora_weights`` layout (uniform rank/alpha)."""
+    rank, alpha = _uniform(adapters)
+    if any(a.rank != rank or not _close(a.alpha, alpha) for a in adapters.values()):
+        raise LoraFileError("diffusers export needs one rank/alpha for all modules; stack() the adapters first")
+    tensors = {}
+    for path, ad in sorted(adapters.items()):
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(ad.down.astype(dtype))
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(ad.up.astype(dtype))
+    cfg = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(adapters), "lora_dropout": 0.0, "bias": "none",
+           "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}}
+    meta = {f"{PREFIX}{k}": v for k, v in cfg.items()}
+    return tensors, {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
+
+
+def _peft_meta(file_meta: Mapping[str, str], source) -> dict | None:
+    raw = file_meta.get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraFileError(f"{source}: __metadata__[{METADATA_KEY!r}] is not JSON ({e})") from None
+    if any(k.startswith(PREFIX) for k in meta):
+        meta = {k[len(PREFIX):]: v for k, v in meta.items() if k.startswith(PREFIX)}
+    return meta
+
+
+def _pattern_value(module: str, patterns: Mapping[str, float], default: float) -> float:
+    for pat, v in patterns.items():  # peft: a pattern matches a module name suffix (regex)
+        if re.fullmatch(rf"(.*\.)?(?:{pat.lstrip('^')})", module):
+            return v
+    return default
+
+
+def from_diffusers(tensors: Mapping[str, np.ndarray], file_meta: Mapping[str, str], source) -> dict[str, Adapter]:
+    """diffusers / PEFT / ai-toolkit keys (``transformer.`` or ``base_model.model.`` prefix, or none)."""
+    prefixes = (PREFIX, "base_model.model.")
+    pre = next((p for p in prefixes if any(k.startswith(p) for k in tensors)), "")
+    unknown = [k for k in tensors if not k.startswith(pre)]
+    body = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in body.items():
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|alpha)", k)
+        if m:
+            parts.setdefault(m.group(1), {})[m.group(2)] = v
+        else:
+            unknown.append(pre + k)
+    incomplete = [f"{pre}{m}" for m, p in parts.items() if "lora_A.weight" not in p or "lora_B.weight" not in p]
+    if unknown or incomplete:
+        raise LoraFileError(f"{source}: unsupported LoRA keys {sorted(unknown)[:50]}"
+                            + (f"; modules without both lora_A and lora_B: {incomplete}" if incomplete else "")
+                            + " (supported: Flux transformer LoRA in diffusers/PEFT or kohya format)")
+    meta = _peft_meta(file_meta, source)
+    if meta and meta.get("use_dora"):
+        raise LoraFileError(f"{source}: DoRA adapters (use_dora=true) are not supported")
+    out = {}
+    for module, p in sorted(parts.items()):
+        down, up = np.asarray(p["lora_A.weight"]), np.asarray(p["lora_B.weight"])
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise LoraFileError(f"{source}: {pre}{module}: lora_A {list(down.shape)} / lora_B {list(up.shape)} are "
+                                "not [r, in] / [out, r]")
+        r = down.shape[0]
+        if "alpha" in p:
+            alpha = float(np.asarray(p["alpha"]).reshape(()))
+        elif meta is not None:
+            rank = _pattern_value(module, meta.get("rank_pattern") or {}, meta.get("r", r))
+            alpha = _pattern_value(module, meta.get("alpha_pattern") or {}, meta.get("lora_alpha", rank))
+            scale = float(alpha) / (np.sqrt(rank) if meta.get("use_rslora") else float(rank))
+            alpha = scale * r  # peft's scale, whatever r the config names
+        else:
+            alpha = float(r)  # diffusers/PEFT convention without metadata: scale 1
+        out[module] = Adapter(down, up, alpha)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- kohya
+def _kohya_table() -> list[tuple[str, str | None, tuple[str, ...], tuple[int, ...]]]:
+    """(kohya name template, stacked block or None, module templates, ratios); ``{i}`` = layer index."""
+    rows = [(f"double_blocks_{{i}}_{k}", "transformer_blocks", mods, r) for k, (mods, r) in KOHYA_DOUBLE.items()]
+    rows += [(f"single_blocks_{{i}}_{k}", "single_transformer_blocks", mods, r)
+             for k, (mods, r) in KOHYA_SINGLE.items()]
+    rows += [(k, None, (v,), (1,)) for k, v in KOHYA_TOP.items()]
+    return rows
+
+
+def to_kohya(adapters: Mapping[str, Adapter], dtype=np.float32) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """-> (tensors, metadata) with ``lora_unet_<bfl name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+    remaining = dict(adapters)
+    tensors: dict[str, np.ndarray] = {}
+    layer_ids = {b: sorted({int(p.split(".")[1]) for p in adapters if p.startswith(b + ".")}) for b in STACKED}
+    for name_t, block, mods, ratios in _kohya_table():
+        for i in (layer_ids[block] if block else [None]):
+            paths = [f"{block}.{i}.{m}" if block else m for m in mods]
+            present = [p for p in paths if p in remaining]
+            if not present:
+                continue
+            parts = [remaining.pop(p, None) for p in paths]
+            name = "lora_unet_" + name_t.format(i=i)
+            down, up, alpha = _fuse(parts, ratios, name)
+            if mods[0] in SWAPPED:
+                up = np.concatenate(np.split(up, 2, axis=0)[::-1], axis=0)
+            tensors[f"{name}.lora_down.weight"] = np.ascontiguousarray(down.astype(dtype))
+            tensors[f"{name}.lora_up.weight"] = np.ascontiguousarray(up.astype(dtype))
+            tensors[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+    if remaining:
+        raise LoraFileError(f"modules with no kohya/BFL equivalent: {sorted(remaining)}")
+    rank, alpha = _uniform(adapters)
+    return tensors, {"format": "pt", "ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank),
+                     "ss_network_alpha": str(alpha), "ss_base_model_version": "flux1"}
+
+
+def _fuse(parts: list[Adapter | None], ratios: tuple[int, ...], name: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fuse per-part adapters into one (down stacked, up block diagonal); missing parts become zero blocks."""
+    present = [p for p in parts if p is not None]
+    if len(parts) == 1:
+        return present[0].down, present[0].up, float(present[0].alpha)
+    ref_i = next(k for k, p in enumerate(parts) if p is not None)
+    unit = parts[ref_i].up.shape[0] // ratios[ref_i]
+    rank = Counter(p.rank for p in present).most_common(1)[0][0]
+    scale = Counter(p.scale for p in present).most_common(1)[0][0]
+    d_in = present[0].down.shape[1]
+    downs, ups = [], []
+    for p, ratio in zip(parts, ratios):
+        if p is None:
+            p = Adapter(np.zeros((rank, d_in), np.float32), np.zeros((ratio * unit, rank), np.float32), scale * rank)
+        if p.up.shape[0] != ratio * unit or p.down.shape[1] != d_in:
+            raise LoraFileError(f"{name}: part shapes down {list(p.down.shape)} up {list(p.up.shape)} do not fit the "
+                                f"fused layout (in {d_in}, outputs {[r * unit for r in ratios]})")
+        downs.append(p.down)
+        ups.append(p.up * np.asarray(p.scale / scale, p.up.dtype) if p.scale != scale else p.up)
+    total = sum(d.shape[0] for d in downs)
+    down = np.concatenate(downs, axis=0)
+    up = np.zeros((sum(u.shape[0] for u in ups), total), np.result_type(*ups))
+    r0 = c0 = 0
+    for u in ups:
+        up[r0:r0 + u.shape[0], c0:c0 + u.shape[1]] = u
+        r0, c0 = r0 + u.shape[0], c0 + u.shape[1]
+    return down, up, scale * total
+
+
+def _kohya_base(key: str) -> tuple[str, str] | None:
+    """Normalize sd-scripts / ComfyUI key spellings -> (``lora_unet_...`` base name, suffix)."""
+    m = re.fullmatch(r"(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+    if not m:
+        return None
+    base = m.group(1)
+    for p in ("diffusion_model.", "model.diffusion_model."):
+        if base.startswith(p):
+            base = "lora_unet_" + base[len(p):]
+    return base.replace(".", "_"), m.group(2)
+
+
+def from_kohya(tensors: Mapping[str, np.ndarray], source) -> dict[str, Adapter]:
+    """Inverse of :func:`to_kohya`, splitting fused modules like diffusers' converter (exact for block-diagonal
+    ``lora_up``; otherwise every part gets the full ``lora_down`` and its rows of ``lora_up``)."""
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    unknown = []
+    for k, v in tensors.items():
+        parsed = _kohya_base(k)
+        if parsed is None:
+            unknown.append(k)
+        else:
+            groups.setdefault(parsed[0], {})[parsed[1]] = v
+    table = {}
+    for name_t, block, mods, ratios in _kohya_table():
+        table[re.escape("lora_unet_" + name_t).replace(r"\{i\}", r"(\d+)")] = (block, mods, ratios)
+    out: dict[str, Adapter] = {}
+    for base, g in sorted(groups.items()):
+        hit = next(((m, spec) for pat, spec in table.items() if (m := re.fullmatch(pat, base))), None)
+        if hit is None or "lora_down.weight" not in g or "lora_up.weight" not in g:
+            unknown += [f"{base}.{s}" for s in g]
+            continue
+        m, (block, mods, ratios) = hit
+        paths = [f"{block}.{m.group(1)}.{x}" if block else x for x in mods]
+        down, up = np.asarray(g["lora_down.weight"]), np.asarray(g["lora_up.weight"])
+        r = down.shape[0]
+        alpha = float(np.asarray(g["alpha"]).reshape(())) if "alpha" in g else float(r)
+        if mods[0] in SWAPPED:
+            up = np.concatenate(np.split(up, 2, axis=0)[::-1], axis=0)
+        out.update(_unfuse(paths, ratios, down, up, alpha, f"{source}: {base}"))
+    if unknown:
+        raise LoraFileError(f"{source}: unsupported LoRA keys {sorted(unknown)[:50]} (supported: Flux transformer "
+                            "LoRA in diffusers/PEFT or kohya format; text-encoder LoRAs are not supported)")
+    return out
+
+
+def _unfuse(paths, ratios, down, up, alpha, where) -> dict[str, Adapter]:
+    if len(paths) == 1:
+        return {paths[0]: Adapter(down, up, alpha)}
+    n, rank = len(paths), down.shape[0]
+    if up.shape[0] % sum(ratios) or up.shape[1] != rank:
+        raise LoraFileError(f"{where}: lora_up {list(up.shape)} does not split into {paths} (ratios {ratios})")
+    unit = up.shape[0] // sum(ratios)
+    rows = np.cumsum([0] + [r * unit for r in ratios])
+    sub = rank // n
+    sparse = rank % n == 0 and all(
+        not np.any(up[rows[j]:rows[j + 1], k * sub:(k + 1) * sub]) for j in range(n) for k in range(n) if j != k)
+    out = {}
+    for j, path in enumerate(paths):
+        u = up[rows[j]:rows[j + 1]]
+        if sparse:
+            d, u = down[j * sub:(j + 1) * sub], u[:, j * sub:(j + 1) * sub]
+            if not np.any(d) and not np.any(u):
+                continue  # zero block written for a part without an adapter
+            out[path] = Adapter(d, u, alpha * sub / rank)
+        else:
+            out[path] = Adapter(down, u, alpha)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- files
+def detect_format(keys) -> str:
+    keys = list(keys)
+    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
+        return "kohya"
+    return "diffusers"
+
+
+def read_adapters(path: str | Path) -> tuple[dict[str, Adapter], dict]:
+    """Read a LoRA file -> (``{module: Adapter}``, info ``{"format", "file_metadata"}``)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            file_meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraFileError(f"{path}: not a readable safetensors file ({e})") from None
+    if not tensors:
+        raise LoraFileError(f"{path}: contains no tensors")
+    fmt = detect_format(tensors)
+    if fmt == "kohya" and all(k.startswith(PREFIX) for k in tensors):  # diffusers names, kohya down/up suffixes
+        tensors = {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v for k, v in tensors.items()}
+        fmt = "diffusers"
+    adapters = from_kohya(tensors, path) if fmt == "kohya" else from_diffusers(tensors, file_meta, path)
+    if not adapters:
+        raise LoraFileError(f"{path}: no LoRA adapters found")
+    return adapters, {"format": fmt, "file_metadata": file_meta}
+
+
+def write_adapters(path: str | Path, adapters: Mapping[str, Adapter], format: str = "diffusers",
+                   dtype: str = "fp32", extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``adapters`` as ``format`` (diffusers | kohya) in ``dtype`` (fp32 | bf16 | fp16); temp file + rename."""
+    from safetensors.numpy import save_file
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    conv = to_kohya if format == "kohya" else to_diffusers
+    tensors, meta = conv(adapters, DTYPES[dtype])
+    meta = {**meta, **(extra_metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_lora_file(path: str | Path, flat: Mapping[str, np.ndarray], alpha: float, format: str = "diffusers",
+                   dtype: str = "fp32", extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Export our flat LoRA state (:func:`lora_state` format; rank from shapes) to a safetensors file."""
+    adapters = unstack({k: np.asarray(v, np.float32) for k, v in flat.items()}, alpha)
+    info = {"rank": next(iter(adapters.values())).rank, "alpha": float(alpha),
+            "targets": sorted({k.rsplit(".", 1)[0] for k in flat})}
+    extra = {OUR_METADATA_KEY: json.dumps(info), **(extra_metadata or {})}
+    return write_adapters(path, adapters, format, dtype, extra)
+
+
+def load_lora_file(path: str | Path, layer_counts: Mapping[str, int] | None = None,
+                   dtype=np.float32) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a diffusers/PEFT or kohya LoRA file -> (our flat state, metadata).
+
+    metadata: ``{"rank", "alpha", "targets": [our module paths], "format", "source"}``. ``layer_counts``
+    (``{"transformer_blocks": 19, ...}``) sets the stacked length (default: highest layer index in the file + 1).
+    """
+    adapters, info = read_adapters(path)
+    flat, rank, alpha = stack(adapters, layer_counts, dtype)
+    targets = sorted({k.rsplit(".", 1)[0] for k in flat})
+    return flat, {"rank": rank, "alpha": alpha, "targets": targets, "format": info["format"], "source": str(path)}
+
+
+# ----------------------------------------------------------------------------------------------- model side
+def layer_counts(model) -> dict[str, int]:
+    """``{stacked block name: layer count}`` of an NNX Flux model (leading axis of its params)."""
+    import jax
+    from flax import nnx
+
+    out = {}
+    for name in STACKED:
+        block = getattr(model, name, None)
+        if block is not None:
+            leaves = jax.tree.leaves(nnx.state(block, nnx.Param))
+            out[name] = int(leaves[0].shape[0])
+    return out
+
+
+def apply_lora_file(model, path: str | Path, scale: float = 1.0, *, dtype=None, dropout: float = 0.0) -> dict:
+    """Attach the adapters of a LoRA file to ``model`` with strength ``scale``; see :func:`apply_adapters`.
+    Returns :func:`load_lora_file`'s metadata."""
+    flat, meta = load_lora_file(path, layer_counts(model))
+    return apply_adapters(model, flat, meta, scale, dtype=dtype, dropout=dropout)
+
+
+def apply_adapters(model, flat: Mapping[str, np.ndarray], meta: Mapping, scale: float = 1.0, *, dtype=None,
+                   dropout: float = 0.0) -> dict:
+    """Attach adapters in our flat layout (``meta``: ``rank``, ``alpha``, ``targets``, optional ``source``) with
+    strength ``scale`` (folded into ``lora_B``). A model without adapters gets exactly these targets, rank and
+    alpha; a model that already has adapters must have the same modules and rank (alpha is folded in). Any
+    mismatch raises :class:`LoraFileError` listing the keys. Works for :func:`load_lora_file` output and for
+    ``dreamomni2_jax.checkpoint.load_lora`` output."""
+    import jax.numpy as jnp
+
+    from dreamomni2_jax.lora import LoraError, apply_lora, linear_paths, lora_metadata, lora_modules, set_lora_state
+
+    src = meta.get("source") or meta.get("step_dir") or "LoRA"
+    existing = lora_modules(model)
+    factor = float(scale)
+    if existing:
+        have = set(existing)
+        missing, unknown = sorted(have - set(meta["targets"])), sorted(set(meta["targets"]) - have)
+        if missing or unknown:
+            raise LoraFileError(f"{src}: LoRA modules differ from the model's adapters: not in the file {missing}, "
+                                f"not adapted in the model {unknown}")
+        mm = lora_metadata(model)
+        if mm["rank"] != meta["rank"]:
+            raise LoraFileError(f"{src}: rank {meta['rank']} != the model adapters' rank {mm['rank']}")
+        factor *= (meta["alpha"] / meta["rank"]) / (mm["alpha"] / mm["rank"])
+    else:
+        available = set(linear_paths(model))
+        unknown = [t for t in meta["targets"] if t not in available]
+        if unknown:
+            raise LoraFileError(f"{src}: LoRA targets that are not Linear modules of the model: {unknown}; model "
+                                f"Linear paths: {sorted(available)}")
+        apply_lora(model, [f"^{re.escape(t)}$" for t in meta["targets"]], rank=meta["rank"], alpha=meta["alpha"],
+                   dropout=dropout, dtype=jnp.dtype(dtype or jnp.float32))
+    if factor != 1.0:
+        flat = {k: v * np.float32(factor) if k.endswith(".lora_B") else v for k, v in flat.items()}
+    try:
+        set_lora_state(model, flat)
+    except LoraError as e:
+        raise LoraFileError(f"{src}: {e}") from None
+    return dict(meta)
+
+
+def init_lora(model, lora_cfg, seed: int = 0) -> tuple[str, ...]:
+    """Training entry point: fresh adapters from ``lora_cfg`` or, with ``lora_cfg.init_from``, the file's."""
+    import jax.numpy as jnp
+
+    from dreamomni2_jax.lora import apply_lora_config, lora_modules
+
+    if not lora_cfg.init_from:
+        return apply_lora_config(model, lora_cfg, seed=seed)
+    meta = apply_lora_file(model, lora_cfg.init_from, dtype=jnp.dtype(lora_cfg.dtype), dropout=lora_cfg.dropout)
+    if (meta["rank"], meta["alpha"]) != (lora_cfg.rank, lora_cfg.alpha):
+        log.warning("lora.init_from=%s: using the file's rank %d / alpha %g (config: %d / %g)", lora_cfg.init_from,
+                    meta["rank"], meta["alpha"], lora_cfg.rank, lora_cfg.alpha)
+    return tuple(lora_modules(model))
+
+
+__all__ = ["Adapter", "LoraFileError", "unstack", "stack", "to_diffusers", "from_diffusers", "to_kohya",
+           "from_kohya", "read_adapters", "write_adapters", "save_lora_file", "load_lora_file", "detect_format",
+           "layer_counts", "apply_lora_file", "apply_adapters", "init_lora"]
