@@ -365,20 +365,14 @@ def load_lora(model: nnx.Module, path: str | Path, scale: float = 1.0) -> dict:
     not swallow the update). ``path``: a diffusers/PEFT or kohya safetensors file, or a training run / checkpoint
     folder (latest complete step). Returns ``{"rank", "alpha", "targets", ...}``; a LoRA that does not fit the
     model raises ``LoraFileError`` / ``LoraError`` naming the modules, a bad folder ``CheckpointError``."""
-    import re
-
-    from dreamomni2_jax import lora, lora_io
+    from dreamomni2_jax import lora_io
     from dreamomni2_jax.checkpoint import load_lora as load_checkpoint_lora
 
     path = Path(path)
     if not path.is_dir():
         return lora_io.apply_lora_file(model, path, scale)
     flat, meta = load_checkpoint_lora(path)
-    unknown = sorted(set(meta["targets"]) - set(lora.linear_paths(model)))
-    if unknown:
-        raise lora_io.LoraFileError(f"{path}: LoRA targets that are not Linear modules of the model: {unknown}")
-    lora.apply_lora(model, [f"^{re.escape(t)}$" for t in meta["targets"]], rank=meta["rank"], alpha=meta["alpha"])
-    lora.set_lora_state(model, {k: v * np.float32(scale) if k.endswith(".lora_B") else v for k, v in flat.items()})
+    lora_io.apply_adapters(model, flat, meta, scale)
     return meta
 
 
