@@ -1,11 +1,19 @@
 """Train a DreamOmni2 / Flux Kontext LoRA.
 
     python scripts/train.py --config configs/tpu_v5.py [--set section.key=value ...] [--print-config]
+
+``model.path``: a converted model folder (``convert/pipeline.py`` output, with ``transformer/``) or a transformer
+checkpoint itself. ``data.cache_dir`` empty -> synthetic batches (smoke runs / throughput). Multi-host: run the
+same command on every host; ``jax.distributed.initialize()`` happens when ``mesh.distributed`` asks for it.
+Writes ``train.run_dir/metrics.jsonl`` (one JSON record per step), ``config.json``, checkpoints (resumed from
+the latest one automatically) and, with ``sample.every_steps`` > 0, validation samples.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from dreamomni2_jax.config import ConfigError, load_config
 
@@ -15,17 +23,76 @@ def parse_args(argv=None):
     ap.add_argument("--config", required=True, help="Python config file defining get_config()")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
+    ap.add_argument("--resume", default=None, metavar="PATH", help="checkpoint (run dir, checkpoints/ or step dir) to "
+                    "resume from; default: the latest checkpoint of train.run_dir, if any")
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _write_config(cfg, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(cfg.to_json())
+    tmp.replace(run_dir / "config.json")
+
+
+def _validation(cfg) -> list:
+    """The validation-sampling callback when ``sample.every_steps`` > 0 (needs the full converted model folder)."""
+    if cfg.sample.every_steps <= 0:
+        return []
+    from dreamomni2_jax.validation import make_validation_hook
+
+    return [make_validation_hook(cfg, None, cfg.model.path, cfg.train.run_dir)]
+
+
+def main(argv=None, callbacks=()) -> int:
+    """Entry point; extra ``loop.Callback`` objects run after checkpointing and validation."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    print(cfg.to_json())
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+
+    from dreamomni2_jax import sharding
+
+    sharding.initialize_distributed(cfg.mesh)  # before any other JAX call
+    import jax
+
+    from dreamomni2_jax import loop
+    from dreamomni2_jax.checkpoint import CheckpointCallback, CheckpointError
+
+    main_process = jax.process_index() == 0
+    # force: orbax/absl install root handlers on import; their INFO chatter stays off, ours is on (process 0).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("dreamomni2_jax").setLevel(logging.INFO if main_process else logging.WARNING)
+    log = logging.getLogger("dreamomni2_jax.train")
+    if main_process:
+        _write_config(cfg, Path(cfg.train.run_dir))
+        log.info("%d process(es), %d devices (%s)", jax.process_count(), jax.device_count(),
+                 jax.devices()[0].device_kind)
+    try:
+        ctx = loop.setup(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if main_process:
+        log.info("mesh %s; global batch %d (%d per process)", dict(ctx.mesh.shape), cfg.data.batch_size,
+                 cfg.data.batch_size // jax.process_count())
+    try:
+        loop.train(ctx, [CheckpointCallback(cfg, resume=args.resume), *_validation(cfg), *callbacks],
+                   progress=not args.no_progress)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except loop.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if main_process:
+        log.info("done: %d steps, run dir %s", ctx.step, cfg.train.run_dir)
     return 0
 
 

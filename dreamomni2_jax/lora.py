@@ -1,0 +1,210 @@
+"""LoRA adapters injected into an NNX model from outside the model code.
+
+:func:`apply_lora` walks the model's modules, matches dotted module paths (``transformer_blocks.attn.to_q``,
+``attn.to_out.0``; stacked blocks have no layer index in the path) with ``re.search`` against the configured
+patterns, and replaces every matched ``nnx.Linear`` by a :class:`LoRALinear` that keeps the base ``kernel`` /
+``bias`` (same names, same Variables) and adds ``lora_A`` ``[..., in, r]`` and ``lora_B`` ``[..., r, out]`` as
+:class:`LoRAParam` (an ``nnx.Param`` subclass, so ``nnx.split(model, LoRAParam, ...)`` separates the adapters).
+Adapters of a stacked ``Linear`` (kernel ``[L, in, out]``) get the same leading layer axis.
+
+Math is peft's: ``y = base(x) + (dropout(x) @ A @ B) * alpha / rank`` with ``A`` Kaiming-uniform (``a=sqrt(5)``,
+i.e. ``U(-1/sqrt(in), 1/sqrt(in))``) and ``B = 0``, so a fresh adapter leaves the model unchanged.
+
+The flat-dict helpers (:func:`lora_state`, :func:`set_lora_state`, :func:`lora_metadata`) are the interface for
+LoRA export/import: keys are ``<dotted module path>.lora_A`` / ``.lora_B``; stacked modules keep the layer axis.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dreamomni2_jax.config import LoraConfig
+
+__all__ = ["LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "apply_lora_config", "lora_modules",
+           "lora_state", "set_lora_state", "lora_metadata", "linear_paths", "reseed_dropout", "LoraError"]
+
+
+class LoraError(ValueError):
+    """Bad LoRA targets or adapter state; the message names the offending path/key."""
+
+
+class LoRAParam(nnx.Param):
+    """A trainable LoRA adapter weight (``lora_A`` / ``lora_B``)."""
+
+
+class LoRADropoutKey(nnx.Variable):
+    """Raw PRNG key data (``[..., *key_shape]`` uint32) for LoRA dropout, one per module and layer.
+
+    Not a parameter: the train step overwrites it every step (:func:`reseed_dropout`)."""
+
+
+def _key_data_shape() -> tuple[int, ...]:
+    return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+
+
+class LoRALinear(nnx.Linear):
+    """``nnx.Linear`` plus a low-rank update; built from an existing Linear (whose Variables it reuses).
+
+    ``kernel`` may carry leading (layer) axes ``[..., in, out]``; the adapters get the same ones. Dropout is
+    active only when ``deterministic`` is False (``model.train()`` / ``model.eval()`` toggle it).
+    """
+
+    def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, key: jax.Array, dropout: float = 0.0,
+                 dtype=jnp.float32):
+        if isinstance(base, LoRALinear):
+            raise LoraError("module already has a LoRA adapter")
+        for name in ("kernel", "bias", "in_features", "out_features", "use_bias", "dtype", "param_dtype",
+                     "precision", "dot_general", "promote_dtype", "preferred_element_type"):
+            setattr(self, name, getattr(base, name))
+        *lead, din, dout = self.kernel.shape
+        bound = 1.0 / np.sqrt(din)  # kaiming_uniform_(a=sqrt(5)) on torch weight [r, in]
+        self.lora_A = LoRAParam(jax.random.uniform(key, (*lead, din, rank), jnp.float32, -bound, bound).astype(dtype))
+        self.lora_B = LoRAParam(jnp.zeros((*lead, rank, dout), dtype))
+        self.lora_rank, self.lora_alpha, self.lora_scale = int(rank), float(alpha), float(alpha) / rank
+        self.lora_dropout = float(dropout)
+        self.deterministic = True
+        if dropout > 0:
+            self.lora_dropout_key = LoRADropoutKey(jnp.zeros((*lead, *_key_data_shape()), jnp.uint32))
+
+    def __call__(self, inputs, out_sharding=None):
+        y = super().__call__(inputs, out_sharding=out_sharding)
+        x = inputs
+        if self.lora_dropout > 0 and not self.deterministic:
+            key = jax.random.wrap_key_data(self.lora_dropout_key[...])
+            keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), jnp.zeros_like(x))
+        a, b = self.lora_A[...], self.lora_B[...]
+        cdt = self.dtype if self.dtype is not None else jnp.result_type(x, a)
+        delta = (x.astype(cdt) @ a.astype(cdt)) @ b.astype(cdt)
+        return y + (delta * jnp.asarray(self.lora_scale, cdt)).astype(y.dtype)
+
+
+def _dotted(path: Iterable) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def linear_paths(model: nnx.Module) -> list[str]:
+    """Dotted paths of every plain ``nnx.Linear`` (not yet adapted) in ``model``."""
+    return [_dotted(p) for p, m in nnx.iter_modules(model)
+            if isinstance(m, nnx.Linear) and not isinstance(m, LoRALinear)]
+
+
+def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
+    """``{dotted path: LoRALinear}`` of the adapted modules, in path order."""
+    return dict(sorted((_dotted(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)))
+
+
+def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+    parent = model
+    for part in path[:-1]:
+        parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+    last = path[-1]
+    if isinstance(last, int):
+        parent[last] = new
+    else:
+        setattr(parent, last, new)
+
+
+def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: float, dropout: float = 0.0,
+               dtype=jnp.float32, seed: int | jax.Array = 0) -> tuple[str, ...]:
+    """Replace every ``nnx.Linear`` whose dotted path ``re.search``-matches a pattern by a :class:`LoRALinear`.
+
+    Returns the adapted paths (sorted). Raises :class:`LoraError` listing the available Linear paths when nothing
+    matches; patterns that match nothing (e.g. single-block targets on a model without single blocks) are
+    reported with a warning. ``seed``: int or PRNG key for the ``lora_A`` init (one fold per path).
+    """
+    patterns = tuple(patterns)
+    if not patterns:
+        raise LoraError("no LoRA target patterns given")
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise LoraError(f"invalid LoRA target regex: {e}") from None
+    if any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model)):
+        raise LoraError("model already has LoRA adapters (apply_lora was called twice?)")
+    candidates = sorted(((_dotted(p), tuple(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)),
+                        key=lambda t: t[0])
+    hits = {p: 0 for p in patterns}
+    matched = []
+    for name, path, module in candidates:
+        found = [p for p, rx in zip(patterns, compiled) if rx.search(name)]
+        for p in found:
+            hits[p] += 1
+        if found:
+            matched.append((name, path, module))
+    if not matched:
+        raise LoraError(f"LoRA target patterns {list(patterns)} match no Linear module; available paths: "
+                        f"{[c[0] for c in candidates]}")
+    unused = [p for p, n in hits.items() if n == 0]
+    if unused:
+        warnings.warn(f"LoRA target patterns matched nothing and were ignored: {unused}", stacklevel=2)
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    for i, (name, path, module) in enumerate(matched):
+        new = LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout, dtype=dtype, key=jax.random.fold_in(key, i))
+        _replace(model, path, new)
+    return tuple(m[0] for m in matched)
+
+
+def apply_lora_config(model: nnx.Module, cfg: LoraConfig, seed: int | jax.Array = 0) -> tuple[str, ...]:
+    """:func:`apply_lora` with rank / alpha / dropout / dtype / targets from a :class:`LoraConfig`."""
+    return apply_lora(model, cfg.target_patterns, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                      dtype=jnp.dtype(cfg.dtype), seed=seed)
+
+
+def lora_state(model: nnx.Module) -> dict[str, jax.Array]:
+    """Flat ``{"<module path>.lora_A" | ".lora_B": array}`` of every adapter (stacked ones keep the layer axis)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A"] = m.lora_A[...]
+        out[f"{name}.lora_B"] = m.lora_B[...]
+    return out
+
+
+def set_lora_state(model: nnx.Module, flat: Mapping[str, jax.Array]) -> None:
+    """Load adapter arrays (format of :func:`lora_state`); keys and shapes must match exactly.
+
+    Arrays are cast to each adapter's dtype and keep the sharding of the array given."""
+    modules = lora_modules(model)
+    expected = {f"{n}.{k}": getattr(m, k) for n, m in modules.items() for k in ("lora_A", "lora_B")}
+    missing, unknown = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+    if missing or unknown:
+        raise LoraError(f"LoRA state mismatch: missing keys {missing}, unknown keys {unknown}")
+    for key, var in expected.items():
+        value = flat[key]
+        if tuple(value.shape) != tuple(var.shape):
+            raise LoraError(f"LoRA state {key!r}: shape {tuple(value.shape)} != model's {tuple(var.shape)}")
+        var[...] = jnp.asarray(value, dtype=var.dtype)
+
+
+def lora_metadata(model: nnx.Module) -> dict:
+    """``{"rank", "alpha", "dropout", "targets": [dotted module paths]}`` of the adapted model."""
+    modules = lora_modules(model)
+    if not modules:
+        raise LoraError("model has no LoRA adapters")
+    ranks = {m.lora_rank for m in modules.values()}
+    alphas = {m.lora_alpha for m in modules.values()}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise LoraError(f"adapters have mixed rank/alpha: ranks {sorted(ranks)}, alphas {sorted(alphas)}")
+    return {"rank": ranks.pop(), "alpha": alphas.pop(), "dropout": next(iter(modules.values())).lora_dropout,
+            "targets": list(modules)}
+
+
+def reseed_dropout(state: nnx.State, rng: jax.Array) -> nnx.State:
+    """Return ``state`` with every :class:`LoRADropoutKey` leaf replaced by fresh key data derived from ``rng``
+    (distinct per module and per layer). Other leaves pass through unchanged; pure, usable under jit."""
+    flat = nnx.to_flat_state(state)
+    out = []
+    for i, (path, var) in enumerate(flat):
+        if isinstance(var, LoRADropoutKey):
+            shape = var.shape
+            n = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            keys = jax.random.split(jax.random.fold_in(rng, i), n)
+            var = var.replace(jax.random.key_data(keys).reshape(shape).astype(jnp.uint32))
+        out.append((path, var))
+    return nnx.from_flat_state(out)

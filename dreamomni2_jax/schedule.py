@@ -1,0 +1,94 @@
+"""Flow-matching noise levels, loss weightings and learning-rate schedules (pure JAX / optax).
+
+σ ∈ (0, 1) is the noise level of ``x_t = (1 - σ) x0 + σ ε`` (FlowMatchEulerDiscreteScheduler sigmas); the Flux
+transformer takes ``timestep = σ`` (it multiplies by 1000 inside, like diffusers).
+
+Samplers (one σ per PRNG key, so every sample's draw depends only on its own key):
+
+* ``uniform``: ``u ~ U(0, 1)``;
+* ``logit_normal``: ``sigmoid(N(mean, std))`` (SD3 / diffusers ``compute_density_for_timestep_sampling``);
+* ``mode``: ``1 - u - s (cos²(πu/2) - 1 + u)`` (same diffusers function, ``mode_scale`` = s);
+* ``sigmoid_shift``: logit-normal then Flux's resolution-dependent shift: ``mu = calculate_shift(seq_len)``
+  (linear from ``base_shift`` 0.5 at 256 tokens to ``max_shift`` 1.15 at 4096), ``σ = e^mu / (e^mu + 1/t - 1)``
+  (diffusers ``FlowMatchEulerDiscreteScheduler`` exponential ``time_shift`` with sigma 1). ``seq_len`` is the
+  sample's real target token count.
+
+Weightings are diffusers' ``compute_loss_weighting_for_sd3``: ``none`` (1), ``sigma_sqrt`` (σ⁻²), ``cosmap``
+(``2 / (π (1 - 2σ + 2σ²))``).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dreamomni2_jax.config import OptimConfig
+
+SAMPLERS = ("uniform", "logit_normal", "mode", "sigmoid_shift")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+def calculate_shift(seq_len, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15):
+    """Flux dynamic-shift ``mu`` for an image of ``seq_len`` tokens (diffusers ``calculate_shift``)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * m + (base_shift - m * base_seq_len)
+
+
+def time_shift(mu, t, sigma: float = 1.0):
+    """diffusers ``FlowMatchEulerDiscreteScheduler._time_shift_exponential``."""
+    return jnp.exp(mu) / (jnp.exp(mu) + (1.0 / t - 1.0) ** sigma)
+
+
+def sample_sigmas(keys: jax.Array, sampling: str, *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                  mode_scale: float = 1.29, seq_len=None) -> jax.Array:
+    """One float32 σ per key (``keys`` ``[B]``); ``seq_len`` ``[B]`` is needed by ``sigmoid_shift``."""
+    if sampling not in SAMPLERS:
+        raise ValueError(f"timestep sampling {sampling!r} is not one of {SAMPLERS}")
+    if sampling in ("logit_normal", "sigmoid_shift"):
+        u = jax.nn.sigmoid(logit_mean + logit_std * jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(keys))
+    else:
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+    if sampling == "mode":
+        u = 1.0 - u - mode_scale * (jnp.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+    elif sampling == "sigmoid_shift":
+        if seq_len is None:
+            raise ValueError("sigmoid_shift sampling needs seq_len (target tokens per sample)")
+        u = time_shift(calculate_shift(jnp.asarray(seq_len, jnp.float32)), u)
+    return u
+
+
+def loss_weighting(sigmas: jax.Array, weighting: str) -> jax.Array:
+    """Per-sample loss weight for ``sigmas`` (diffusers ``compute_loss_weighting_for_sd3``)."""
+    if weighting == "sigma_sqrt":
+        return sigmas ** -2.0
+    if weighting == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas ** 2))
+    if weighting == "none":
+        return jnp.ones_like(sigmas)
+    raise ValueError(f"loss weighting {weighting!r} is not one of {WEIGHTINGS}")
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``cfg.lr`` over ``warmup_steps`` updates, then constant or cosine decay to 0 at
+    ``total_steps``."""
+    warm = cfg.warmup_steps
+    if cfg.schedule == "constant":
+        if warm == 0:
+            return optax.constant_schedule(cfg.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), optax.constant_schedule(cfg.lr)],
+                                    [warm])
+    decay = max(total_steps - warm, 1)
+    cosine = optax.cosine_decay_schedule(cfg.lr, decay)
+    if warm == 0:
+        return cosine
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), cosine], [warm])
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (if ``grad_clip`` > 0) then AdamW with :func:`lr_schedule`."""
+    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw

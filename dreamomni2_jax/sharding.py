@@ -1,0 +1,282 @@
+"""Device mesh, sharding rules and multi-host set-up: the one place where placement is decided.
+
+Mesh axes are ``("data", "fsdp", "tensor")``. Logical axes map onto them through :data:`LOGICAL_RULES`:
+
+* ``batch`` (activations / data) -> ``("data", "fsdp")``;
+* ``heads`` / ``mlp`` (the output dim of q/k/v/MLP-up projections, the input dim of out/MLP-down) -> ``tensor``;
+* ``layers`` (the leading axis of stacked blocks) -> never sharded (``lax.scan`` slices it);
+* every other parameter dim is a candidate for ``fsdp``: the largest one divisible by the fsdp size is sharded.
+
+:func:`param_sharding` gives ``(dotted path, shape) -> NamedSharding``, the callable ``load_flux`` takes, so base
+weights are created sharded (nothing unsharded on one host). Adapters and optimizer moments use the shape-only
+FSDP rule, so a moment is placed like its parameter.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from dreamomni2_jax.config import MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "embed": "fsdp",
+}
+STACKED_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
+# (regex on the dotted param path, logical names of the kernel's [in, out] dims). Biases use the `out` name.
+_PARAM_AXES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
+    (r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)\.", ("embed", "heads")),
+    (r"attn\.(to_out\.0|to_add_out)\.", ("heads", "embed")),
+    (r"(ff|ff_context)\.net\.0\.proj\.", ("embed", "mlp")),
+    (r"(ff|ff_context)\.net\.2\.", ("mlp", "embed")),
+    (r"single_transformer_blocks\.proj_mlp\.", ("embed", "mlp")),
+)
+
+
+class MeshError(ValueError):
+    """The mesh config does not fit the devices, or a batch does not fit the mesh."""
+
+
+# --------------------------------------------------------------------------- mesh and processes
+
+
+def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve ``-1`` to the remaining devices; the product must equal ``n_devices``."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise MeshError(f"mesh (data, fsdp, tensor)={tuple(sizes)}: {n_devices} devices not divisible by {fixed}")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    if math.prod(sizes) != n_devices:
+        raise MeshError(f"mesh (data, fsdp, tensor)={tuple(sizes)} needs {math.prod(sizes)} devices, "
+                        f"have {n_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    """``Mesh`` over all (or the given) devices with axes ``("data", "fsdp", "tensor")``, Auto axis types.
+
+    Uses ``mesh_utils.create_device_mesh`` (topology-aware on TPU/GPU) and falls back to a plain reshape."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def multihost_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """Name of the detected multi-process launcher (``"tpu"``, ``"slurm"``, ``"jax"``, ``"openmpi"``) or None."""
+    env = os.environ if environ is None else environ
+
+    def count(name):
+        try:
+            return int(env.get(name, "1"))
+        except ValueError:
+            return 1
+
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "jax"
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    if env.get("SLURM_JOB_ID") and max(count("SLURM_NTASKS"), count("SLURM_NPROCS")) > 1:
+        return "slurm"
+    if env.get("OMPI_MCA_orte_hnp_uri") and count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "openmpi"
+    return None
+
+
+def initialize_distributed(mesh_cfg: MeshConfig, environ: Mapping[str, str] | None = None) -> bool:
+    """Call ``jax.distributed.initialize()`` when ``mesh.distributed`` is "on", or "auto" and a multi-host launcher
+    is detected. Must run before any other JAX call. Returns whether it initialized."""
+    if mesh_cfg.distributed == "off":
+        return False
+    if mesh_cfg.distributed == "auto" and multihost_env(environ) is None:
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+# --------------------------------------------------------------------------- parameter shardings
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+    if axis is None:
+        return 1
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def fsdp_spec(shape: tuple[int, ...], mesh: Mesh, spec: list | None = None, skip: tuple[int, ...] = ()) -> P:
+    """Shard the largest dim divisible by the fsdp size (ties -> the last one) that ``spec`` leaves free."""
+    spec = list(spec) if spec is not None else [None] * len(shape)
+    n = mesh.shape["fsdp"]
+    if n > 1:
+        free = [i for i, d in enumerate(shape) if spec[i] is None and i not in skip and d % n == 0 and d >= n]
+        if free:
+            best = max(free, key=lambda i: (shape[i], i))
+            spec[best] = LOGICAL_RULES["embed"]
+    return P(*spec)
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec of the base param at dotted ``path`` (layer axis included in ``shape`` for stacked blocks)."""
+    shape = tuple(int(d) for d in shape)
+    spec: list = [None] * len(shape)
+    if path.endswith("lora_dropout_key"):  # PRNG key data: replicated
+        return P(*spec)
+    skip = (0,) if path.startswith(STACKED_PREFIXES) and len(shape) >= 2 else ()
+    name = path.rsplit(".", 1)[-1]
+    for rx, (din, dout) in _PARAM_AXES:
+        if not re.search(rx, path + "."):
+            continue
+        dims = {}
+        if name == "kernel" and len(shape) >= 2:
+            dims = {len(shape) - 2: din, len(shape) - 1: dout}
+        elif name == "bias" and len(shape) >= 1:
+            dims = {len(shape) - 1: dout}
+        for i, logical in dims.items():
+            axis = LOGICAL_RULES.get(logical) if logical in ("heads", "mlp") else None
+            if axis is not None and shape[i] % _axis_size(mesh, axis) == 0 and _axis_size(mesh, axis) > 1:
+                spec[i] = axis
+        break
+    return fsdp_spec(shape, mesh, spec, skip)
+
+
+def param_sharding(mesh: Mesh) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """``(dotted path, shape) -> NamedSharding`` for base params; pass it to ``load_flux(param_sharding=...)``."""
+    return lambda path, shape: NamedSharding(mesh, param_spec(path, shape, mesh))
+
+
+def shape_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Shape-only FSDP rule (adapters, optimizer moments, small state); scalars are replicated."""
+    return NamedSharding(mesh, fsdp_spec(tuple(shape), mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _dotted(path) -> str:
+    parts = []
+    for k in path:
+        k = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        if k != "value":
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def model_state_shardings(state, mesh: Mesh, *, by_path: bool = True):
+    """Shardings for an ``nnx.State`` (or any pytree) of params: :func:`param_spec` by dotted path
+    (``by_path=False``: shape-only rule)."""
+    def one(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if by_path:
+            return NamedSharding(mesh, param_spec(_dotted(path), shape, mesh))
+        return shape_sharding(mesh, shape)
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def shard(tree, shardings):
+    """``jax.device_put`` every leaf with its sharding (a jitted identity, so nothing is gathered on one host)."""
+    return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+
+
+def shardings_of(tree):
+    """The sharding of every (already placed) array leaf."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis over ``("data", "fsdp")``, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return _axis_size(mesh, BATCH_AXES)
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
+    """Each micro-batch (``global_batch / grad_accum``) must split evenly over the data x fsdp devices."""
+    n = batch_shards(mesh)
+    if global_batch % grad_accum or (global_batch // grad_accum) % n:
+        raise MeshError(f"data.batch_size={global_batch} with optim.grad_accum={grad_accum} gives micro-batches of "
+                        f"{global_batch / grad_accum:g} samples, which must be a multiple of data x fsdp = {n}")
+
+
+def put_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays from this process's slice of the batch (leading axis = local samples), sharded on batch.
+
+    Single-process: the slice is the whole batch. Multi-process: each process passes its own consecutive shard
+    (``jax.make_array_from_process_local_data``)."""
+    out = {}
+    for k, v in local_batch.items():
+        v = np.asarray(v)
+        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, global_shape)
+    return out
+
+
+def like_params(tree, params, param_shardings, mesh: Mesh):
+    """Shardings for a pytree that embeds copies of ``params``' structure (e.g. optimizer state: Adam ``mu`` /
+    ``nu``): those subtrees get ``param_shardings``, every other leaf is replicated."""
+    target = jax.tree.structure(params)
+
+    def one(sub):
+        if jax.tree.structure(sub) == target:
+            return param_shardings
+        return replicated(mesh)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: jax.tree.structure(x) == target)
+
+
+def place(tree, shardings):
+    """Put every leaf on its sharding, leaving already-placed leaves untouched (no copy of loaded weights).
+
+    Host / single-device values are copied in with ``device_put`` (one process) or built shard by shard from the
+    (identical on every process) host value with ``make_array_from_callback`` (multi-process)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = treedef.flatten_up_to(shardings)
+    out = []
+    for x, s in zip(leaves, targets):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
+            out.append(x)
+        elif jax.process_count() == 1:
+            out.append(jax.device_put(x, s))
+        else:
+            host = np.asarray(x)
+            out.append(jax.make_array_from_callback(host.shape, s, lambda idx, h=host: h[idx]))
+    return treedef.unflatten(out)
+
+
+def init_sharded(build: Callable[[], object], mesh: Mesh, *, by_path: bool = True):
+    """Create an NNX module directly sharded: ``build()`` (a module constructor, e.g. random init + LoRA) runs
+    under ``jax.jit`` with out_shardings from :func:`model_state_shardings`, so no full copy exists on a host.
+    ``build`` must create its own ``nnx.Rngs`` (it is traced)."""
+    from flax import nnx
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    shardings = model_state_shardings(abstract, mesh, by_path=by_path)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
