@@ -11,7 +11,7 @@ from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraCon
 def get_config() -> Config:
     return Config(
         model=ModelConfig(path="demo_out/model", param_dtype="float32", compute_dtype="float32",
-                          attention="xla", remat="none", position_scheme="dreamomni2", guidance=1.0),
+                          attention="auto", remat="none", position_scheme="dreamomni2", guidance=1.0),
         lora=LoraConfig(rank=4, alpha=4.0, preset="attention"),
         data=DataConfig(cache_dir="demo_out/cache", batch_size=2, max_refs=3, target_max_area=128 * 128,
                         min_image_size=32, batching="pad", num_workers=0, max_sequence_length=32,

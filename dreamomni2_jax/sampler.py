@@ -336,7 +336,7 @@ def _tqdm(total: int):
 
 
 def load_pipeline(model_dir: str | Path, dtype=jnp.bfloat16, *, lora: str | Path | None = None,
-                  lora_scale: float = 1.0, vae_dtype=None, attention_impl: str = "xla",
+                  lora_scale: float = 1.0, vae_dtype=None, attention_impl: str = "auto",
                   max_sequence_length: int = 512) -> Pipeline:
     """Load transformer, VAE, CLIP + T5 and the scheduler config from a converted folder (``convert/pipeline.py``
     output) or a diffusers Flux Kontext folder (converted on the fly), optionally with a LoRA at ``lora_scale``."""
