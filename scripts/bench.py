@@ -2,6 +2,8 @@
 
     python scripts/bench.py --config configs/tpu_v5.py [--set k=v ...] [--model-size full] [--steps 10] \
         [--reference torch] [--out results.json]
+    python scripts/bench.py --mode sample [scripts/bench_sample.py options]   # denoise step vs diffusers
+    python scripts/bench.py --mode cache [scripts/bench_data.py options]     # cache + loader throughput
 
 The model is built at the chosen size with random weights directly sharded on the mesh (``nnx.eval_shape`` +
 jitted init with out_shardings; nothing unsharded on a host), LoRA from the config, one synthetic batch of
@@ -208,7 +210,29 @@ def bench_torch(cfg, fc, batch, steps: int) -> dict:
             "lora_params": int(sum(p.numel() for p in params)), "loss_first_last": [losses[0], losses[-1]]}
 
 
+def _other_mode(argv) -> int | None:
+    """``--mode sample|cache`` hands the remaining arguments to scripts/bench_sample.py / bench_data.py."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--mode" not in argv:
+        return None
+    i = argv.index("--mode")
+    mode, rest = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
+    if mode == "train":
+        return main(rest)
+    scripts = {"sample": "bench_sample.py", "cache": "bench_data.py"}
+    if mode not in scripts:
+        print(f"--mode must be one of train, sample, cache; got {mode!r}", file=sys.stderr)
+        return 2
+    import runpy
+
+    module = runpy.run_path(str(Path(__file__).with_name(scripts[mode])))
+    return module["main"](rest)
+
+
 def main(argv=None) -> int:
+    other = _other_mode(argv)
+    if other is not None:
+        return other
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
