@@ -11,23 +11,20 @@ mapping follows diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 import ml_dtypes
-import numpy as np
 
 from convert.safetensors_io import Reader, limit_malloc_caching, open_checkpoint
+from convert.component import DTYPES, component_main, convert_component  # noqa: F401
 from convert.table import (
-    IDENTITY, LINEAR, Plan, Rule, chain, expand, is_converted, split, swap_halves, target_spec, write_checkpoint,
+    IDENTITY, LINEAR, Plan, Rule, chain, expand, is_converted, split, swap_halves, target_spec,
 )
 
 log = logging.getLogger(__name__)
 BFL_PREFIX = "model.diffusion_model."
-DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 
 # Module paths (identical in diffusers and in our NNX model); {i} = double block, {j} = single block.
 _TOP_LINEARS = ("x_embedder", "context_embedder", "norm_out.linear", "proj_out",
@@ -175,28 +172,19 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
 def convert(src: str | Path, out: str | Path, dtype: str = "bf16", config=None, overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    plan, cfg = build_plan(src, config=config, param_dtype=DTYPES[dtype])
-    meta = {**cfg.to_dict(), "_converted_from": str(Path(src).absolute()), "_dtype": dtype}
-    return write_checkpoint(out, plan.items(progress=progress), meta, overwrite=overwrite)
+    return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
+
+
+def _quiet_malloc() -> None:
+    limit_malloc_caching()
+    log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", required=True, help="diffusers transformer/ folder or BFL .safetensors file")
-    ap.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--config", default=None, help="FluxTransformer2DModel config.json overriding the inferred one")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    limit_malloc_caching()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    out = convert(args.src, args.out, args.dtype, args.config, args.overwrite, not args.no_progress)
-    print(json.dumps({"out": str(out)}))
-    return 0
+    return component_main(
+        convert, description=__doc__.split("\n\n")[0], default_dtype="bf16", argv=argv, before=_quiet_malloc,
+        src_help='diffusers transformer/ folder or BFL .safetensors file',
+        config_help='FluxTransformer2DModel config.json overriding the inferred one')
 
 
 __all__ = ["build_plan", "convert", "main", "is_converted", "diffusers_rules", "bfl_rules", "infer_config"]

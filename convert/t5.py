@@ -10,20 +10,18 @@ copy is skipped). A full encoder-decoder checkpoint (``T5ForConditionalGeneratio
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
 import ml_dtypes
-import numpy as np
 
 from convert.safetensors_io import open_checkpoint
-from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec, write_checkpoint
+from convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
 DECODER = (r"decoder\..*", r"lm_head\.weight")
 
@@ -78,25 +76,14 @@ def build_plan(src: str | Path, param_dtype=ml_dtypes.bfloat16):
 def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    plan, cfg = build_plan(src, param_dtype=DTYPES[dtype])
-    meta = {**cfg.to_dict(), "_converted_from": str(Path(src).absolute()), "_dtype": dtype}
-    return write_checkpoint(out, plan.items(progress=progress), meta, overwrite=overwrite)
+    return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", required=True, help="transformers T5EncoderModel folder (text_encoder_2/)")
-    ap.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = convert(args.src, args.out, args.dtype, args.overwrite, not args.no_progress)
-    print(json.dumps({"out": str(out)}))
-    return 0
+    return component_main(
+        convert, description=__doc__.split("\n\n")[0], default_dtype="bf16", argv=argv,
+        src_help='transformers T5EncoderModel folder (text_encoder_2/)',
+        config_help=None)
 
 
 if __name__ == "__main__":

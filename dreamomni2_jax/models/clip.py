@@ -175,20 +175,9 @@ def load_clip(path: str | Path, dtype=jnp.float32, *, param_sharding=None) -> CL
     transformers ``text_encoder/`` folder converted on the fly in memory.
     ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
     """
-    from convert import table
+    from convert.clip import build_plan
+    from convert.component import load_component
 
-    path = Path(path)
-    if table.is_converted(path):
-        cfg, items = CLIPConfig.from_json(path / "config.json"), None
-    else:
-        from convert.clip import build_plan
-
-        plan, cfg = build_plan(path, param_dtype=dtype)
-        items = plan.items(progress=False)
-    abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    if items is None:
-        state = table.restore_params(path, state, {}, param_sharding)
-    else:
-        state = table.load_params_from_items(items, state, {}, param_sharding)
-    return nnx.merge(graphdef, state)
+    return load_component(path, config_cls=CLIPConfig, build_plan=build_plan, param_dtype=dtype,
+                          param_sharding=param_sharding,
+                          make_model=lambda cfg: CLIPTextModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))

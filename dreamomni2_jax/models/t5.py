@@ -240,20 +240,9 @@ def load_t5(path: str | Path, dtype=jnp.bfloat16, *, param_sharding=None) -> T5E
     transformers ``text_encoder_2/`` folder converted on the fly in memory.
     ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
     """
-    from convert import table
+    from convert.component import load_component
+    from convert.t5 import build_plan
 
-    path = Path(path)
-    if table.is_converted(path):
-        cfg, items = T5Config.from_json(path / "config.json"), None
-    else:
-        from convert.t5 import build_plan
-
-        plan, cfg = build_plan(path, param_dtype=dtype)
-        items = plan.items(progress=False)
-    abstract = nnx.eval_shape(lambda: T5EncoderModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    if items is None:
-        state = table.restore_params(path, state, {}, param_sharding)
-    else:
-        state = table.load_params_from_items(items, state, {}, param_sharding)
-    return nnx.merge(graphdef, state)
+    return load_component(path, config_cls=T5Config, build_plan=build_plan, param_dtype=dtype,
+                          param_sharding=param_sharding,
+                          make_model=lambda cfg: T5EncoderModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))

@@ -330,22 +330,10 @@ def load_vae(path: str | Path, dtype=jnp.float32, *, param_sharding=None, attn_c
     checkpoint (diffusers ``vae/`` folder or BFL ``ae.safetensors``) converted on the fly in memory.
     ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
     """
-    from convert import table
+    from convert.component import load_component
+    from convert.vae import build_plan
 
-    path = Path(path)
-    if table.is_converted(path):
-        cfg = VAEConfig.from_json(path / "config.json")
-        items = None
-    else:
-        from convert.vae import build_plan
-
-        plan, cfg = build_plan(path, param_dtype=dtype)
-        items = plan.items(progress=False)
-    abstract = nnx.eval_shape(lambda: VAE(cfg, dtype=dtype, param_dtype=dtype, attn_chunk=attn_chunk,
-                                          rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    if items is None:
-        state = table.restore_params(path, state, {}, param_sharding)
-    else:
-        state = table.load_params_from_items(items, state, {}, param_sharding)
-    return nnx.merge(graphdef, state)
+    return load_component(path, config_cls=VAEConfig, build_plan=build_plan, param_dtype=dtype,
+                          param_sharding=param_sharding,
+                          make_model=lambda cfg: VAE(cfg, dtype=dtype, param_dtype=dtype, attn_chunk=attn_chunk,
+                                                     rngs=nnx.Rngs(0)))

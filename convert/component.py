@@ -1,0 +1,82 @@
+"""One model component: checkpoint -> converted folder (CLI and Python), and loading either into NNX.
+
+Every converter (``convert/flux_transformer.py``, ``vae.py``, ``clip.py``, ``t5.py``) supplies a
+``build_plan(src, [config=...,] param_dtype=...) -> (Plan, config)``; this module does the rest the
+same way for all of them: dtype names, the metadata written next to the params, the command line, and
+``load_component`` (restore a converted folder, or convert a source on the fly, into an abstract
+already-sharded template).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from convert.table import is_converted, load_params_from_items, restore_params, write_checkpoint
+
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+
+
+def convert_component(build_plan: Callable, src: str | Path, out: str | Path, dtype: str, *, overwrite: bool = False,
+                      progress: bool = True, **plan_kwargs) -> Path:
+    """Stream ``src`` through ``build_plan``'s plan into the folder ``out`` (temp folder + rename)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    plan, cfg = build_plan(src, param_dtype=DTYPES[dtype], **plan_kwargs)
+    meta = {**cfg.to_dict(), "_converted_from": str(Path(src).absolute()), "_dtype": dtype}
+    return write_checkpoint(out, plan.items(progress=progress), meta, overwrite=overwrite)
+
+
+def component_main(convert: Callable, *, description: str, src_help: str, default_dtype: str,
+                   config_help: str | None = None, argv: list[str] | None = None,
+                   before: Callable[[], None] | None = None) -> int:
+    """The shared CLI: ``--src --out [--dtype] [--config] [--overwrite] [--no-progress]``; prints ``{"out": ...}``.
+
+    ``convert(src, out, dtype, [config,] overwrite=, progress=)``; ``config_help`` adds ``--config``.
+    """
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--src", required=True, help=src_help)
+    ap.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    ap.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES))
+    if config_help:
+        ap.add_argument("--config", default=None, help=config_help)
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if before:
+        before()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    extra = {"config": args.config} if config_help else {}
+    out = convert(args.src, args.out, args.dtype, overwrite=args.overwrite, progress=not args.no_progress, **extra)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+def load_component(path: str | Path, *, config_cls, build_plan: Callable, make_model: Callable,
+                   param_dtype, stacked: Callable = lambda cfg: {}, param_sharding=None, config=None):
+    """Restore a converted folder (``config.json`` + Orbax ``params/``) or convert a source in memory.
+
+    ``make_model(cfg)`` builds the module (called under ``nnx.eval_shape``); ``stacked(cfg)`` gives the
+    leading-axis length of each scanned module; ``param_sharding(path, shape)`` places each param.
+    """
+    from flax import nnx
+
+    path = Path(path)
+    if is_converted(path):
+        cfg = config or config_cls.from_json(path / "config.json")
+        items = None
+    else:
+        kwargs = {"config": config} if config is not None else {}
+        plan, cfg = build_plan(path, param_dtype=param_dtype, **kwargs)
+        items = plan.items(progress=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: make_model(cfg)))
+    if items is None:
+        state = restore_params(path, state, stacked(cfg), param_sharding)
+    else:
+        state = load_params_from_items(items, state, stacked(cfg), param_sharding)
+    return nnx.merge(graphdef, state)
