@@ -8,7 +8,6 @@ transformers-4 ``text_model.`` prefix and without it (transformers 5) are both a
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.safetensors_io import Reader, open_checkpoint
-from convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from convert.component import DTYPES, component_main, convert_component, read_transformers_config  # noqa: F401
 from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)
@@ -47,14 +46,7 @@ def read_config(folder: Path):
     """CLIPConfig from ``folder/config.json``, checking ``architectures``."""
     from dreamomni2_jax.models.clip import CLIPConfig
 
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: CLIP text encoder config missing")
-    d = json.loads(cfg_path.read_text())
-    arch = d.get("architectures") or []
-    if arch and not any(a in ARCHITECTURES for a in arch):
-        raise ValueError(f"{cfg_path}: architectures={arch}, expected one of {list(ARCHITECTURES)}")
-    return CLIPConfig.from_dict(d, source=str(cfg_path))
+    return read_transformers_config(folder, CLIPConfig, ARCHITECTURES, "CLIP text encoder")
 
 
 def build_plan(src: str | Path, param_dtype=np.float32):

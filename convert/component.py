@@ -22,6 +22,18 @@ from convert.table import is_converted, load_params_from_items, restore_params, 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 
 
+def read_transformers_config(folder: Path, config_cls, architectures, what: str):
+    """``config_cls`` from ``folder/config.json``, refusing a transformers ``architectures`` not in the list."""
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: {what} config missing")
+    d = json.loads(cfg_path.read_text())
+    arch = d.get("architectures") or []
+    if arch and not any(a in architectures for a in arch):
+        raise ValueError(f"{cfg_path}: architectures={arch}, expected one of {list(architectures)}")
+    return config_cls.from_dict(d, source=str(cfg_path))
+
+
 def convert_component(build_plan: Callable, src: str | Path, out: str | Path, dtype: str, *, overwrite: bool = False,
                       progress: bool = True, **plan_kwargs) -> Path:
     """Stream ``src`` through ``build_plan``'s plan into the folder ``out`` (temp folder + rename)."""

@@ -10,7 +10,6 @@ copy is skipped). A full encoder-decoder checkpoint (``T5ForConditionalGeneratio
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import ml_dtypes
 
 from convert.safetensors_io import open_checkpoint
-from convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from convert.component import DTYPES, component_main, convert_component, read_transformers_config  # noqa: F401
 from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)
@@ -42,14 +41,7 @@ def read_config(folder: Path):
     """T5Config from ``folder/config.json``, checking ``architectures``."""
     from dreamomni2_jax.models.t5 import T5Config
 
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: T5 encoder config missing")
-    d = json.loads(cfg_path.read_text())
-    arch = d.get("architectures") or []
-    if arch and not any(a in ARCHITECTURES for a in arch):
-        raise ValueError(f"{cfg_path}: architectures={arch}, expected one of {list(ARCHITECTURES)}")
-    return T5Config.from_dict(d, source=str(cfg_path))
+    return read_transformers_config(folder, T5Config, ARCHITECTURES, "T5 encoder")
 
 
 def build_plan(src: str | Path, param_dtype=ml_dtypes.bfloat16):
