@@ -42,13 +42,15 @@ def peak_flops(device=None) -> float | None:
     return None
 
 
-def flux_forward_macs(config, image_tokens: int, text_tokens: int) -> dict[str, float]:
+def flux_forward_macs(config, image_tokens: int, text_tokens: int, out_tokens: int | None = None) -> dict[str, float]:
     """Multiply-adds of one Flux forward pass for one sample, by how the backward pass treats them.
 
     ``config``: a ``FluxConfig``; ``image_tokens`` = target + reference tokens (padded), ``text_tokens`` = T5
     length. ``"embed"``: matmuls whose inputs never depend on the adapters (x / context / time / text
     embedders, every adaLN modulation linear): no backward. ``"linear"``: token matmuls of the blocks and the
     output projection (activation gradient in the backward). ``"attention"``: ``QKᵀ`` and ``PV``."""
+    # out_tokens: image tokens whose outputs are computed (the last single block computes only their query / MLP /
+    # output rows; keys and values over all rows). None = all image tokens.
     d, m = config.inner_dim, 4 * config.inner_dim
     s_i, s_t = image_tokens, text_tokens
     s = s_i + s_t
@@ -56,10 +58,14 @@ def flux_forward_macs(config, image_tokens: int, text_tokens: int) -> dict[str, 
     embed = (n_emb * (256 * d + d * d) + config.pooled_projection_dim * d + d * d  # time / guidance / text
              + config.num_layers * 2 * d * 6 * d + config.num_single_layers * d * 3 * d + d * 2 * d  # adaLN
              + s_i * config.in_channels * d + s_t * config.joint_attention_dim * d)  # x / context embedders
-    linear = (s_i * d * config.out_dim
+    o = s_i if out_tokens is None else out_tokens
+    single = s * (3 * d * d + d * m + (d + m) * d)  # qkv + mlp + proj_out
+    last = s * 2 * d * d + o * (d * d + d * m + (d + m) * d)  # k, v over all rows; q + mlp + proj_out over o
+    linear = (o * d * config.out_dim
               + config.num_layers * s * (4 * d * d + 2 * d * m)  # qkv + out + MLP, both streams
-              + config.num_single_layers * s * (3 * d * d + d * m + (d + m) * d))  # qkv + mlp + proj_out
-    attention = (config.num_layers + config.num_single_layers) * 2 * s * s * d
+              + (config.num_single_layers > 0) * (last + (config.num_single_layers - 1) * single))
+    attention = ((config.num_layers + config.num_single_layers) * 2 * s * s * d
+                 - (config.num_single_layers > 0) * 2 * (s - o) * s * d)
     return {"embed": float(embed), "linear": float(linear), "attention": float(attention)}
 
 
@@ -90,8 +96,8 @@ def _lora_tokens(path: str, s_i: int, s_t: int) -> int:
     return s_i if "proj_out" in path or "x_embedder" in path else s_t if "context_embedder" in path else 1
 
 
-def flux_train_flops(config, batch_layout, text_len: int, lora: Mapping[str, tuple[int, int, int, int]] = ()
-                     ) -> float:
+def flux_train_flops(config, batch_layout, text_len: int, lora: Mapping[str, tuple[int, int, int, int]] = (),
+                     out_tokens: int | None = None) -> float:
     """FLOPs of one LoRA train step (one optimizer update over the whole global batch; see module docstring).
 
     ``batch_layout``: a ``positions.BatchLayout`` (batch size and padded target + reference lengths) or a tuple
@@ -102,10 +108,16 @@ def flux_train_flops(config, batch_layout, text_len: int, lora: Mapping[str, tup
     else:
         batch, t, r = batch_layout.ids.shape[0], batch_layout.target_len, batch_layout.reference_len
     s_i = t + r
-    macs = flux_forward_macs(config, s_i, text_len)
+    o = t if out_tokens is None else out_tokens  # the train step computes the target tokens' outputs only
+    macs = flux_forward_macs(config, s_i, text_len, o)
     lora_macs = 0.0
     for path, (layers, din, dout, rank) in dict(lora).items():
-        lora_macs += layers * _lora_tokens(path, s_i, text_len) * rank * (din + dout)
+        rows = layers * _lora_tokens(path, s_i, text_len)
+        if path.startswith("single_transformer_blocks.") and not re.search(r"to_k|to_v|norm", path):
+            rows -= s_i + text_len - o  # last single block: query / MLP / output rows of the o tokens only
+        elif path == "proj_out":
+            rows = o
+        lora_macs += rows * rank * (din + dout)
     per_sample = macs["embed"] + 2 * macs["linear"] + 3 * macs["attention"] + 3 * lora_macs
     return 2.0 * batch * per_sample
 

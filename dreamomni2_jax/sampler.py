@@ -132,7 +132,7 @@ def _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidanc
         inp = jnp.concatenate([lat.astype(refs.dtype), refs], axis=1)
         if cfg:
             inp = jnp.concatenate([inp, inp], axis=0)
-        out = model(inp, embeds, pooled, t / 1000.0, img_ids, txt_ids, guidance)[:, :n].astype(jnp.float32)
+        out = model(inp, embeds, pooled, t / 1000.0, img_ids, txt_ids, guidance, n_out=n).astype(jnp.float32)
         if cfg:
             out = out[b:] + cfg_scale * (out[:b] - out[b:])
         jax.debug.callback(tick, i)

@@ -136,8 +136,8 @@ def flow_matching_loss(model, batch: dict, rng: jax.Array, sample_index: jax.Arr
     hidden = jnp.concatenate([x_t, batch["references"].astype(jnp.float32)], axis=1)
     txt_ids = jnp.zeros((t5.shape[1], 3), batch["img_ids"].dtype)
     pred = model(hidden, t5, pooled, sigmas, batch["img_ids"], txt_ids, guidance=cfg.guidance,
-                 attention_mask=mask)
-    err = jnp.square(pred[:, :t].astype(jnp.float32) - (noise - x0))
+                 attention_mask=mask, n_out=t)  # target tokens only: the reference outputs are unused
+    err = jnp.square(pred.astype(jnp.float32) - (noise - x0))
     per_sample = jnp.sum(err * tmask[:, :, None], axis=(1, 2)) / jnp.maximum(tmask.sum(1) * c, 1.0)
     w = loss_weighting(sigmas, cfg.weighting)
     return jnp.mean(w * per_sample), {"sigma_mean": jnp.mean(sigmas), "loss_unweighted": jnp.mean(per_sample)}

@@ -196,3 +196,29 @@ def test_splash_hook_matches_xla_in_interpret_mode():
     got = np.asarray(splash_attention(q, k, v, jnp.asarray(mask), interpret=True))
     want = np.asarray(attention(q, k, v, jnp.asarray(mask), "xla"))
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "blocked"])
+def test_n_out_computes_only_the_first_tokens_and_matches_full_output(impl):
+    """The train loss reads only target tokens: ``n_out`` skips the rest in the last block, same values."""
+    from flax import nnx
+
+    from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
+    from dreamomni2_jax.tiny import FLUX_TINY
+
+    fc = FluxConfig.from_dict(FLUX_TINY)
+    m = FluxTransformer2DModel(fc, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, attention_impl=impl)
+    r = np.random.default_rng(0)
+    n_img, n_txt = 24, 8
+    hs = jnp.asarray(r.standard_normal((2, n_img, fc.in_channels)), jnp.float32)
+    ctx = jnp.asarray(r.standard_normal((2, n_txt, fc.joint_attention_dim)), jnp.float32)
+    pooled = jnp.asarray(r.standard_normal((2, fc.pooled_projection_dim)), jnp.float32)
+    ids = jnp.asarray(r.integers(0, 10, (n_img, 3)), jnp.int32)
+    tids = jnp.zeros((n_txt, 3), jnp.int32)
+    mask = jnp.ones((2, n_img), bool).at[1, -3:].set(False)
+    full = m(hs, ctx, pooled, 0.5, ids, tids, guidance=1.0, attention_mask=mask)
+    part = m(hs, ctx, pooled, 0.5, ids, tids, guidance=1.0, attention_mask=mask, n_out=10)
+    assert full.shape == (2, n_img, fc.out_dim) and part.shape == (2, 10, fc.out_dim)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, :10]), atol=1e-5 * float(jnp.max(jnp.abs(full))))
+    with pytest.raises(ValueError):
+        m(hs, ctx, pooled, 0.5, ids, tids, guidance=1.0, n_out=n_img + 1)

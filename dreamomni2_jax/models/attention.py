@@ -1,7 +1,8 @@
 """Attention kernel dispatch for the Flux transformer.
 
-``attention(q, k, v, mask, impl)`` takes ``[B, S, H, D]`` queries/keys/values (rope already applied) and an
-optional boolean key mask ``[B, S]`` (True = real token) and returns ``[B, S, H, D]``.
+``attention(q, k, v, mask, impl)`` takes ``[B, S, H, D]`` queries/keys/values (rope already applied; queries may
+be fewer, ``[B, Sq, H, D]``, except with splash) and an optional boolean key mask ``[B, S]`` (True = real token)
+and returns ``[B, Sq, H, D]``.
 
 Implementations:
   ``"xla"``    ``jax.nn.dot_product_attention(implementation="xla")``; softmax in float32.
@@ -137,7 +138,7 @@ def blocked_attention(q, k, v, mask=None, block_q: int = BLOCK_Q):
     b, s = q.shape[:2]
     bq = min(block_q, s)
     pad = (-s) % bq
-    bias = (jnp.zeros((b, 1, 1, s), jnp.float32) if mask is None
+    bias = (jnp.zeros((b, 1, 1, k.shape[1]), jnp.float32) if mask is None
             else jnp.where(mask, 0.0, -1e30).astype(jnp.float32)[:, None, None, :])
     qh, kh, vh = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (q, k, v))
     if pad:

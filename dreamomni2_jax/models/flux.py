@@ -105,8 +105,9 @@ def _remat(fn, policy: str):
     return jax.checkpoint(fn, prevent_cse=False, policy=policy)
 
 
-def _scan_blocks(blocks, body, carry, remat: str):
-    """``carry = body(block_i, carry)`` for every layer of a stacked module, as one ``lax.scan``."""
+def _scan_blocks(blocks, body, carry, remat: str, last=None):
+    """``carry = body(block_i, carry)`` for every layer of a stacked module, as one ``lax.scan``; with ``last``,
+    the final layer runs ``last(block, carry)`` instead (outside the scan)."""
     if blocks is None:
         return carry
     graphdef, state = nnx.split(blocks)
@@ -114,8 +115,14 @@ def _scan_blocks(blocks, body, carry, remat: str):
     def step(c, layer_state):
         return body(nnx.merge(graphdef, layer_state), c), None
 
-    carry, _ = jax.lax.scan(_remat(step, remat), carry, state)
-    return carry
+    if last is None:
+        carry, _ = jax.lax.scan(_remat(step, remat), carry, state)
+        return carry
+    n = jax.tree.leaves(state)[0].shape[0]
+    if n > 1:
+        carry, _ = jax.lax.scan(_remat(step, remat), carry, jax.tree.map(lambda a: a[:-1], state))
+    final = lambda c, layer_state: last(nnx.merge(graphdef, layer_state), c)  # noqa: E731
+    return _remat(final, remat)(carry, jax.tree.map(lambda a: a[-1], state))
 
 
 def _as_batch(x, b: int, name: str):
@@ -159,14 +166,15 @@ class FluxTransformer2DModel(nnx.Module):
         self.proj_out = make_linear(dim, c.out_dim, rngs, **kw)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                 guidance=None, attention_mask=None):
+                 guidance=None, attention_mask=None, n_out: int | None = None):
         """Same meaning/units as diffusers: ``hidden_states`` [B, S_img, in_channels] packed latents,
         ``encoder_hidden_states`` [B, S_txt, joint_attention_dim], ``pooled_projections`` [B, pooled_dim],
         ``timestep`` / ``guidance`` scalar or [B] in [0, 1] scale (x1000 inside, in float32 — diffusers first
         rounds them to the model dtype), ``img_ids`` / ``txt_ids`` [S, 3] shared or [B, S, 3] per sample
         (int32/float32). ``attention_mask``: bool [B, S_txt + S_img] or [B, S_img] (text all real), True = real
         token; padded tokens are masked as keys, so real tokens' outputs do not depend on them (outputs at padded
-        positions are garbage). Returns [B, S_img, out_dim] in ``dtype``."""
+        positions are garbage). ``n_out``: return only the first ``n_out`` image tokens (the last single block then
+        computes only their rows: same values, less work). Returns [B, S_img or n_out, out_dim] in ``dtype``."""
         c = self.config
         b, n_img = hidden_states.shape[0], hidden_states.shape[1]
         n_txt = encoder_hidden_states.shape[1]
@@ -186,10 +194,15 @@ class FluxTransformer2DModel(nnx.Module):
             return block(carry[1], carry[0], temb, cos, sin, mask)
 
         ctx, x = _scan_blocks(self.transformer_blocks, double, (ctx, x), self.remat)
+        if n_out is not None and not 0 < n_out <= n_img:
+            raise ValueError(f"n_out must be in [1, {n_img}] (image tokens), got {n_out}")
+        rows = slice(n_txt, n_txt + (n_img if n_out is None else n_out))
         stream = jnp.concatenate([ctx, x], axis=1)
-        stream = _scan_blocks(self.single_transformer_blocks,
-                              lambda block, s: block(s, temb, cos, sin, mask), stream, self.remat)
-        x = stream[:, n_txt:]
+        if self.single_transformer_blocks is None:
+            x = stream[:, rows]
+        else:
+            x = _scan_blocks(self.single_transformer_blocks, lambda block, s: block(s, temb, cos, sin, mask), stream,
+                             self.remat, last=lambda block, s: block(s, temb, cos, sin, mask, rows=rows))
         scale, shift = self.norm_out(temb)  # diffusers AdaLayerNormContinuous: scale first
         return self.proj_out(layer_norm(x) * (1 + scale) + shift)
 

@@ -150,8 +150,16 @@ class FluxAttention(nnx.Module):
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
         return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
 
-    def __call__(self, x, context, cos, sin, mask):
-        """``x`` [B, S, dim] (single: txt+img stream); ``context`` [B, S_txt, dim] or None. Rope over txt+img."""
+    def __call__(self, x, context, cos, sin, mask, rows: slice | None = None):
+        """``x`` [B, S, dim] (single: txt+img stream); ``context`` [B, S_txt, dim] or None. Rope over txt+img.
+
+        ``rows`` (self-attention only): compute the outputs of these query rows only (keys/values stay full)."""
+        if rows is not None and self.attention_impl != "splash":  # splash needs equal q / kv lengths
+            k, v = self.norm_k(self._heads(self.to_k(x))), self._heads(self.to_v(x))
+            q = self.norm_q(self._heads(self.to_q(x[:, rows])))
+            q, k = apply_rope(q, cos[..., rows, :], sin[..., rows, :]), apply_rope(k, cos, sin)
+            out = attention(q, k, v, mask, self.attention_impl)
+            return out.reshape(*out.shape[:2], -1).astype(x.dtype)
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         if context is not None:
             cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
@@ -161,7 +169,7 @@ class FluxAttention(nnx.Module):
         out = attention(q, k, v, mask, self.attention_impl)
         out = out.reshape(*out.shape[:2], -1).astype(x.dtype)
         if context is None:
-            return out
+            return out if rows is None else out[:, rows]
         n_txt = context.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -209,9 +217,12 @@ class FluxSingleTransformerBlock(nnx.Module):
         self.attn = FluxAttention(dim, heads, head_dim, added_kv=False, pre_only=True,
                                   attention_impl=attention_impl, **kw)
 
-    def __call__(self, x, temb, cos, sin, mask):
+    def __call__(self, x, temb, cos, sin, mask, rows: slice | None = None):
+        """``rows``: return only these rows of the stream (same values; the other rows are used as keys/values only)."""
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
+        attn_out = self.attn(h, None, cos, sin, mask, rows=rows)
+        if rows is not None:
+            x, h = x[:, rows], h[:, rows]
         mlp = jax.nn.gelu(self.proj_mlp(h), approximate=True)
-        attn_out = self.attn(h, None, cos, sin, mask)
         return x + gate * self.proj_out(jnp.concatenate([attn_out, mlp], axis=-1))
