@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from dreamomni2_jax.checkpoint import CheckpointError, load_lora
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--format", default="diffusers", choices=FORMATS)
     args = ap.parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a run read-only are noise here
     try:
         summary = export(args.ckpt, args.out, args.step, args.dtype, args.format)
     except (CheckpointError, LoraFileError) as e:

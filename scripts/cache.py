@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="task of records without a 'task' key and with references (default editing)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: orbax/absl install root handlers on import; keep their INFO chatter off and ours on.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("dreamomni2_jax").setLevel(logging.INFO)
     if args.shard_size < 1:
         ap.error("--shard-size must be >= 1")
     try:
