@@ -131,16 +131,6 @@ def infer_config(reader: Reader, layout: str, base=None):
         guidance_embeds=f"{guid}.weight" in reader, axes_dims_rope=base.axes_dims_rope)
 
 
-def _strip_prefix(reader: Reader) -> Reader:
-    if not any(k.startswith(BFL_PREFIX) for k in reader.keys()):
-        return reader
-    others = [k for k in reader.keys() if not k.startswith(BFL_PREFIX)]
-    if others:
-        log.warning("%s: ignoring %d keys outside %r (e.g. %s)", reader.source, len(others), BFL_PREFIX, others[:3])
-    return Reader({k[len(BFL_PREFIX):]: v for k, v in reader.infos.items() if k.startswith(BFL_PREFIX)},
-                  reader.source)
-
-
 def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     """Open ``src``, pick the layout, settle the config and validate everything -> ``(Plan, FluxConfig)``.
 
@@ -152,7 +142,7 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     from dreamomni2_jax.models.flux import FluxConfig, abstract_flux, stacked_counts
 
     src = Path(src)
-    reader = _strip_prefix(open_checkpoint(src))
+    reader = open_checkpoint(src).under_prefix((BFL_PREFIX,))
     layout = detect_layout(reader)
     if isinstance(config, (str, Path)):
         config = FluxConfig.from_json(config)

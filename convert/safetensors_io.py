@@ -8,6 +8,7 @@ so memory use is one tensor at a time. ``write_safetensors`` streams tensors to 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Callable
 
 import ml_dtypes
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -99,6 +102,21 @@ class Reader:
 
     def nbytes(self, key: str) -> int:
         return self.infos[key].nbytes
+
+    def under_prefix(self, prefixes: tuple[str, ...]) -> "Reader":
+        """Keys under the first of ``prefixes`` present, with it stripped (e.g. BFL ``model.diffusion_model.``).
+
+        Keys outside it are left out with a warning naming how many and a few examples; if no prefix is present
+        the reader is returned unchanged.
+        """
+        for prefix in prefixes:
+            if any(k.startswith(prefix) for k in self.infos):
+                others = [k for k in self.infos if not k.startswith(prefix)]
+                if others:
+                    log.warning("%s: ignoring %d keys outside %r (e.g. %s)", self.source, len(others), prefix,
+                                others[:3])
+                return Reader({k[len(prefix):]: v for k, v in self.infos.items() if k.startswith(prefix)}, self.source)
+        return self
 
     def read(self, key: str) -> np.ndarray:
         """Fresh (owned, writable) array for ``key``; reads only that tensor's bytes."""

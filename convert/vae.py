@@ -114,16 +114,6 @@ def detect_layout(reader: Reader) -> str:
                      f"(first keys: {reader.keys()[:5]})")
 
 
-def _strip_prefix(reader: Reader) -> Reader:
-    for prefix in BFL_PREFIXES:
-        if any(k.startswith(prefix) for k in reader.keys()):
-            others = [k for k in reader.keys() if not k.startswith(prefix)]
-            if others:
-                log.warning("%s: ignoring %d keys outside %r (e.g. %s)", reader.source, len(others), prefix, others[:3])
-            return Reader({k[len(prefix):]: v for k, v in reader.infos.items() if k.startswith(prefix)}, reader.source)
-    return reader
-
-
 def _count(reader: Reader, prefix: str) -> int:
     idx = {int(k[len(prefix):].split(".", 1)[0]) for k in reader.keys() if k.startswith(prefix)}
     return max(idx) + 1 if idx else 0
@@ -153,7 +143,7 @@ def build_plan(src: str | Path, config=None, param_dtype=np.float32):
     from dreamomni2_jax.models.vae import VAE, VAEConfig
 
     src = Path(src)
-    reader = _strip_prefix(open_checkpoint(src))
+    reader = open_checkpoint(src).under_prefix(BFL_PREFIXES)
     layout = detect_layout(reader)
     if isinstance(config, (str, Path)):
         config = VAEConfig.from_json(config)

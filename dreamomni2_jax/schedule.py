@@ -25,16 +25,10 @@ import jax.numpy as jnp
 import optax
 
 from dreamomni2_jax.config import OptimConfig
+from dreamomni2_jax.scheduler import calculate_shift  # the Flux dynamic-shift mu, shared with sampling
 
 SAMPLERS = ("uniform", "logit_normal", "mode", "sigmoid_shift")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
-
-
-def calculate_shift(seq_len, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                    max_shift: float = 1.15):
-    """Flux dynamic-shift ``mu`` for an image of ``seq_len`` tokens (diffusers ``calculate_shift``)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return seq_len * m + (base_shift - m * base_seq_len)
 
 
 def time_shift(mu, t, sigma: float = 1.0):

@@ -68,9 +68,12 @@ class FlowMatchConfig:
         return cls.from_dict(json.loads(path.read_text()), source=str(path))
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """``mu`` for dynamic shifting: linear in the target image's token count (diffusers ``calculate_shift``)."""
+def calculate_shift(image_seq_len, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15):
+    """``mu`` for dynamic shifting: linear in the target image's token count (diffusers ``calculate_shift``).
+
+    Plain arithmetic: an int gives a float (sampler), an array gives an array (training's ``sigmoid_shift``).
+    """
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     b = base_shift - m * base_seq_len
     return image_seq_len * m + b

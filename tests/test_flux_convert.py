@@ -119,7 +119,7 @@ def test_bfl_single_file_matches_diffusers(tmp_path):
 
     config = tmp_path / "config.json"  # tiny head_dim / rope axes are not inferable: pass them
     config.write_text(json.dumps({**tiny.FLUX_TINY}))
-    inferred = fc.infer_config(fc._strip_prefix(open_checkpoint(bfl_file)), "bfl",
+    inferred = fc.infer_config(open_checkpoint(bfl_file).under_prefix((fc.BFL_PREFIX,)), "bfl",
                                FluxConfig.from_json(config))
     assert inferred == FluxConfig.from_dict(tiny.FLUX_TINY)
     out = fc.convert(bfl_file, tmp_path / "out", dtype="fp32", config=config, progress=False)
