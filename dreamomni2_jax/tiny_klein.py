@@ -7,9 +7,11 @@ Needs the ``ref`` extra (torch, diffusers, transformers); nothing on the runtime
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
-from dreamomni2_jax.tiny import _randomize, _seed
+from dreamomni2_jax.tiny import _randomize, _seed, save_scheduler
 
 # klein-shaped: no guidance embedder, 4 rope axes summing to head_dim, joint_attention_dim = 3 x Qwen3 hidden.
 FLUX2_TINY = dict(
@@ -45,7 +47,7 @@ VAE2_TINY = dict(
 )
 
 QWEN3_TINY = dict(
-    vocab_size=160,
+    vocab_size=320,  # >= the tiny tokenizer (256 byte symbols + specials + merges)
     hidden_size=32,
     intermediate_size=48,
     num_hidden_layers=4,
@@ -56,7 +58,7 @@ QWEN3_TINY = dict(
     rms_norm_eps=1e-6,
     rope_theta=1000000.0,
     tie_word_embeddings=True,
-    pad_token_id=0,
+    pad_token_id=256,  # <|endoftext|>, the Qwen pad token
 )
 # Hidden-state layers the pipeline concatenates (klein uses (9, 18, 27) of 36); 3 x 32 = FLUX2_TINY joint dim.
 QWEN3_TINY_LAYERS = (1, 2, 3)
@@ -98,3 +100,79 @@ def save_qwen3(out_dir, seed: int = 2, max_shard_size: str = "100KB", **override
     _randomize(model, seed)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     return Path(out_dir)
+
+
+# Qwen3's chat template reduced to what the klein pipeline renders (one user turn, generation prompt, thinking off).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+_MERGES = ("t h", "th e", "Ġ a", "i n", "o n", "e r", "a n", "Ġ th", "Ġth e", "a t", "i s")
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2 / Qwen byte-level alphabet: the unicode symbol of each of the 256 bytes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return [out[b] for b in range(256)]
+
+
+def save_qwen2_tokenizer(out_dir) -> Path:
+    """Byte-level BPE ``Qwen2TokenizerFast`` (every byte + a few merges), Qwen specials and chat template."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {sym: i for i, sym in enumerate(_byte_symbols())}
+    for t in _SPECIALS:
+        vocab[t] = len(vocab)
+    for m in _MERGES:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    assert len(vocab) <= QWEN3_TINY["vocab_size"], len(vocab)
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=[tuple(m.split()) for m in _MERGES], unk_token=None,
+                             eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                             additional_special_tokens=list(_SPECIALS[1:]))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = 512
+    assert tok.pad_token_id == QWEN3_TINY["pad_token_id"]
+    assert tok("<|im_start|>the")["input_ids"] == [vocab["<|im_start|>"], vocab["the"]], "tokenizer vocab not used"
+    tok.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_klein_pipeline(root, seed: int = 0, **transformer_overrides) -> Path:
+    """Write a complete tiny ``Flux2KleinPipeline`` folder at ``root`` (atomically, with diffusers'
+    ``save_pretrained``: its ``model_index.json`` and component layout) and return it."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM
+
+    root = Path(root)
+    if root.exists():
+        raise FileExistsError(f"{root} already exists")
+    tmp = root.with_name(root.name + ".partial")
+    parts = root.with_name(root.name + ".parts")
+    for d in (tmp, parts):
+        shutil.rmtree(d, ignore_errors=True)
+    save_flux2_transformer(parts / "transformer", seed, **transformer_overrides)
+    save_flux2_vae(parts / "vae", seed + 1)
+    save_qwen3(parts / "text_encoder", seed + 2)
+    save_qwen2_tokenizer(parts / "tokenizer")
+    save_scheduler(parts / "scheduler")
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(parts / "scheduler"),
+        vae=AutoencoderKLFlux2.from_pretrained(parts / "vae"),
+        text_encoder=Qwen3ForCausalLM.from_pretrained(parts / "text_encoder"),
+        tokenizer=Qwen2TokenizerFast.from_pretrained(parts / "tokenizer"),
+        transformer=Flux2Transformer2DModel.from_pretrained(parts / "transformer"))
+    pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="200KB")
+    shutil.rmtree(parts)
+    index = json.loads((tmp / "model_index.json").read_text())
+    assert index["_class_name"] == "Flux2KleinPipeline", index
+    tmp.rename(root)
+    return root
