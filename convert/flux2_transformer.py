@@ -131,9 +131,7 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     ``config``: Flux2Config or path to a config.json; by default the folder's config.json (diffusers) or the
     shape-inferred one (BFL). Raises ``ConversionError`` listing every missing / unused / mis-shaped tensor.
     """
-    from flax import nnx
-
-    from dreamomni2_jax.models.flux2 import Flux2Config, abstract_flux2, stacked_counts
+    from dreamomni2_jax.models.flux2 import Flux2Config
 
     src = Path(src)
     reader = open_checkpoint(src).under_prefix((BFL_PREFIX,))
@@ -146,11 +144,20 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
             config = Flux2Config.from_json(folder / "config.json")
         else:
             config = infer_config(reader, layout)
+    return make_plan(reader, layout, config, param_dtype), config
+
+
+def make_plan(reader: Reader, layout: str, config, param_dtype=ml_dtypes.bfloat16) -> Plan:
+    """The validated plan for ``reader`` (``layout`` "diffusers" | "bfl") into a model of ``config``."""
+    from flax import nnx
+
+    from dreamomni2_jax.models.flux2 import abstract_flux2, stacked_counts
+
     model = abstract_flux2(config, dtype=param_dtype, param_dtype=param_dtype)
     spec = target_spec(nnx.state(model, nnx.Param), stacked_counts(config))
     rules = (bfl_rules if layout == "bfl" else diffusers_rules)(config.guidance_embeds)
     counts = {"i": config.num_layers, "j": config.num_single_layers}
-    return Plan(reader, expand(rules, counts), spec), config
+    return Plan(reader, expand(rules, counts), spec)
 
 
 def convert(src: str | Path, out: str | Path, dtype: str = "bf16", config=None, overwrite: bool = False,
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         config_help="Flux2Transformer2DModel config.json overriding the inferred one")
 
 
-__all__ = ["build_plan", "convert", "main", "diffusers_rules", "bfl_rules", "infer_config"]
+__all__ = ["build_plan", "make_plan", "convert", "main", "diffusers_rules", "bfl_rules", "infer_config"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -120,7 +120,8 @@ def validate_source(src: str | Path) -> dict:
                 problems.append(f"{folder}: component {c.name!r} has no tokenizer files "
                                 f"(expected one of {[list(g) for g in _TOKENIZER_FILES[c.name]]})")
     if problems:
-        raise ValueError(f"{src}: not a usable diffusers {index.get('_class_name') or 'Flux Kontext'} folder ({len(problems)} problem(s)):\n  "
+        what = index.get("_class_name") or "Flux Kontext"
+        raise ValueError(f"{src}: not a usable diffusers {what} folder ({len(problems)} problem(s)):\n  "
                          + "\n  ".join(problems))
     return index
 

@@ -45,10 +45,6 @@ def read_config(folder: Path):
 
 def build_plan(src: str | Path, param_dtype=ml_dtypes.bfloat16):
     """Validate ``src`` against the config's model -> ``(Plan, Qwen3Config)`` (nothing read yet)."""
-    from flax import nnx
-
-    from dreamomni2_jax.models.qwen3 import Qwen3Model, stacked_counts
-
     src = Path(src)
     cfg = read_config(src if src.is_dir() else src.parent)
     reader = open_checkpoint(src)
@@ -58,9 +54,18 @@ def build_plan(src: str | Path, param_dtype=ml_dtypes.bfloat16):
     if "lm_head.weight" in reader:
         log.info("%s: skipping lm_head.weight (encoder only)", reader.source)
         ignore.append(r"lm_head\.weight")
+    return make_plan(reader, cfg, param_dtype, ignore), cfg
+
+
+def make_plan(reader: Reader, cfg, param_dtype=ml_dtypes.bfloat16, ignore=()) -> Plan:
+    """The validated plan for ``reader`` (keys without the ``model.`` prefix) into a model of ``cfg``."""
+    from flax import nnx
+
+    from dreamomni2_jax.models.qwen3 import Qwen3Model, stacked_counts
+
     abstract = nnx.eval_shape(lambda: Qwen3Model(cfg, dtype=param_dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     spec = target_spec(nnx.state(abstract, nnx.Param), stacked_counts(cfg))
-    return Plan(reader, expand(rules(cfg), {"i": cfg.num_hidden_layers}), spec, ignore=ignore), cfg
+    return Plan(reader, expand(rules(cfg), {"i": cfg.num_hidden_layers}), spec, ignore=ignore)
 
 
 def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False,

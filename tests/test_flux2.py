@@ -16,6 +16,7 @@ from dreamomni2_jax import positions_flux2 as P2
 from dreamomni2_jax.models.flux2 import Flux2Config, load_flux2
 from dreamomni2_jax.positions import SampleLayout
 from dreamomni2_jax.tiny_klein import FLUX2_TINY, save_flux2_transformer
+from _fixtures_klein import meta_reader
 
 TXT = 7
 LAYOUT = SampleLayout(target=(4, 6), references=((4, 4), (2, 6)))
@@ -180,10 +181,13 @@ def _to_bfl(sd: dict, n_double: int, n_single: int) -> dict:
             out[f"{v}.weight"] = sd[f"{k}.weight"]
     scale, shift = sd["norm_out.linear.weight"].chunk(2, 0)
     out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale], 0)
-    dmap = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+    dmap = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+            "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
             "attn.to_out.0.weight": "img_attn.proj.weight", "ff.linear_in.weight": "img_mlp.0.weight",
-            "ff.linear_out.weight": "img_mlp.2.weight", "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
-            "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale", "attn.to_add_out.weight": "txt_attn.proj.weight",
+            "ff.linear_out.weight": "img_mlp.2.weight",
+            "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+            "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+            "attn.to_add_out.weight": "txt_attn.proj.weight",
             "ff_context.linear_in.weight": "txt_mlp.0.weight", "ff_context.linear_out.weight": "txt_mlp.2.weight"}
     for i in range(n_double):
         d = f"transformer_blocks.{i}."
@@ -197,3 +201,22 @@ def _to_bfl(sd: dict, n_double: int, n_single: int) -> dict:
         for k, v in smap.items():
             out[f"single_blocks.{j}.{v}"] = sd[f"single_transformer_blocks.{j}.{k}"]
     return out
+
+
+@pytest.mark.parametrize("name", ["klein-4b", "klein-9b", "dev"])
+def test_published_configs_match_diffusers_modules_at_full_size(name):
+    """Every tensor of the full-size diffusers model (meta device) maps onto our model, shapes checked; BFL too."""
+    from diffusers import Flux2Transformer2DModel as TorchFlux2
+
+    from convert.flux2_transformer import make_plan
+    from dreamomni2_jax.models.flux2 import FLUX2_PRESETS
+
+    cfg = FLUX2_PRESETS[name]
+    with torch.device("meta"):
+        ref = TorchFlux2(**{k: v for k, v in cfg.to_dict().items() if not k.startswith("_")})
+    plan = make_plan(meta_reader(ref), "diffusers", cfg)  # raises ConversionError listing any mismatch
+    n_ref = sum(p.numel() for p in ref.parameters())
+    assert plan.num_sources == len(ref.state_dict())
+    print(f"{name}: {n_ref / 1e9:.2f} B params")
+    if name == "klein-4b":
+        assert 3.5e9 < n_ref < 4.5e9

@@ -48,7 +48,8 @@ def test_layout_family_and_weights(klein):
     te = load_qwen3(out / "text_encoder", jnp.float32)
     np.testing.assert_array_equal(np.asarray(te.norm.scale[...]), pipe.text_encoder.model.norm.weight.detach().numpy())
     tr = load_flux2(out / "transformer", dtype=jnp.float32)
-    np.testing.assert_array_equal(np.asarray(tr.proj_out.kernel[...]), pipe.transformer.proj_out.weight.detach().numpy().T)
+    np.testing.assert_array_equal(np.asarray(tr.proj_out.kernel[...]),
+                                  pipe.transformer.proj_out.weight.detach().numpy().T)
 
 
 def test_prompt_embeds_match_pipeline_encode_prompt(klein):
@@ -73,7 +74,7 @@ def test_reference_latents_match_prepare_image_latents(klein):
 
     _, out, pipe = klein
     rng = np.random.default_rng(0)
-    images = [rng.uniform(-1, 1, (1, 3, 32, 48)).astype(np.float32), rng.uniform(-1, 1, (1, 3, 48, 16)).astype(np.float32)]
+    images = [rng.uniform(-1, 1, (1, 3, h, w)).astype(np.float32) for h, w in ((32, 48), (48, 16))]
     with torch.no_grad():
         want, want_ids = pipe.prepare_image_latents([torch.from_numpy(x) for x in images], 1, None,
                                                     torch.device("cpu"), torch.float32)

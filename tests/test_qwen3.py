@@ -11,6 +11,7 @@ from flax import nnx
 from convert.qwen3 import main as convert_main
 from dreamomni2_jax.models.qwen3 import Qwen3Config, load_qwen3, prompt_embeds
 from dreamomni2_jax.tiny_klein import QWEN3_TINY, QWEN3_TINY_LAYERS, save_qwen3
+from _fixtures_klein import meta_reader
 
 S = 12
 
@@ -115,3 +116,19 @@ def test_unsupported_configs_are_refused():
         Qwen3Config.from_dict({**base, "use_sliding_window": True})
     cfg = Qwen3Config.from_dict({**base, "rope_theta": 5.0})  # transformers 4 layout
     assert cfg.rope_theta == 5.0 and cfg.num_key_value_heads == 4 and cfg.head_dim == 8  # transformers' defaults
+
+
+@pytest.mark.parametrize("name", ["klein-4b", "klein-9b"])
+def test_klein_text_encoder_configs_match_transformers_at_full_size(name):
+    """Qwen3-4B / Qwen3-8B (meta device): every tensor maps onto our model with the right shape."""
+    from transformers import Qwen3Config as TorchQwen3Config
+    from transformers import Qwen3Model as TorchQwen3
+
+    from convert.qwen3 import make_plan
+    from dreamomni2_jax.models.qwen3 import QWEN3_PRESETS
+
+    cfg = QWEN3_PRESETS[name]
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "model_type", "rope_theta")}
+    with torch.device("meta"):
+        ref = TorchQwen3(TorchQwen3Config(**d, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}))
+    make_plan(meta_reader(ref), cfg)

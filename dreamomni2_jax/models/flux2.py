@@ -89,6 +89,16 @@ class Flux2Config:
         return {"_class_name": "Flux2Transformer2DModel", **d}
 
 
+# Published transformer configs (diffusers ``transformer/config.json``); [klein] "Base" checkpoints share the shapes.
+FLUX2_PRESETS = {
+    "dev": Flux2Config(),
+    "klein-4b": Flux2Config(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+                            guidance_embeds=False),
+    "klein-9b": Flux2Config(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
+                            guidance_embeds=False),
+}
+
+
 class Flux2Transformer2DModel(nnx.Module):
     """FLUX.2 transformer. ``dtype`` = compute dtype, ``param_dtype`` = storage dtype (norm scales stay float32).
 

@@ -85,6 +85,11 @@ class Qwen3Config:
                 **dataclasses.asdict(self)}
 
 
+# The klein text encoders: Qwen3-4B (klein 4B) and Qwen3-8B (klein 9B).
+QWEN3_PRESETS = {"klein-4b": Qwen3Config(),
+                 "klein-9b": Qwen3Config(hidden_size=4096, intermediate_size=12288)}
+
+
 def _linear(din, dout, bias, *, dtype, param_dtype, rngs):
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
