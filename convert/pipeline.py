@@ -1,4 +1,4 @@
-"""Convert a local diffusers Flux Kontext pipeline folder into one converted model folder.
+"""Convert a local diffusers Flux Kontext (or FLUX.2 [klein]) pipeline folder into one converted model folder.
 
     python convert/pipeline.py --src FOLDER --out OUT [--dtype bf16|fp32] [--small-dtype fp32|bf16]
 
@@ -8,7 +8,11 @@ component or a wrong ``_class_name`` / ``architectures`` raises one error naming
 OUT: ``transformer/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/`` converted (``params/`` Orbax +
 ``config.json`` each), ``tokenizer/``, ``tokenizer_2/``, ``scheduler/`` copied, the source ``model_index.json``
 and ``manifest.json`` (what is there, dtypes, source). ``--dtype`` is for the transformer and T5 (default bf16),
-``--small-dtype`` for the VAE and CLIP (default fp32). Each component is written to a temp folder and renamed;
+``--small-dtype`` for the VAE and CLIP (default fp32).
+A ``Flux2KleinPipeline`` folder (``model_index.json`` ``_class_name``) has ``transformer/`` (FLUX.2), ``vae/``
+(``AutoencoderKLFlux2``), ``text_encoder/`` (Qwen3, ``--dtype``), ``tokenizer/`` (Qwen2) and ``scheduler/``. The
+model family (``flux1`` / ``flux2-klein``) is recorded in the manifest (:func:`read_family`), so later commands
+read it from the converted folder. Each component is written to a temp folder and renamed;
 a re-run skips components already present (a dtype mismatch is an error unless ``--overwrite``), so an
 interrupted run resumes and never leaves partial outputs. The manifest is written last.
 """
@@ -30,7 +34,7 @@ from convert import table
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "dreamomni2-jax-converted-pipeline"
-PIPELINE_CLASSES = ("FluxKontextPipeline", "FluxPipeline")
+PIPELINE_CLASSES = ("FluxKontextPipeline", "FluxPipeline", "Flux2KleinPipeline")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Component:
     config_file: str | None  # file whose class is checked (None: tokenizer, checked by files)
     converter: str | None  # "convert.<module>" or None for a copied folder
     big: bool = False  # uses --dtype (else --small-dtype)
+    aliases: tuple[str, ...] = ()  # other accepted model_index.json class names (e.g. transformers 5 renames)
 
 
 COMPONENTS = (
@@ -52,8 +57,23 @@ COMPONENTS = (
     Component("tokenizer_2", "transformers", "T5TokenizerFast", None, None),
     Component("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler", "scheduler_config.json", None),
 )
-_TOKENIZER_FILES = {"tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+_TOKENIZER_FILES = {"tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),  # CLIP or Qwen2
                     "tokenizer_2": (("tokenizer.json",), ("spiece.model",))}
+
+KLEIN_COMPONENTS = (
+    Component("transformer", "diffusers", "Flux2Transformer2DModel", "config.json", "flux2_transformer", big=True),
+    Component("vae", "diffusers", "AutoencoderKLFlux2", "config.json", "vae2"),
+    Component("text_encoder", "transformers", "Qwen3ForCausalLM", "config.json", "qwen3", big=True),
+    Component("tokenizer", "transformers", "Qwen2TokenizerFast", None, None, aliases=("Qwen2Tokenizer",)),
+    Component("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler", "scheduler_config.json", None),
+)
+# model_index.json _class_name -> (model family recorded in the manifest, components)
+FAMILIES = {"FluxKontextPipeline": ("flux1", COMPONENTS), "FluxPipeline": ("flux1", COMPONENTS),
+            "Flux2KleinPipeline": ("flux2-klein", KLEIN_COMPONENTS)}
+
+
+def _family(index: dict) -> tuple[str, tuple[Component, ...]]:
+    return FAMILIES.get(index.get("_class_name"), FAMILIES["FluxKontextPipeline"])
 
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
@@ -76,10 +96,10 @@ def validate_source(src: str | Path) -> dict:
     if index and index.get("_class_name") not in PIPELINE_CLASSES:
         problems.append(f"{src / 'model_index.json'}: _class_name is {index.get('_class_name')!r}, "
                         f"expected one of {list(PIPELINE_CLASSES)}")
-    for c in COMPONENTS:
+    for c in _family(index)[1]:
         folder = src / c.name
         entry = index.get(c.name)
-        if index and (not isinstance(entry, list) or len(entry) != 2 or entry[1] != c.class_name):
+        if index and (not isinstance(entry, list) or len(entry) != 2 or entry[1] not in (c.class_name, *c.aliases)):
             problems.append(f"{src / 'model_index.json'}: component {c.name!r} is {entry!r}, "
                             f"expected [{c.library!r}, {c.class_name!r}]")
         if not folder.is_dir():
@@ -100,7 +120,8 @@ def validate_source(src: str | Path) -> dict:
                 problems.append(f"{folder}: component {c.name!r} has no tokenizer files "
                                 f"(expected one of {[list(g) for g in _TOKENIZER_FILES[c.name]]})")
     if problems:
-        raise ValueError(f"{src}: not a usable diffusers Flux Kontext folder ({len(problems)} problem(s)):\n  "
+        what = index.get("_class_name") or "Flux Kontext"
+        raise ValueError(f"{src}: not a usable diffusers {what} folder ({len(problems)} problem(s)):\n  "
                          + "\n  ".join(problems))
     return index
 
@@ -122,12 +143,13 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _check_existing(out: Path, dtype: str, small_dtype: str, overwrite: bool) -> None:
+def _check_existing(out: Path, dtype: str, small_dtype: str, overwrite: bool,
+                    components: tuple[Component, ...] = COMPONENTS) -> None:
     """Before writing anything: components already in ``out`` must match the requested dtypes."""
     if overwrite:
         return
     problems = []
-    for c in COMPONENTS:
+    for c in components:
         dst = out / c.name
         if c.converter is None or not dst.exists():
             continue
@@ -157,16 +179,17 @@ def convert_pipeline(src: str | Path, out: str | Path, dtype: str = "bf16", smal
             raise ValueError(f"{name} must be 'bf16' or 'fp32', got {v!r}")
     src, out = Path(src).absolute(), Path(out).absolute()
     index = validate_source(src)
-    _check_existing(out, dtype, small_dtype, overwrite)
+    family, parts = _family(index)
+    _check_existing(out, dtype, small_dtype, overwrite, parts)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*")]:  # leftovers of an interrupted run
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     if (out / MANIFEST).exists():
         (out / MANIFEST).unlink()  # the manifest marks a complete folder; it is rewritten at the end
     components = {}
-    for k, c in enumerate(COMPONENTS, 1):
+    for k, c in enumerate(parts, 1):
         dst, want = out / c.name, (dtype if c.big else small_dtype) if c.converter else None
-        tag = f"[{k}/{len(COMPONENTS)}] {c.name}"
+        tag = f"[{k}/{len(parts)}] {c.name}"
         if c.converter is None:
             if dst.exists() and overwrite:
                 shutil.rmtree(dst)
@@ -188,7 +211,8 @@ def convert_pipeline(src: str | Path, out: str | Path, dtype: str = "bf16", smal
                               "converter": f"convert.{c.converter}"}
     _write_json(out / "model_index.json", index)
     _write_json(out / MANIFEST, {"format": FORMAT, "version": 1, "source": str(src),
-                                 "pipeline_class": index.get("_class_name"), "components": components})
+                                 "pipeline_class": index.get("_class_name"), "family": family,
+                                 "components": components})
     return out
 
 
@@ -206,11 +230,20 @@ def read_manifest(path: str | Path) -> dict | None:
     return m if m.get("format") == FORMAT else None
 
 
+def read_family(path: str | Path) -> str:
+    """Model family of a converted pipeline folder: ``"flux1"`` or ``"flux2-klein"`` (manifests written before the
+    family was recorded are FLUX.1). Raises ``ValueError`` when ``path`` is not a complete converted folder."""
+    m = read_manifest(path)
+    if m is None:
+        raise ValueError(f"{path}: not a converted pipeline folder (no {MANIFEST}; run convert/pipeline.py)")
+    return m.get("family", "flux1")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", required=True, help="local diffusers Flux Kontext pipeline folder")
+    ap.add_argument("--src", required=True, help="local diffusers Flux Kontext / FLUX.2 [klein] pipeline folder")
     ap.add_argument("--out", required=True, help="converted folder (created; re-runs skip finished components)")
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="transformer and T5 params")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="transformer and T5 / Qwen3 params")
     ap.add_argument("--small-dtype", default="fp32", choices=("bf16", "fp32"), help="VAE and CLIP params")
     ap.add_argument("--overwrite", action="store_true", help="reconvert components already present")
     ap.add_argument("--no-progress", action="store_true")

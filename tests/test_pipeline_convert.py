@@ -35,6 +35,7 @@ def test_layout_manifest_and_weights(converted, tiny_pipeline_dir):
     assert cpipe.is_converted_pipeline(converted)
     manifest = cpipe.read_manifest(converted)
     assert manifest["pipeline_class"] == "FluxKontextPipeline"
+    assert manifest["family"] == cpipe.read_family(converted) == "flux1"
     assert {c: manifest["components"][c].get("dtype") for c in MODELS} == {
         "transformer": "bf16", "vae": "fp32", "text_encoder": "fp32", "text_encoder_2": "bf16"}
     for c in MODELS:

@@ -1,0 +1,99 @@
+"""A tiny random ``Flux2KleinPipeline`` folder written by diffusers -> convert/pipeline.py -> our components give the
+pipeline's prompt embeddings and latent tokens; the model family is recorded in the converted folder."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convert import pipeline as cpipe
+from convert import table
+from dreamomni2_jax import text_klein
+from dreamomni2_jax.models.flux2 import load_flux2
+from dreamomni2_jax.models.qwen3 import load_qwen3
+from dreamomni2_jax.models.vae2 import encode_tokens, load_vae2
+from dreamomni2_jax.tiny_klein import QWEN3_TINY_LAYERS, build_klein_pipeline
+
+MODELS = ("transformer", "vae", "text_encoder")
+PROMPTS = ["a cat", "a photo of the cat"]
+MAX_LEN = 48
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    from diffusers import Flux2KleinPipeline
+
+    src = build_klein_pipeline(tmp_path_factory.mktemp("klein") / "flux2-klein", seed=0)
+    out = src.parent / "flux2-klein-jax"
+    assert cpipe.main(["--src", str(src), "--out", str(out), "--dtype", "fp32", "--no-progress"]) == 0
+    return src, out, Flux2KleinPipeline.from_pretrained(src, torch_dtype=torch.float32)
+
+
+def test_layout_family_and_weights(klein):
+    src, out, pipe = klein
+    manifest = cpipe.read_manifest(out)
+    assert manifest["pipeline_class"] == "Flux2KleinPipeline"
+    assert manifest["family"] == cpipe.read_family(out) == "flux2-klein"
+    assert {c: manifest["components"][c]["dtype"] for c in MODELS} == {c: "fp32" for c in MODELS}
+    assert sorted(manifest["components"]) == sorted([*MODELS, "tokenizer", "scheduler"])
+    for c in MODELS:
+        assert table.is_converted(out / c)
+    for c in ("tokenizer", "scheduler"):
+        for f in (src / c).rglob("*"):
+            assert (out / c / f.relative_to(src / c)).read_bytes() == f.read_bytes()
+    te = load_qwen3(out / "text_encoder", jnp.float32)
+    np.testing.assert_array_equal(np.asarray(te.norm.scale[...]), pipe.text_encoder.model.norm.weight.detach().numpy())
+    tr = load_flux2(out / "transformer", dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(tr.proj_out.kernel[...]),
+                                  pipe.transformer.proj_out.weight.detach().numpy().T)
+
+
+def test_prompt_embeds_match_pipeline_encode_prompt(klein):
+    _, out, pipe = klein
+    with torch.no_grad():
+        want, want_ids = pipe.encode_prompt(PROMPTS, device=torch.device("cpu"), max_sequence_length=MAX_LEN,
+                                            text_encoder_out_layers=QWEN3_TINY_LAYERS)
+    tok = text_klein.load_tokenizer(out / "tokenizer")
+    ids, mask = text_klein.tokenize(tok, PROMPTS, MAX_LEN)
+    assert mask[0].sum() < mask[1].sum() < MAX_LEN  # right padding exercised, different lengths
+    got = text_klein.encode_prompt(load_qwen3(out / "text_encoder", jnp.float32), tok, PROMPTS, MAX_LEN,
+                                   QWEN3_TINY_LAYERS)
+    assert got.shape == want.shape
+    assert float(np.abs(np.asarray(got) - want.numpy()).max() / np.abs(want.numpy()).max()) <= 1e-4
+    from dreamomni2_jax.positions_flux2 import text_ids
+    np.testing.assert_array_equal(text_ids(MAX_LEN), want_ids[0].numpy())
+
+
+def test_reference_latents_match_prepare_image_latents(klein):
+    """Two references of different sizes: packed tokens and ids as ``prepare_image_latents`` builds them."""
+    from dreamomni2_jax import positions_flux2 as P2
+
+    _, out, pipe = klein
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(-1, 1, (1, 3, h, w)).astype(np.float32) for h, w in ((32, 48), (48, 16))]
+    with torch.no_grad():
+        want, want_ids = pipe.prepare_image_latents([torch.from_numpy(x) for x in images], 1, None,
+                                                    torch.device("cpu"), torch.float32)
+    vae = load_vae2(out / "vae", jnp.float32)
+    got = np.concatenate([np.asarray(encode_tokens(vae, jnp.asarray(x.transpose(0, 2, 3, 1)))) for x in images], 1)
+    assert float(np.abs(got - want.numpy()).max() / np.abs(want.numpy()).max()) <= 1e-4
+    np.testing.assert_array_equal(P2.reference_ids([(4, 6), (6, 2)]), want_ids[0].numpy())
+
+
+def test_bad_klein_folder_names_every_problem(klein, tmp_path):
+    src = tmp_path / "bad"
+    shutil.copytree(klein[0], src)
+    index = json.loads((src / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "T5EncoderModel"]
+    (src / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(src / "vae")
+    with pytest.raises(ValueError) as e:
+        cpipe.validate_source(src)
+    msg = str(e.value)
+    assert "Flux2KleinPipeline" in msg and "'text_encoder'" in msg and "vae" in msg
+    with pytest.raises(ValueError, match="not a converted pipeline"):
+        cpipe.read_family(tmp_path)

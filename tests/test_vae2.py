@@ -1,0 +1,80 @@
+"""FLUX.2 VAE (Flax NNX) vs diffusers ``AutoencoderKLFlux2`` and the ``Flux2KleinPipeline`` latent normalisation,
+on a tiny random checkpoint through our converter."""
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convert.table import ConversionError
+from convert.vae2 import main as convert_main
+from dreamomni2_jax import positions_flux2 as P2
+from dreamomni2_jax.models.vae2 import Flux2VAEConfig, encode_tokens, load_vae2
+from dreamomni2_jax.tiny_klein import save_flux2_vae
+
+
+@pytest.fixture(scope="module")
+def vae2(tmp_path_factory):
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+
+    src = save_flux2_vae(tmp_path_factory.mktemp("vae2") / "vae", seed=1)
+    out = src.parent / "converted"
+    assert convert_main(["--src", str(src), "--out", str(out), "--no-progress"]) == 0
+    ref = AutoencoderKLFlux2.from_pretrained(src, torch_dtype=torch.float32).eval()
+    pipe = object.__new__(Flux2KleinPipeline)  # the latent helpers need only `vae`
+    pipe.vae = ref
+    return src, out, pipe, load_vae2(out, dtype=jnp.float32)
+
+
+def _rel(got, want):
+    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+
+
+def test_encode_tokens_match_klein_pipeline(vae2):
+    src, out, pipe, model = vae2
+    assert model.flux2_config == Flux2VAEConfig.from_json(src / "config.json")
+    assert json.loads((out / "config.json").read_text())["_class_name"] == "AutoencoderKLFlux2"
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 48)).astype(np.float32)
+    with torch.no_grad():
+        want = pipe._pack_latents(pipe._encode_vae_image(torch.from_numpy(images), generator=None)).numpy()
+    got = encode_tokens(model, jnp.asarray(images.transpose(0, 2, 3, 1)), batch_chunk=1)
+    assert got.shape == want.shape == (2, 2 * 3, 16)
+    assert _rel(got, want) <= 1e-4
+    np.testing.assert_array_equal(np.asarray(model.bn.running_var[...]), pipe.vae.bn.running_var.numpy())
+
+
+def test_decode_tokens_match_klein_pipeline(vae2):
+    _, _, pipe, model = vae2
+    tokens = np.random.default_rng(1).standard_normal((2, 2 * 3, 16)).astype(np.float32)
+    with torch.no_grad():  # the tail of Flux2KleinPipeline.__call__
+        ids = torch.from_numpy(P2.target_ids(4, 6))[None].expand(2, -1, -1)
+        lat = pipe._unpack_latents_with_ids(torch.from_numpy(tokens), ids, 2, 3)
+        mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+        want = pipe.vae.decode(pipe._unpatchify_latents(lat * std + mean), return_dict=False)[0].numpy()
+    got = model.decode_tokens(jnp.asarray(tokens), 4, 6)
+    assert _rel(np.asarray(got).transpose(0, 3, 1, 2), want) <= 1e-4
+
+
+def test_converter_checks_class_and_tensors(vae2, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = vae2[0]
+    bad = tmp_path / "vae"
+    bad.mkdir()
+    sd = load_file(str(next(src.glob("*.safetensors"))))
+    assert "bn.num_batches_tracked" in sd  # skipped on purpose
+    del sd["bn.running_var"]
+    save_file(sd, str(bad / "diffusion_pytorch_model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="bn.running_var"):
+        load_vae2(bad)
+    (bad / "config.json").write_text(json.dumps({**cfg, "_class_name": "AutoencoderKL"}))
+    with pytest.raises(ValueError, match="AutoencoderKLFlux2"):
+        load_vae2(bad)
+    with pytest.raises(ValueError, match="decoder_block_out_channels"):
+        Flux2VAEConfig.from_dict({**cfg, "decoder_block_out_channels": [8, 8, 16, 16]})
