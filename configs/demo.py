@@ -14,7 +14,7 @@ def get_config() -> Config:
                           attention="auto", remat="none", position_scheme="dreamomni2", guidance=1.0),
         lora=LoraConfig(rank=4, alpha=4.0, preset="attention"),
         data=DataConfig(cache_dir="demo_out/cache", batch_size=2, max_refs=3, target_max_area=128 * 128,
-                        min_image_size=32, batching="pad", num_workers=0, max_sequence_length=32,
+                        reference_max_area=128 * 128, min_image_size=32, batching="pad", num_workers=0, max_sequence_length=32,
                         synthetic_resolution=(128, 128), synthetic_refs=((128, 128), (96, 128))),
         optim=OptimConfig(lr=1e-3, warmup_steps=2, schedule="cosine", grad_clip=1.0),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed="off"),

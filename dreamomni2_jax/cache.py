@@ -31,12 +31,12 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from dreamomni2_jax.images import (BadInput, Record, check_record, open_image, read_inputs, reference_size,
-                                   target_size)
+from dreamomni2_jax.images import (BadInput, Record, check_record, editing_size, open_image, read_inputs,
+                                   reference_size, target_size)
 
 log = logging.getLogger(__name__)
 FORMAT = "dreamomni2-cache"
-VERSION = 1
+VERSION = 2  # 2: editing source and target resized together (v1 caches trained on misaligned pairs)
 _MAGIC = b"DO2R"
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one record per chunk: cheap random access
 
@@ -189,6 +189,7 @@ class CacheSettings:
     reference_max_area: int
     min_image_size: int
     max_refs: int
+    pair_aspect_tolerance: float
     max_sequence_length: int
     shard_size: int
     default_task: str = "editing"
@@ -200,8 +201,8 @@ class CacheSettings:
         model = str(Path(cfg.model.path).resolve()) if cfg.model.path else ""
         return cls(inputs=str(Path(data).resolve()), model=model,
                    dtype=cfg.model.param_dtype, target_max_area=d.target_max_area,
-                   reference_max_area=d.reference_max_area or d.target_max_area,
-                   min_image_size=d.min_image_size, max_refs=d.max_refs, max_sequence_length=d.max_sequence_length,
+                   reference_max_area=d.reference_max_area, min_image_size=d.min_image_size, max_refs=d.max_refs,
+                   pair_aspect_tolerance=d.pair_aspect_tolerance, max_sequence_length=d.max_sequence_length,
                    shard_size=shard_size, default_task=default_task, enhancer=str(enhancer or ""))
 
 
@@ -245,13 +246,26 @@ def _resized(img, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img if img.size == size else img.resize(size, resample=Image.Resampling.LANCZOS))
 
 
+def _check(rec: Record, s: CacheSettings) -> None:
+    check_record(rec, s.max_refs, s.min_image_size, default_task=s.default_task,
+                 aspect_tolerance=s.pair_aspect_tolerance)
+
+
 def _prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared:
-    check_record(rec, s.max_refs, s.min_image_size)
+    """Editing: target and source resized together to :func:`editing_size` of the source at the target area
+    (pixel-aligned pair); generation: target to its own aspect at the target area. Other references: Kontext
+    resolutions at the reference area."""
+    _check(rec, s)
     tgt = open_image(rec.target, rec.where, s.min_image_size)
     refs = [open_image(p, rec.where, s.min_image_size) for p in rec.references]
-    pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
-    pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple)) for r in refs]
-    return _Prepared(rec, rec.instruction.strip(), rec.resolved_task(s.default_task), pixels, refs)
+    task = rec.resolved_task(s.default_task)
+    if task == "editing":
+        size = editing_size(*refs[0].size, s.target_max_area, multiple)
+        pixels = [_resized(tgt, size), _resized(refs[0], size)]
+    else:
+        pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
+    pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple)) for r in refs[len(pixels) - 1:]]
+    return _Prepared(rec, rec.instruction.strip(), task, pixels, refs)
 
 
 def _try_prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared | BadInput:
@@ -328,7 +342,7 @@ def build_cache(
     pre_bad: list[dict] = [_bad_entry(e, None) for e in parse_bad]
     if not skip_bad:  # cheap checks of everything before hours of encoding
         for rec in records:
-            check_record(rec, settings.max_refs, settings.min_image_size)
+            _check(rec, settings)
     chunks = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     todo = []
     for k, chunk in enumerate(chunks):

@@ -122,8 +122,13 @@ class DataConfig(_Section):
     cache_dir: str = ""  # output of scripts/cache.py; empty -> synthetic batches (benchmarks, smoke runs)
     batch_size: int = 1  # global batch size (all hosts and devices)
     max_refs: int = 3
-    target_max_area: int = 1024 * 1024  # pixels; targets are resized to fit, keeping aspect
-    reference_max_area: int = 0  # pixels; 0 -> target_max_area. >= 1024**2 gives the exact Kontext resolutions
+    # pixels. Generation targets are resized to this area keeping their aspect; an editing target and its source
+    # (first reference) are resized together to the source's Kontext resolution scaled to this area.
+    target_max_area: int = 1024 * 1024
+    # pixels; the other references (Kontext resolutions, ~1 MP as in the official pipelines), independent of the
+    # target area. >= 1024**2 gives the exact Kontext resolutions; smaller scales them down (tiny configs).
+    reference_max_area: int = 1024 * 1024
+    pair_aspect_tolerance: float = 0.02  # editing target vs source aspect ratio, relative; above: bad input
     min_image_size: int = 64  # pixels, shorter side; smaller inputs are bad input
     batching: str = "bucket"  # bucket (same shapes per batch) | pad (pad to batch max, token masks)
     pad_multiple: int = 1  # batching="pad": round token counts up to a multiple (fewer recompiles)
@@ -139,7 +144,9 @@ class DataConfig(_Section):
         _positive("data.max_refs", self.max_refs)
         _choice("data.batching", self.batching, ("bucket", "pad"))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
-        _positive("data.reference_max_area", self.reference_max_area, allow_zero=True)
+        _positive("data.target_max_area", self.target_max_area)
+        _positive("data.reference_max_area", self.reference_max_area)
+        _positive("data.pair_aspect_tolerance", self.pair_aspect_tolerance, allow_zero=True)
         _positive("data.pad_multiple", self.pad_multiple)
         if not 0 <= self.caption_dropout <= 1:
             raise ConfigError(f"data.caption_dropout={self.caption_dropout} must be in [0, 1]")

@@ -92,7 +92,7 @@ class ValidationHook:
         self.model_dir = Path(model_dir)
         self.run_dir = Path(run_dir)
         self.row_height = row_height
-        self.reference_area = getattr(cfg.data, "reference_max_area", 0) or cfg.data.target_max_area
+        self.reference_area = cfg.data.reference_max_area
         self._pipe = None
         self._writer = None
         if self.enabled:

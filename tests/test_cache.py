@@ -118,9 +118,10 @@ def test_cached_latents_equal_direct_vae_encode(tiny_cache, tiny_converted_dir):
         paths = [meta["target"], *meta["references"]]
         keys = ["target"] + [f"ref{j}" for j in range(len(rsizes))]
         sizes = [entry["target_latent"], *entry["reference_latents"]]
+        source = Image.open(paths[1]).size  # SPECS records are editing pairs: target and source share one size
         for j, (p, key, lat) in enumerate(zip(paths, keys, sizes)):
             img = images.open_image(p, "test")
-            size = (images.target_size if j == 0 else images.reference_size)(*img.size, 96 * 96)
+            size = images.editing_size(*source, 96 * 96) if j < 2 else images.reference_size(*img.size, 96 * 96)
             assert list(arrays[key].shape[:2]) == lat == [size[1] // 8, size[0] // 8]
             by_shape.setdefault(size, []).append((arrays[key], images.to_pixels(img, size)))
         assert meta["line"] == entry["line"] and meta["where"].endswith(f"train.jsonl:{entry['line']}")

@@ -44,7 +44,7 @@ def _cfg(ref, every=2, **sample):
                                 height=32, width=48),
                ValidationSample("turn the background white", (str(ref),), seed=1, height=32, width=48))
     return Config(model=ModelConfig(compute_dtype="float32", param_dtype="float32"),
-                  data=DataConfig(target_max_area=48 * 64, max_sequence_length=32),
+                  data=DataConfig(target_max_area=48 * 64, reference_max_area=48 * 64, max_sequence_length=32),
                   sample=SampleConfig(steps=2, every_steps=every, validation=entries, **sample))
 
 
