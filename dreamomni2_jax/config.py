@@ -69,7 +69,9 @@ class ModelConfig(_Section):
     # plain dots_saveable also keeps the [B, H, S, S] logits, 514 GiB at 1024^2 + 1 reference)
     remat: str = "dots_no_batch_saveable"
     position_scheme: str = "dreamomni2"  # dreamomni2 | kontext (see dreamomni2_jax.positions)
-    guidance: float = 1.0  # guidance-embedding value fed during training (guidance-distilled models)
+    # guidance-embedding value fed during training (guidance-distilled models): 1.0 as qflux and SimpleTuner;
+    # diffusers' train_dreambooth_lora_flux_kontext.py feeds --guidance_scale, default 3.5
+    guidance: float = 1.0
 
     def _validate(self):
         _choice("model.param_dtype", self.param_dtype, ("bfloat16", "float32", "float16"))
@@ -101,12 +103,16 @@ class LoraConfig(_Section):
     dropout: float = 0.0
     dtype: str = "float32"  # adapter parameter dtype
     init_from: str = ""  # existing LoRA safetensors (diffusers/PEFT or kohya) to start from
+    # lora_A init (lora_B = 0): gaussian N(0, 1/rank²) as diffusers' Kontext script and qflux
+    # (peft init_lora_weights="gaussian"); kaiming: peft's default Kaiming-uniform, ~6x smaller at Flux widths
+    init: str = "gaussian"
 
     def _validate(self):
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
         _choice("lora.preset", self.preset, (*LORA_PRESETS, "custom"))
         _choice("lora.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("lora.init", self.init, ("gaussian", "kaiming"))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if self.preset == "custom" and not self.targets:
@@ -227,7 +233,8 @@ class TrainConfig(_Section):
     run_dir: str = "runs/default"
     steps: int = 1000
     seed: int = 0
-    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | mode | sigmoid_shift
+    # uniform (σ ~ U(0, 1), what diffusers' Kontext script and qflux train with) | logit_normal | mode | sigmoid_shift
+    timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29

@@ -60,7 +60,7 @@ class TrainState:
 class StepConfig:
     """Static (trace-time) settings of the step, read from the config."""
 
-    timestep_sampling: str = "logit_normal"
+    timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
