@@ -29,8 +29,11 @@ def get_config() -> Config:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed="auto"),
         checkpoint=CheckpointConfig(every_steps=250, max_to_keep=3, async_save=True),
         sample=SampleConfig(steps=28, guidance=3.5, every_steps=500, validation=(
-            ValidationSample(prompt="Make the bag have the same pattern as the dress in the second image. "
-                                    "It is editing task.", references=(), seed=0),)),
+            # generation preview (no reference files ship with the config): 1024x1024. For editing previews add
+            # ValidationSample(prompt, references=("source.png", "ref.png")): sampled at the source's size. The task
+            # suffix (" It is editing task.") belongs to the VLM prompt (--enhance), never to the Flux prompt.
+            ValidationSample(prompt="A leather handbag with a red floral pattern on a wooden table.", references=(),
+                             seed=0, task="generation"),)),
         train=TrainConfig(run_dir="runs/tpu_v5", steps=5000, seed=0, timestep_sampling="uniform",
                           weighting="none", log_every=10),
     )

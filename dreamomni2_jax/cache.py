@@ -237,7 +237,6 @@ class _Prepared:
     instruction: str
     task: str
     pixels: list[np.ndarray]  # uint8 [H, W, 3]: target then references
-    images: list  # PIL references (for the enhancer)
 
 
 def _resized(img, size: tuple[int, int]) -> np.ndarray:
@@ -265,7 +264,7 @@ def _prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared:
     else:
         pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
     pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple)) for r in refs[len(pixels) - 1:]]
-    return _Prepared(rec, rec.instruction.strip(), task, pixels, refs)
+    return _Prepared(rec, rec.instruction.strip(), task, pixels)
 
 
 def _try_prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared | BadInput:
@@ -314,7 +313,7 @@ def build_cache(
     """Encode every record of ``data`` (manifest or folder) into ``out``; returns the index dict.
 
     ``encoders`` may be a zero-argument factory, called only when something is left to encode.
-    ``enhancer(reference_images, instruction, task) -> instruction`` rewrites instructions (the
+    ``enhancer(reference_paths, instruction, task) -> instruction`` rewrites instructions (the
     original is kept in the record's ``instruction_original``). ``hook(event, shard)`` is called
     after every record written (``"record"``) and every finished shard (``"shard"``) (tests use it
     to simulate a killed run). Bad inputs raise :class:`BadInput` unless ``skip_bad``.
@@ -402,7 +401,7 @@ def _write_shard(out: Path, k: int, chunk: list[Record], s: CacheSettings, enc: 
                 continue
             if enhancer is not None:
                 for it in items:
-                    it.instruction = enhancer(it.images, it.instruction, it.task).strip()
+                    it.instruction = enhancer(list(it.rec.references), it.instruction, it.task).strip()
                     if not it.instruction:
                         raise CacheError(f"{it.rec.where}: the instruction enhancer returned an empty instruction")
             arrays = _encode_group(items, enc)

@@ -207,11 +207,14 @@ class CheckpointConfig(_Section):
 
 @dataclass(frozen=True)
 class ValidationSample:
-    prompt: str
+    prompt: str  # the Flux prompt (DreamOmni2's task suffix belongs to the VLM prompt, not here)
     references: tuple[str, ...] = ()
     seed: int = 0
-    height: int = 1024
-    width: int = 1024
+    # output pixels; 0 x 0: editing -> the source's (first reference's) cached size at data.target_max_area
+    # (as DreamOmni2 edits at the source's size), generation -> a square of data.target_max_area (1024² at 1 MP)
+    height: int = 0
+    width: int = 0
+    task: str = ""  # editing | generation | "" (editing with references, else generation)
 
 
 @dataclass(frozen=True)

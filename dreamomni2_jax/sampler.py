@@ -180,7 +180,7 @@ class Pipeline:
                  seeds: int | Sequence[int] = 0, latents=None, scheme: str = "dreamomni2",
                  true_cfg_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None,
                  auto_resize: bool = True, max_area: int | None = KONTEXT_AREA, reference_area: int = KONTEXT_AREA,
-                 transformer: nnx.Module | None = None, progress: bool = True) -> np.ndarray:
+                 transformer: nnx.Module | None = None, progress: bool = True, task: str | None = None) -> np.ndarray:
         """Generate ``len(prompts) * len(seeds)`` images, prompt-major (image ``k``: prompt ``k // S``, seed
         ``k % S``), as float32 ``[N, H, W, 3]`` in [0, 1].
 
@@ -189,6 +189,9 @@ class Pipeline:
         (parity tests); otherwise ``jax.random.normal`` from each seed. All outputs must have one size.
         ``max_area``: output area budget (Kontext; ``None``: size only floored to 16); ``reference_area``: see
         :func:`reference_pixels`. ``transformer``: use this (e.g. LoRA-patched, training) model instead.
+        ``task``: ``editing`` (default with references): the output defaults to the source's (first reference's,
+        snapped) size, as DreamOmni2's ``inference_edit.py``; ``generation`` (default without references): 1024²
+        fitted to ``max_area``, as ``inference_gen.py`` and the Kontext pipeline without an image.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -200,7 +203,10 @@ class Pipeline:
         neg = self._negative(prompts, negative_prompt, true_cfg_scale)
         if scheme not in positions.schemes():
             raise ValueError(f"unknown position scheme {scheme!r}; known: {positions.schemes()}")
-        sizes = [output_size(height, width, r[0].shape[:2] if r else None, max_area) for r in refs]
+        if task not in (None, "editing", "generation"):
+            raise ValueError(f"task={task!r} is not one of ['editing', 'generation']")
+        sizes = [output_size(height, width, r[0].shape[:2] if r and (task or "editing") == "editing" else None,
+                             max_area) for r in refs]
         if len(set(sizes)) > 1:
             raise ValueError(f"prompts give different output sizes {sorted(set(sizes))}: pass height/width or "
                              "sample them in separate calls")
