@@ -69,6 +69,9 @@ class ModelConfig(_Section):
     # plain dots_saveable also keeps the [B, H, S, S] logits, 514 GiB at 1024^2 + 1 reference)
     remat: str = "dots_no_batch_saveable"
     position_scheme: str = "dreamomni2"  # dreamomni2 | kontext (see dreamomni2_jax.positions)
+    # int32: exact position ids (default); bfloat16: rounded like the reference pipelines' bf16 ids (columns > 256
+    # lose precision), only for bit-level parity with them
+    ids_dtype: str = "int32"
     # guidance-embedding value fed during training (guidance-distilled models): 1.0 as qflux and SimpleTuner;
     # diffusers' train_dreambooth_lora_flux_kontext.py feeds --guidance_scale, default 3.5
     guidance: float = 1.0
@@ -78,18 +81,18 @@ class ModelConfig(_Section):
         _choice("model.compute_dtype", self.compute_dtype, ("bfloat16", "float32", "float16"))
         _choice("model.attention", self.attention, ("auto", "xla", "cudnn", "splash", "blocked"))
         _choice("model.remat", self.remat, ("none", "full", "dots_saveable", "dots_no_batch_saveable"))
+        _choice("model.ids_dtype", self.ids_dtype, ("int32", "bfloat16"))
 
 
 LORA_PRESETS: dict[str, tuple[str, ...]] = {
     # DreamOmni2 release config: every attention's q/k/v/out projections.
     "attention": (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0"),
-    # The wider diffusers Kontext target list.
+    # diffusers' train_dreambooth_lora_flux_kontext.py default target_modules (no --lora_layers), exactly.
     "kontext_wide": (
-        r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0",
-        r"attn\.add_q_proj", r"attn\.add_k_proj", r"attn\.add_v_proj", r"attn\.to_add_out",
+        r"attn\.to_k", r"attn\.to_q", r"attn\.to_v", r"attn\.to_out\.0",
+        r"attn\.add_k_proj", r"attn\.add_q_proj", r"attn\.add_v_proj", r"attn\.to_add_out",
         r"ff\.net\.0\.proj", r"ff\.net\.2", r"ff_context\.net\.0\.proj", r"ff_context\.net\.2",
-        r"single_transformer_blocks\.proj_mlp", r"single_transformer_blocks\.proj_out",
-        r"norm1\.linear", r"norm1_context\.linear", r"norm\.linear",
+        r"proj_mlp",
     ),
 }
 

@@ -164,7 +164,8 @@ class ValidationHook:
             img = pipe(s.prompt, refs, height=height, width=width, steps=sc.steps, guidance=sc.guidance,
                        seeds=[s.seed], scheme=self.cfg.model.position_scheme, true_cfg_scale=sc.true_cfg_scale,
                        negative_prompt=sc.negative_prompt, max_area=None, reference_area=self.reference_area,
-                       transformer=transformer, progress=False, task=preview_task(s))[0]
+                       transformer=transformer, progress=False, task=preview_task(s),
+                       ids_dtype=self.cfg.model.ids_dtype)[0]
             out.append(([np.asarray(r) for r in refs], to_uint8(img)))
         return out
 

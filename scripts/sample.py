@@ -49,6 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--ref-area", type=int, default=1024 ** 2,
                     help="reference area: 1024^2 gives the exact Kontext resolutions; smaller scales them down")
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
+    ap.add_argument("--ids-dtype", default="int32", choices=("int32", "bfloat16"),
+                    help="bfloat16: round position ids like the reference bf16 pipelines (bit-level parity only)")
     ap.add_argument("--task", default=None, choices=("editing", "generation"),
                     help="default: editing with --ref, generation without")
     ap.add_argument("--enhance", default="", metavar="QWEN_DIR",
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
                       guidance=args.guidance, seeds=list(range(args.seed, args.seed + args.num_images)),
                       scheme=args.scheme, true_cfg_scale=args.true_cfg, negative_prompt=args.negative_prompt,
                       auto_resize=not args.no_auto_resize, max_area=args.max_area or None, reference_area=args.ref_area,
-                      progress=not args.no_progress, task=task)
+                      progress=not args.no_progress, task=task, ids_dtype=args.ids_dtype)
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # bad image / LoRA / size: named in the message
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -168,6 +168,24 @@ def scan_image_files(images_dir: str, control_dir: str) -> list:
 # --------------------------------------------------------------------------- diffusers (huggingface/diffusers)
 
 
+# examples/dreambooth/train_dreambooth_lora_flux_kontext.py, main(): target_modules without --lora_layers
+KONTEXT_SCRIPT_TARGET_MODULES = [
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+]
+
+
 def kontext_output_size(width: int, height: int, max_area: int = 1024 ** 2, vae_scale_factor: int = 8):
     """pipelines/flux/pipeline_flux_kontext.py ``FluxKontextPipeline.__call__``: output size from ``height`` /
     ``width`` (default: the image's) at ``max_area``."""

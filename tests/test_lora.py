@@ -108,13 +108,28 @@ def test_wide_preset_and_errors(base_state):
     available = L.linear_paths(model)
     wide = L.apply_lora(model, LORA_PRESETS["kontext_wide"], rank=2, alpha=2.0)
     expected = [p for p in available if any(re.search(rx, p) for rx in LORA_PRESETS["kontext_wide"])]
-    assert list(wide) == sorted(expected) and len(wide) == 20  # 14 per double block, 6 per single
+    assert list(wide) == sorted(expected) and len(wide) == 16  # 12 per double block, 4 per single
     with pytest.raises(L.LoraError, match="available paths: .*x_embedder"):
         L.apply_lora(_fresh(base_state), [r"no_such_module"], rank=2, alpha=2.0)
     with pytest.raises(L.LoraError, match="invalid LoRA target regex"):
         L.apply_lora(_fresh(base_state), [r"attn.(to_q"], rank=2, alpha=2.0)
     with pytest.warns(UserWarning, match="matched nothing"):
         L.apply_lora(_fresh(base_state), [r"attn\.to_q", r"nothing_here"], rank=2, alpha=2.0)
+
+
+def test_kontext_wide_preset_is_the_diffusers_kontext_script_default(base_state, transformer_dir):
+    """peft with train_dreambooth_lora_flux_kontext.py's default target_modules adapts exactly our preset's modules."""
+    import _reference_code as ref
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig as PeftLoraConfig
+
+    torch_model = FluxTransformer2DModel.from_pretrained(transformer_dir)
+    torch_model.add_adapter(PeftLoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                           target_modules=ref.KONTEXT_SCRIPT_TARGET_MODULES))
+    peft_paths = {re.sub(r"\.\d+\.", ".", n.rsplit(".lora_A", 1)[0], count=1)
+                  for n, _ in torch_model.named_modules() if n.endswith(".lora_A")}
+    ours = L.apply_lora(_fresh(base_state), LORA_PRESETS["kontext_wide"], rank=2, alpha=2.0)
+    assert set(ours) == peft_paths and len(ours) == 16
 
 
 def test_zero_init_is_identity_and_state_helpers(base_state):
