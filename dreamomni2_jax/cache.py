@@ -485,6 +485,9 @@ def load_index(cache_dir: str | Path) -> dict:
     if not p.is_file():
         raise CacheError(f"{p} not found: the cache is missing or incomplete (re-run scripts/cache.py)")
     index = json.loads(p.read_text())
+    if index.get("format") == FORMAT and index.get("version") == 1:
+        raise CacheError(f"{p}: a v1 cache (editing targets not resized with their source); re-run scripts/cache.py "
+                         f"into a new --out")
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise CacheError(f"{p}: not a {FORMAT} v{VERSION} index")
     return index

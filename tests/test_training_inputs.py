@@ -205,3 +205,11 @@ def test_qflux_layout_reports_what_qflux_drops_silently(tmp_path):
 def test_flat_layout_still_reads(tmp_path):
     recs, bad = images.read_inputs(write_folder(tmp_path / "f", SPECS[:2]))
     assert not bad and [len(r.references) for r in recs] == [1, 2]
+
+
+def test_v1_caches_with_misaligned_pairs_are_refused(tmp_path):
+    from dreamomni2_jax.cache import CacheError
+
+    (tmp_path / "index.json").write_text(json.dumps({"format": "dreamomni2-cache", "version": 1}))
+    with pytest.raises(CacheError, match="v1 cache .*re-run scripts/cache.py"):
+        load_index(tmp_path)
