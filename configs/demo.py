@@ -12,9 +12,9 @@ def get_config() -> Config:
     return Config(
         model=ModelConfig(path="demo_out/model", param_dtype="float32", compute_dtype="float32",
                           attention="auto", remat="none", position_scheme="dreamomni2", guidance=1.0),
-        lora=LoraConfig(rank=4, alpha=4.0, preset="attention"),
+        lora=LoraConfig(rank=4, alpha=4.0, preset="attention", init="gaussian"),
         data=DataConfig(cache_dir="demo_out/cache", batch_size=2, max_refs=3, target_max_area=128 * 128,
-                        min_image_size=32, batching="pad", num_workers=0, max_sequence_length=32,
+                        reference_max_area=128 * 128, min_image_size=32, batching="pad", num_workers=0, max_sequence_length=32,
                         synthetic_resolution=(128, 128), synthetic_refs=((128, 128), (96, 128))),
         optim=OptimConfig(lr=1e-3, warmup_steps=2, schedule="cosine", grad_clip=1.0),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed="off"),
@@ -23,5 +23,5 @@ def get_config() -> Config:
             ValidationSample(prompt="put the hat from image 2 on the person in image 1",
                              references=("demo_out/data/img/s1_ref0.png", "demo_out/data/img/s1_ref1.png"),
                              seed=0, height=128, width=128),)),
-        train=TrainConfig(run_dir="demo_out/run", steps=20, seed=0, timestep_sampling="logit_normal", log_every=1),
+        train=TrainConfig(run_dir="demo_out/run", steps=20, seed=0, timestep_sampling="uniform", log_every=1),
     )

@@ -21,7 +21,7 @@ def get_config() -> Config:
     return Config(
         model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="auto",
                           remat="dots_no_batch_saveable", position_scheme="dreamomni2", guidance=1.0),
-        lora=LoraConfig(rank=16, alpha=16.0, preset="attention", dtype="float32"),
+        lora=LoraConfig(rank=16, alpha=16.0, preset="attention", dtype="float32", init="gaussian"),
         data=DataConfig(batch_size=32, max_refs=3, target_max_area=1024 * 1024, batching="bucket", num_workers=8,
                         caption_dropout=0.05, synthetic_resolution=(1024, 1024),
                         synthetic_refs=((1024, 1024), (1024, 1024))),
@@ -29,8 +29,11 @@ def get_config() -> Config:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed="auto"),
         checkpoint=CheckpointConfig(every_steps=250, max_to_keep=3, async_save=True),
         sample=SampleConfig(steps=28, guidance=3.5, every_steps=500, validation=(
-            ValidationSample(prompt="Make the bag have the same pattern as the dress in the second image. "
-                                    "It is editing task.", references=(), seed=0),)),
-        train=TrainConfig(run_dir="runs/tpu_v5", steps=5000, seed=0, timestep_sampling="logit_normal",
+            # generation preview (no reference files ship with the config): 1024x1024. For editing previews add
+            # ValidationSample(prompt, references=("source.png", "ref.png")): sampled at the source's size. The task
+            # suffix (" It is editing task.") belongs to the VLM prompt (--enhance), never to the Flux prompt.
+            ValidationSample(prompt="A leather handbag with a red floral pattern on a wooden table.", references=(),
+                             seed=0, task="generation"),)),
+        train=TrainConfig(run_dir="runs/tpu_v5", steps=5000, seed=0, timestep_sampling="uniform",
                           weighting="none", log_every=10),
     )

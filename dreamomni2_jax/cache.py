@@ -31,12 +31,12 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from dreamomni2_jax.images import (BadInput, Record, check_record, open_image, read_inputs, reference_size,
-                                   target_size)
+from dreamomni2_jax.images import (BadInput, Record, check_record, editing_size, open_image, read_inputs,
+                                   reference_size, target_size)
 
 log = logging.getLogger(__name__)
 FORMAT = "dreamomni2-cache"
-VERSION = 1
+VERSION = 2  # 2: editing source and target resized together (v1 caches trained on misaligned pairs)
 _MAGIC = b"DO2R"
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one record per chunk: cheap random access
 
@@ -189,6 +189,7 @@ class CacheSettings:
     reference_max_area: int
     min_image_size: int
     max_refs: int
+    pair_aspect_tolerance: float
     max_sequence_length: int
     shard_size: int
     default_task: str = "editing"
@@ -200,8 +201,8 @@ class CacheSettings:
         model = str(Path(cfg.model.path).resolve()) if cfg.model.path else ""
         return cls(inputs=str(Path(data).resolve()), model=model,
                    dtype=cfg.model.param_dtype, target_max_area=d.target_max_area,
-                   reference_max_area=d.reference_max_area or d.target_max_area,
-                   min_image_size=d.min_image_size, max_refs=d.max_refs, max_sequence_length=d.max_sequence_length,
+                   reference_max_area=d.reference_max_area, min_image_size=d.min_image_size, max_refs=d.max_refs,
+                   pair_aspect_tolerance=d.pair_aspect_tolerance, max_sequence_length=d.max_sequence_length,
                    shard_size=shard_size, default_task=default_task, enhancer=str(enhancer or ""))
 
 
@@ -236,7 +237,6 @@ class _Prepared:
     instruction: str
     task: str
     pixels: list[np.ndarray]  # uint8 [H, W, 3]: target then references
-    images: list  # PIL references (for the enhancer)
 
 
 def _resized(img, size: tuple[int, int]) -> np.ndarray:
@@ -245,13 +245,26 @@ def _resized(img, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img if img.size == size else img.resize(size, resample=Image.Resampling.LANCZOS))
 
 
+def _check(rec: Record, s: CacheSettings) -> None:
+    check_record(rec, s.max_refs, s.min_image_size, default_task=s.default_task,
+                 aspect_tolerance=s.pair_aspect_tolerance)
+
+
 def _prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared:
-    check_record(rec, s.max_refs, s.min_image_size)
+    """Editing: target and source resized together to :func:`editing_size` of the source at the target area
+    (pixel-aligned pair); generation: target to its own aspect at the target area. Other references: Kontext
+    resolutions at the reference area."""
+    _check(rec, s)
     tgt = open_image(rec.target, rec.where, s.min_image_size)
     refs = [open_image(p, rec.where, s.min_image_size) for p in rec.references]
-    pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
-    pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple)) for r in refs]
-    return _Prepared(rec, rec.instruction.strip(), rec.resolved_task(s.default_task), pixels, refs)
+    task = rec.resolved_task(s.default_task)
+    if task == "editing":
+        size = editing_size(*refs[0].size, s.target_max_area, multiple)
+        pixels = [_resized(tgt, size), _resized(refs[0], size)]
+    else:
+        pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
+    pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple)) for r in refs[len(pixels) - 1:]]
+    return _Prepared(rec, rec.instruction.strip(), task, pixels)
 
 
 def _try_prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared | BadInput:
@@ -300,7 +313,7 @@ def build_cache(
     """Encode every record of ``data`` (manifest or folder) into ``out``; returns the index dict.
 
     ``encoders`` may be a zero-argument factory, called only when something is left to encode.
-    ``enhancer(reference_images, instruction, task) -> instruction`` rewrites instructions (the
+    ``enhancer(reference_paths, instruction, task) -> instruction`` rewrites instructions (the
     original is kept in the record's ``instruction_original``). ``hook(event, shard)`` is called
     after every record written (``"record"``) and every finished shard (``"shard"``) (tests use it
     to simulate a killed run). Bad inputs raise :class:`BadInput` unless ``skip_bad``.
@@ -328,7 +341,7 @@ def build_cache(
     pre_bad: list[dict] = [_bad_entry(e, None) for e in parse_bad]
     if not skip_bad:  # cheap checks of everything before hours of encoding
         for rec in records:
-            check_record(rec, settings.max_refs, settings.min_image_size)
+            _check(rec, settings)
     chunks = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     todo = []
     for k, chunk in enumerate(chunks):
@@ -388,7 +401,7 @@ def _write_shard(out: Path, k: int, chunk: list[Record], s: CacheSettings, enc: 
                 continue
             if enhancer is not None:
                 for it in items:
-                    it.instruction = enhancer(it.images, it.instruction, it.task).strip()
+                    it.instruction = enhancer(list(it.rec.references), it.instruction, it.task).strip()
                     if not it.instruction:
                         raise CacheError(f"{it.rec.where}: the instruction enhancer returned an empty instruction")
             arrays = _encode_group(items, enc)
@@ -472,6 +485,9 @@ def load_index(cache_dir: str | Path) -> dict:
     if not p.is_file():
         raise CacheError(f"{p} not found: the cache is missing or incomplete (re-run scripts/cache.py)")
     index = json.loads(p.read_text())
+    if index.get("format") == FORMAT and index.get("version") == 1:
+        raise CacheError(f"{p}: a v1 cache (editing targets not resized with their source); re-run scripts/cache.py "
+                         f"into a new --out")
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise CacheError(f"{p}: not a {FORMAT} v{VERSION} index")
     return index

@@ -69,25 +69,30 @@ class ModelConfig(_Section):
     # plain dots_saveable also keeps the [B, H, S, S] logits, 514 GiB at 1024^2 + 1 reference)
     remat: str = "dots_no_batch_saveable"
     position_scheme: str = "dreamomni2"  # dreamomni2 | kontext (see dreamomni2_jax.positions)
-    guidance: float = 1.0  # guidance-embedding value fed during training (guidance-distilled models)
+    # int32: exact position ids (default); bfloat16: rounded like the reference pipelines' bf16 ids (columns > 256
+    # lose precision), only for bit-level parity with them
+    ids_dtype: str = "int32"
+    # guidance-embedding value fed during training (guidance-distilled models): 1.0 as qflux and SimpleTuner;
+    # diffusers' train_dreambooth_lora_flux_kontext.py feeds --guidance_scale, default 3.5
+    guidance: float = 1.0
 
     def _validate(self):
         _choice("model.param_dtype", self.param_dtype, ("bfloat16", "float32", "float16"))
         _choice("model.compute_dtype", self.compute_dtype, ("bfloat16", "float32", "float16"))
         _choice("model.attention", self.attention, ("auto", "xla", "cudnn", "splash", "blocked"))
         _choice("model.remat", self.remat, ("none", "full", "dots_saveable", "dots_no_batch_saveable"))
+        _choice("model.ids_dtype", self.ids_dtype, ("int32", "bfloat16"))
 
 
 LORA_PRESETS: dict[str, tuple[str, ...]] = {
     # DreamOmni2 release config: every attention's q/k/v/out projections.
     "attention": (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0"),
-    # The wider diffusers Kontext target list.
+    # diffusers' train_dreambooth_lora_flux_kontext.py default target_modules (no --lora_layers), exactly.
     "kontext_wide": (
-        r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0",
-        r"attn\.add_q_proj", r"attn\.add_k_proj", r"attn\.add_v_proj", r"attn\.to_add_out",
+        r"attn\.to_k", r"attn\.to_q", r"attn\.to_v", r"attn\.to_out\.0",
+        r"attn\.add_k_proj", r"attn\.add_q_proj", r"attn\.add_v_proj", r"attn\.to_add_out",
         r"ff\.net\.0\.proj", r"ff\.net\.2", r"ff_context\.net\.0\.proj", r"ff_context\.net\.2",
-        r"single_transformer_blocks\.proj_mlp", r"single_transformer_blocks\.proj_out",
-        r"norm1\.linear", r"norm1_context\.linear", r"norm\.linear",
+        r"proj_mlp",
     ),
 }
 
@@ -101,12 +106,16 @@ class LoraConfig(_Section):
     dropout: float = 0.0
     dtype: str = "float32"  # adapter parameter dtype
     init_from: str = ""  # existing LoRA safetensors (diffusers/PEFT or kohya) to start from
+    # lora_A init (lora_B = 0): gaussian N(0, 1/rank²) as diffusers' Kontext script and qflux
+    # (peft init_lora_weights="gaussian"); kaiming: peft's default Kaiming-uniform, ~6x smaller at Flux widths
+    init: str = "gaussian"
 
     def _validate(self):
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
         _choice("lora.preset", self.preset, (*LORA_PRESETS, "custom"))
         _choice("lora.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("lora.init", self.init, ("gaussian", "kaiming"))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if self.preset == "custom" and not self.targets:
@@ -122,8 +131,13 @@ class DataConfig(_Section):
     cache_dir: str = ""  # output of scripts/cache.py; empty -> synthetic batches (benchmarks, smoke runs)
     batch_size: int = 1  # global batch size (all hosts and devices)
     max_refs: int = 3
-    target_max_area: int = 1024 * 1024  # pixels; targets are resized to fit, keeping aspect
-    reference_max_area: int = 0  # pixels; 0 -> target_max_area. >= 1024**2 gives the exact Kontext resolutions
+    # pixels. Generation targets are resized to this area keeping their aspect; an editing target and its source
+    # (first reference) are resized together to the source's Kontext resolution scaled to this area.
+    target_max_area: int = 1024 * 1024
+    # pixels; the other references (Kontext resolutions, ~1 MP as in the official pipelines), independent of the
+    # target area. >= 1024**2 gives the exact Kontext resolutions; smaller scales them down (tiny configs).
+    reference_max_area: int = 1024 * 1024
+    pair_aspect_tolerance: float = 0.02  # editing target vs source aspect ratio, relative; above: bad input
     min_image_size: int = 64  # pixels, shorter side; smaller inputs are bad input
     batching: str = "bucket"  # bucket (same shapes per batch) | pad (pad to batch max, token masks)
     pad_multiple: int = 1  # batching="pad": round token counts up to a multiple (fewer recompiles)
@@ -139,7 +153,9 @@ class DataConfig(_Section):
         _positive("data.max_refs", self.max_refs)
         _choice("data.batching", self.batching, ("bucket", "pad"))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
-        _positive("data.reference_max_area", self.reference_max_area, allow_zero=True)
+        _positive("data.target_max_area", self.target_max_area)
+        _positive("data.reference_max_area", self.reference_max_area)
+        _positive("data.pair_aspect_tolerance", self.pair_aspect_tolerance, allow_zero=True)
         _positive("data.pad_multiple", self.pad_multiple)
         if not 0 <= self.caption_dropout <= 1:
             raise ConfigError(f"data.caption_dropout={self.caption_dropout} must be in [0, 1]")
@@ -194,11 +210,14 @@ class CheckpointConfig(_Section):
 
 @dataclass(frozen=True)
 class ValidationSample:
-    prompt: str
+    prompt: str  # the Flux prompt (DreamOmni2's task suffix belongs to the VLM prompt, not here)
     references: tuple[str, ...] = ()
     seed: int = 0
-    height: int = 1024
-    width: int = 1024
+    # output pixels; 0 x 0: editing -> the source's (first reference's) cached size at data.target_max_area
+    # (as DreamOmni2 edits at the source's size), generation -> a square of data.target_max_area (1024² at 1 MP)
+    height: int = 0
+    width: int = 0
+    task: str = ""  # editing | generation | "" (editing with references, else generation)
 
 
 @dataclass(frozen=True)
@@ -220,7 +239,8 @@ class TrainConfig(_Section):
     run_dir: str = "runs/default"
     steps: int = 1000
     seed: int = 0
-    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | mode | sigmoid_shift
+    # uniform (σ ~ U(0, 1), what diffusers' Kontext script and qflux train with) | logit_normal | mode | sigmoid_shift
+    timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29

@@ -1,12 +1,17 @@
 """Optional instruction enhancer for the cache stage: a Qwen2.5-VL model rewrites each instruction.
 
 DreamOmni2 pairs Flux Kontext with a VLM that turns the user's instruction plus the reference
-images into the prompt the generator was trained on. As in DreamOmni2's inference scripts the VLM
-sees the reference images (source first for editing) and the instruction followed by the task
-suffix (" It is editing task." / " It is generation task.", chosen by
-:meth:`dreamomni2_jax.images.Record.resolved_task`); greedy decoding; when the answer is wrapped
-in ``<gen> ... </gen>`` (DreamOmni2's fine-tuned VLM) the inside is used, else the whole answer.
-The cache stores both the original and the rewritten instruction.
+images into the prompt the generator was trained on. As DreamOmni2's ``inference_edit.py`` /
+``inference_gen.py`` ship it: the VLM sees the reference images (source first for editing), each
+through ``utils/vprocess.py``'s ``fetch_image`` (RGBA composited on white, then ``resizeinput``:
+the closest Kontext preferred resolution, lanczos; :func:`vlm_image`), and the instruction followed
+by the task suffix (" It is editing task." / " It is generation task.", chosen by
+:meth:`dreamomni2_jax.images.Record.resolved_task`); the suffix goes to the VLM only, never to the
+Flux prompt. Greedy decoding with up to :data:`MAX_NEW_TOKENS` (4096, as the scripts: a short
+budget truncates the answer and leaves its tags in the instruction); when the answer is wrapped in
+``<gen> ... </gen>`` (DreamOmni2's fine-tuned VLM) the inside is used, else the whole answer. The
+cache stores both the original and the rewritten instruction; ``scripts/sample.py --enhance`` does
+the same at predict time.
 
 This is the only runtime module using torch (imported lazily, ``pip install .[vlm]``); it runs on
 the host (CUDA when available), before the JAX encoders.
@@ -16,9 +21,26 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dreamomni2_jax.images import TASK_SUFFIX
+from dreamomni2_jax.images import KONTEXT_AREA, TASK_SUFFIX, reference_size
 
 _GEN = re.compile(r"<gen>(.*?)</gen>", re.S)
+MAX_NEW_TOKENS = 4096  # DreamOmni2 inference_edit.py / inference_gen.py
+
+
+def vlm_image(image):
+    """A reference as DreamOmni2 shows it to the VLM (``utils/vprocess.py`` ``fetch_image``): a path or PIL image,
+    RGBA composited on white (``to_rgb``), resized with lanczos to its closest Kontext preferred resolution floored
+    to 16 (``resizeinput``)."""
+    from PIL import Image
+
+    img = Image.open(image) if isinstance(image, (str, Path)) else image
+    if img.mode == "RGBA":
+        rgb = Image.new("RGB", img.size, (255, 255, 255))
+        rgb.paste(img, mask=img.split()[3])
+    else:
+        rgb = img.convert("RGB")
+    size = reference_size(*rgb.size, KONTEXT_AREA, 16)
+    return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.LANCZOS)
 
 
 def extract_gen(text: str) -> str:
@@ -52,6 +74,8 @@ def _chat_template(path: Path, tokenizer) -> str:
 class QwenEnhancer:
     """``enhancer(images, instruction, task) -> rewritten instruction`` with a local Qwen2.5-VL folder.
 
+    ``images``: reference paths or PIL images, shown to the VLM through :func:`vlm_image`.
+
     Inputs are assembled as ``Qwen2_5_VLProcessor`` does for images (chat template, image processor,
     each ``<|image_pad|>`` expanded to ``grid_t*grid_h*grid_w / merge_size**2`` tokens) from the
     tokenizer and image processor directly, so no video processor (torchvision) is needed.
@@ -59,7 +83,7 @@ class QwenEnhancer:
 
     IMAGE_TOKEN = "<|image_pad|>"
 
-    def __init__(self, model_dir: str | Path, max_new_tokens: int = 256, device: str | None = None,
+    def __init__(self, model_dir: str | Path, max_new_tokens: int = MAX_NEW_TOKENS, device: str | None = None,
                  torch_dtype: str = "auto"):
         import inspect
 
@@ -82,6 +106,7 @@ class QwenEnhancer:
 
     def inputs(self, images: list, instruction: str, task: str) -> dict:
         """Model inputs (torch tensors on the model's device) for one record."""
+        images = [vlm_image(im) for im in images]
         messages = vlm_messages(instruction, task, len(images))
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=True)

@@ -1,11 +1,13 @@
 """Training inputs for the cache stage: manifest / folder parsing, image loading and resizing.
 
-Two input formats (both give a list of :class:`Record`):
+Three input formats (all give a list of :class:`Record`):
 
 * JSONL manifest, one record per line ``{"instruction": str, "target": path, "references": [path, ...]}``
   plus an optional ``"task": "editing" | "generation"``. Relative paths resolve against the
   manifest's folder. For editing the source image is the first reference.
-* qflux-style folder: ``name.png`` target, ``name.txt`` instruction, ``name_control.png``,
+* qflux dataset folder (:func:`read_qflux`): ``training_images/NAME.png`` target + ``NAME.txt``,
+  ``control_images/NAME.png`` first reference, ``control_images/NAME_control_1.png``, ... the others.
+* flat folder: ``name.png`` target, ``name.txt`` instruction, ``name_control.png``,
   ``name_control_1.png``, ``name_control_2.png``, ... references in that order (``.jpg``,
   ``.jpeg``, ``.webp``, ``.bmp`` also accepted).
 
@@ -15,13 +17,18 @@ the cache's default task, ``editing``); a record without references is always ``
 
 Sizes (multiples of ``multiple`` = 2 x VAE downscale = 16 pixels):
 
-* target: scaled (up or down) to ``target_max_area`` keeping its aspect ratio, as diffusers'
-  ``FluxKontextPipeline`` computes its output size, then floored to the multiple;
-* references: snapped to the closest aspect ratio of :data:`PREFERRED_KONTEXT_RESOLUTIONS` (as
-  the DreamOmni2 / Kontext pipelines do with ``_auto_resize``), floored to the multiple. The list
-  is for a 1024 x 1024 budget; when the reference area budget is smaller (tiny test / demo
-  configs) the chosen entry is scaled by ``sqrt(area / 1024**2)`` first. Real configs (1024**2)
-  get the exact Kontext list.
+* editing (source = first reference, and target): one size for both, :func:`editing_size` of the
+  source at ``target_max_area`` (its Kontext preferred resolution, scaled by
+  ``sqrt(area / 1024**2)``): a pixel-aligned pair at the geometry DreamOmni2 edits at. A target
+  whose aspect ratio differs from its source's by more than ``data.pair_aspect_tolerance`` is bad
+  input (:func:`check_record`);
+* generation target: scaled (up or down) to ``target_max_area`` keeping its aspect ratio, as
+  diffusers' ``FluxKontextPipeline`` computes its output size, then floored to the multiple;
+* other references: snapped to the closest aspect ratio of :data:`PREFERRED_KONTEXT_RESOLUTIONS`
+  (as the DreamOmni2 / Kontext pipelines do with ``_auto_resize``), floored to the multiple, at
+  ``reference_max_area`` (default 1024**2, independent of the target area). The list is for a
+  1024 x 1024 budget; when the reference area budget is smaller (tiny test / demo configs) the
+  chosen entry is scaled by ``sqrt(area / 1024**2)`` first.
 
 Pixels become float32 NHWC in [-1, 1] exactly as diffusers' ``VaeImageProcessor`` (PIL lanczos
 resize, ``x / 255 * 2 - 1``).
@@ -107,17 +114,38 @@ def target_size(width: int, height: int, max_area: int, multiple: int = 16) -> t
     return w, h
 
 
-def reference_size(width: int, height: int, max_area: int = KONTEXT_AREA, multiple: int = 16) -> tuple[int, int]:
-    """Closest-aspect Kontext preferred resolution (scaled for ``max_area < 1024**2``), floored to ``multiple``."""
+def _snapped(width: int, height: int, max_area: int, multiple: int, scale_up: bool, what: str) -> tuple[int, int]:
     aspect = width / height
     _, w, h = min((abs(aspect - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
-    if max_area < KONTEXT_AREA:
+    if max_area < KONTEXT_AREA or (scale_up and max_area > KONTEXT_AREA):
         s = math.sqrt(max_area / KONTEXT_AREA)
         w, h = w * s, h * s
     w, h = _floor(w, multiple), _floor(h, multiple)
     if w < multiple or h < multiple:
-        raise ValueError(f"image {width}x{height} gives an empty reference size at max_area={max_area}")
+        raise ValueError(f"image {width}x{height} gives an empty {what} size at max_area={max_area}")
     return w, h
+
+
+def reference_size(width: int, height: int, max_area: int = KONTEXT_AREA, multiple: int = 16) -> tuple[int, int]:
+    """Closest-aspect Kontext preferred resolution (scaled for ``max_area < 1024**2``), floored to ``multiple``."""
+    return _snapped(width, height, max_area, multiple, False, "reference")
+
+
+def editing_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
+    """One size for an editing pair (source = first reference, and target), from the source's ``width x height``.
+
+    The source's closest-aspect Kontext preferred resolution (what DreamOmni2's ``resizeinput`` and the Kontext
+    pipeline's ``_auto_resize`` give it; DreamOmni2 edits at that size) scaled by ``sqrt(max_area / 1024**2)``
+    (up or down; exactly the Kontext entry at the 1024**2 budget), floored to ``multiple``."""
+    return _snapped(width, height, max_area, multiple, True, "editing")
+
+
+def pair_aspect_mismatch(source: tuple[int, int], target: tuple[int, int], tolerance: float) -> float | None:
+    """Relative aspect-ratio difference ``max(a_t / a_s, a_s / a_t) - 1`` of an editing pair when above
+    ``tolerance``, else None."""
+    r = (target[0] / target[1]) / (source[0] / source[1])
+    rel = max(r, 1.0 / r) - 1.0
+    return rel if rel > tolerance else None
 
 
 # --------------------------------------------------------------------------- images
@@ -257,24 +285,110 @@ def read_folder(path: str | Path) -> tuple[list[Record], list[BadInput]]:
     return records, bad
 
 
+# qflux ``ImageDataset._find_directories``: the first existing name of each list.
+QFLUX_IMAGE_DIRS = ("training_images", "images", "target_images", "target", "targets")
+QFLUX_CONTROL_DIRS = ("control_images", "control", "condition_images", "controls")
+_QFLUX_EXTRA = re.compile(r"^(?P<name>.+)_control_(?P<k>\d+)$")
+
+
+def qflux_dirs(root: str | Path) -> tuple[Path, Path] | None:
+    """``(images_dir, control_dir)`` when ``root`` has qflux's dataset layout, else None."""
+    root = Path(root)
+    img = next((root / n for n in QFLUX_IMAGE_DIRS if (root / n).is_dir()), None)
+    ctl = next((root / n for n in QFLUX_CONTROL_DIRS if (root / n).is_dir()), None)
+    return (img, ctl) if img is not None and ctl is not None else None
+
+
+def _by_stem(folder: Path, bad: list[BadInput], skip=lambda stem: False) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_dir() or f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTS or skip(f.stem):
+            continue
+        if f.stem in out:
+            bad.append(BadInput(str(folder / f.stem), "two images with the same name", str(f)))
+            continue
+        out[f.stem] = f
+    return out
+
+
+def read_qflux(path: str | Path) -> tuple[list[Record], list[BadInput]]:
+    """Parse qflux's dataset layout (``qflux.data.dataset.ImageDataset._scan_image_files``), sorted by name:
+
+    ``training_images/NAME.{png,jpg,...}`` target, ``NAME.txt`` instruction (in ``training_images/``, else in
+    ``control_images/``), ``control_images/NAME.{png,jpg,...}`` first reference (the source for editing), then
+    ``control_images/NAME_control_1.png``, ``NAME_control_2.png``, ... (folder aliases: :data:`QFLUX_IMAGE_DIRS`,
+    :data:`QFLUX_CONTROL_DIRS`). A target without controls is a generation record. ``NAME_mask.png`` files (qflux's
+    optional loss masks) are not used. Unlike qflux, which skips them silently, a target without an instruction,
+    numbered controls without a first control or with gaps, and controls without a target are reported as
+    :class:`BadInput`."""
+    dirs = qflux_dirs(path)
+    if dirs is None:
+        raise FileNotFoundError(f"{path}: no qflux layout ({QFLUX_IMAGE_DIRS[0]}/ and {QFLUX_CONTROL_DIRS[0]}/)")
+    img_dir, ctl_dir = dirs
+    bad: list[BadInput] = []
+    is_mask = lambda stem: stem.endswith("_mask")  # noqa: E731
+    targets = _by_stem(img_dir, bad, lambda stem: is_mask(stem) or _QFLUX_EXTRA.match(stem) is not None)
+    controls = _by_stem(ctl_dir, bad, is_mask)
+    extras: dict[str, dict[int, Path]] = {}
+    firsts: dict[str, Path] = {}
+    for stem, f in controls.items():
+        m = _QFLUX_EXTRA.match(stem)
+        if m and stem not in targets:
+            extras.setdefault(m.group("name"), {})[int(m.group("k"))] = f
+        else:
+            firsts[stem] = f
+    records = []
+    for name, img in targets.items():
+        where = str(img_dir / name)
+        refs = [firsts[name]] if name in firsts else []
+        idx = sorted(extras.get(name, {}))
+        if idx and (not refs or idx != list(range(1, len(idx) + 1))):
+            bad.append(BadInput(where, f"controls must be {ctl_dir.name}/{name}.<ext>, then {name}_control_1, "
+                                       f"{name}_control_2, ... without gaps; found first={bool(refs)}, numbered {idx}",
+                                str(img)))
+            continue
+        refs += [extras[name][k] for k in idx]
+        text = next((d / f"{name}.txt" for d in (img_dir, ctl_dir) if (d / f"{name}.txt").is_file()), None)
+        if text is None:
+            bad.append(BadInput(where, "instruction file missing", str(img_dir / f"{name}.txt")))
+            continue
+        records.append(Record(instruction=text.read_text(encoding="utf-8").strip(), target=str(img),
+                              references=tuple(str(r) for r in refs), where=where, raw={"name": name}))
+    for name in sorted((set(firsts) | set(extras)) - set(targets)):
+        f = firsts.get(name) or next(iter(extras[name].values()))
+        bad.append(BadInput(str(ctl_dir / name), "control images without a target image", str(f)))
+    return records, bad
+
+
 def read_inputs(path: str | Path) -> tuple[list[Record], list[BadInput]]:
-    """A JSONL manifest file or a qflux-style folder."""
+    """A JSONL manifest file, a qflux dataset folder (:func:`read_qflux`) or a flat folder (:func:`read_folder`)."""
     p = Path(path)
     if p.is_dir():
-        return read_folder(p)
+        return read_qflux(p) if qflux_dirs(p) is not None else read_folder(p)
     if p.is_file():
         return read_manifest(p)
     raise FileNotFoundError(f"--data {p}: no such manifest file or folder")
 
 
-def check_record(rec: Record, max_refs: int, min_size: int) -> None:
-    """Cheap checks before encoding (no full decode): instruction, reference count, files and sizes."""
+def check_record(rec: Record, max_refs: int, min_size: int, *, default_task: str = "editing",
+                 aspect_tolerance: float | None = None) -> None:
+    """Cheap checks before encoding (no full decode): instruction, reference count, files and sizes; with
+    ``aspect_tolerance``, that an editing record's target has its source's (first reference's) aspect ratio."""
     if not rec.instruction.strip():
         raise BadInput(rec.where, "empty instruction", rec.target)
     if len(rec.references) > max_refs:
         raise BadInput(rec.where, f"{len(rec.references)} references, more than data.max_refs={max_refs}",
                        rec.references[max_refs])
+    sizes = []
     for p in (rec.target, *rec.references):
         w, h = image_size(p, rec.where)
         if min(w, h) < min_size:
             raise BadInput(rec.where, f"image {w}x{h} is below data.min_image_size={min_size}", p)
+        sizes.append((w, h))
+    if aspect_tolerance is not None and rec.resolved_task(default_task) == "editing":
+        rel = pair_aspect_mismatch(sizes[1], sizes[0], aspect_tolerance)
+        if rel is not None:
+            raise BadInput(rec.where, f"editing pair not aligned: target {sizes[0][0]}x{sizes[0][1]} and source (first "
+                                      f"reference) {sizes[1][0]}x{sizes[1][1]} differ in aspect ratio by {rel:.1%} "
+                                      f"(> data.pair_aspect_tolerance={aspect_tolerance}); crop them to one aspect "
+                                      f"or mark the record \"task\": \"generation\"", rec.target)

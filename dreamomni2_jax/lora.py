@@ -7,8 +7,10 @@ patterns, and replaces every matched ``nnx.Linear`` by a :class:`LoRALinear` tha
 :class:`LoRAParam` (an ``nnx.Param`` subclass, so ``nnx.split(model, LoRAParam, ...)`` separates the adapters).
 Adapters of a stacked ``Linear`` (kernel ``[L, in, out]``) get the same leading layer axis.
 
-Math is peft's: ``y = base(x) + (dropout(x) @ A @ B) * alpha / rank`` with ``A`` Kaiming-uniform (``a=sqrt(5)``,
-i.e. ``U(-1/sqrt(in), 1/sqrt(in))``) and ``B = 0``, so a fresh adapter leaves the model unchanged.
+Math is peft's: ``y = base(x) + (dropout(x) @ A @ B) * alpha / rank`` with ``B = 0``, so a fresh adapter leaves the
+model unchanged, and ``A`` drawn as peft's ``init_lora_weights``: ``gaussian`` (the default, as diffusers' Kontext
+script and qflux use): ``N(0, (1/rank)²)``; ``kaiming`` (peft's ``True``): Kaiming-uniform (``a=sqrt(5)``, i.e.
+``U(-1/sqrt(in), 1/sqrt(in))``), ≈6x smaller at Flux widths (in=3072, rank 16), so B's early gradients are smaller.
 
 The flat-dict helpers (:func:`lora_state`, :func:`set_lora_state`, :func:`lora_metadata`) are the interface for
 LoRA export/import: keys are ``<dotted module path>.lora_A`` / ``.lora_B``; stacked modules keep the layer axis.
@@ -26,7 +28,7 @@ from flax import nnx
 
 from dreamomni2_jax.config import LoraConfig
 
-__all__ = ["LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "apply_lora_config", "lora_modules",
+__all__ = ["LORA_INITS", "init_lora_a", "LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "apply_lora_config", "lora_modules",
            "lora_state", "set_lora_state", "lora_metadata", "linear_paths", "reseed_dropout", "LoraError"]
 
 
@@ -48,6 +50,20 @@ def _key_data_shape() -> tuple[int, ...]:
     return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
 
 
+LORA_INITS = ("gaussian", "kaiming")
+
+
+def init_lora_a(key: jax.Array, shape: tuple[int, ...], init: str) -> jax.Array:
+    """float32 ``lora_A`` ``[..., in, rank]`` drawn like peft's ``reset_lora_parameters`` (see the module doc)."""
+    din, rank = shape[-2], shape[-1]
+    if init == "gaussian":  # nn.init.normal_(lora_A.weight, std=1 / r)
+        return jax.random.normal(key, shape, jnp.float32) / rank
+    if init == "kaiming":  # nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5)) on torch weight [r, in]
+        bound = 1.0 / np.sqrt(din)
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    raise LoraError(f"LoRA init {init!r} is not one of {list(LORA_INITS)}")
+
+
 class LoRALinear(nnx.Linear):
     """``nnx.Linear`` plus a low-rank update; built from an existing Linear (whose Variables it reuses).
 
@@ -56,15 +72,14 @@ class LoRALinear(nnx.Linear):
     """
 
     def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, key: jax.Array, dropout: float = 0.0,
-                 dtype=jnp.float32):
+                 dtype=jnp.float32, init: str = "gaussian"):
         if isinstance(base, LoRALinear):
             raise LoraError("module already has a LoRA adapter")
         for name in ("kernel", "bias", "in_features", "out_features", "use_bias", "dtype", "param_dtype",
                      "precision", "dot_general", "promote_dtype", "preferred_element_type"):
             setattr(self, name, getattr(base, name))
         *lead, din, dout = self.kernel.shape
-        bound = 1.0 / np.sqrt(din)  # kaiming_uniform_(a=sqrt(5)) on torch weight [r, in]
-        self.lora_A = LoRAParam(jax.random.uniform(key, (*lead, din, rank), jnp.float32, -bound, bound).astype(dtype))
+        self.lora_A = LoRAParam(init_lora_a(key, (*lead, din, rank), init).astype(dtype))
         self.lora_B = LoRAParam(jnp.zeros((*lead, rank, dout), dtype))
         self.lora_rank, self.lora_alpha, self.lora_scale = int(rank), float(alpha), float(alpha) / rank
         self.lora_dropout = float(dropout)
@@ -112,14 +127,17 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
 
 
 def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: float, dropout: float = 0.0,
-               dtype=jnp.float32, seed: int | jax.Array = 0) -> tuple[str, ...]:
+               dtype=jnp.float32, seed: int | jax.Array = 0, init: str = "gaussian") -> tuple[str, ...]:
     """Replace every ``nnx.Linear`` whose dotted path ``re.search``-matches a pattern by a :class:`LoRALinear`.
 
     Returns the adapted paths (sorted). Raises :class:`LoraError` listing the available Linear paths when nothing
     matches; patterns that match nothing (e.g. single-block targets on a model without single blocks) are
-    reported with a warning. ``seed``: int or PRNG key for the ``lora_A`` init (one fold per path).
+    reported with a warning. ``seed``: int or PRNG key for the ``lora_A`` init (one fold per path); ``init``: one of
+    :data:`LORA_INITS`.
     """
     patterns = tuple(patterns)
+    if init not in LORA_INITS:
+        raise LoraError(f"LoRA init {init!r} is not one of {list(LORA_INITS)}")
     if not patterns:
         raise LoraError("no LoRA target patterns given")
     try:
@@ -146,7 +164,8 @@ def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: 
         warnings.warn(f"LoRA target patterns matched nothing and were ignored: {unused}", stacklevel=2)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     for i, (name, path, module) in enumerate(matched):
-        new = LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout, dtype=dtype, key=jax.random.fold_in(key, i))
+        new = LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout, dtype=dtype, key=jax.random.fold_in(key, i),
+                         init=init)
         _replace(model, path, new)
     return tuple(m[0] for m in matched)
 
@@ -154,7 +173,7 @@ def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: 
 def apply_lora_config(model: nnx.Module, cfg: LoraConfig, seed: int | jax.Array = 0) -> tuple[str, ...]:
     """:func:`apply_lora` with rank / alpha / dropout / dtype / targets from a :class:`LoraConfig`."""
     return apply_lora(model, cfg.target_patterns, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                      dtype=jnp.dtype(cfg.dtype), seed=seed)
+                      dtype=jnp.dtype(cfg.dtype), seed=seed, init=cfg.init)
 
 
 def lora_state(model: nnx.Module) -> dict[str, jax.Array]:

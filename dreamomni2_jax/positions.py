@@ -32,6 +32,22 @@ SchemeFn = Callable[[Sequence[LatentSize]], list[int]]
 _SCHEMES: dict[str, SchemeFn] = {}
 
 
+IDS_DTYPES = ("int32", "bfloat16")
+
+
+def round_ids(ids, ids_dtype: str = "int32"):
+    """Ids as the transformer sees them. ``int32``: exact (default). ``bfloat16``: rounded through bfloat16 and
+    returned as float32, as the diffusers / DreamOmni2 pipelines do when they cast their ids to the bf16 model dtype
+    (integers above 256 lose their low bits: 257 -> 256, 261 -> 260); only for bit-level parity with them."""
+    if ids_dtype == "int32":
+        return ids
+    if ids_dtype == "bfloat16":
+        import jax.numpy as jnp
+
+        return jnp.asarray(ids).astype(jnp.bfloat16).astype(jnp.float32)
+    raise ValueError(f"ids dtype {ids_dtype!r} is not one of {IDS_DTYPES}")
+
+
 def register_scheme(name: str, column_offsets: SchemeFn) -> None:
     """Register an id scheme: ``column_offsets(latent_sizes) -> [w_offset_i]`` per reference."""
     _SCHEMES[name] = column_offsets

@@ -180,7 +180,8 @@ class Pipeline:
                  seeds: int | Sequence[int] = 0, latents=None, scheme: str = "dreamomni2",
                  true_cfg_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None,
                  auto_resize: bool = True, max_area: int | None = KONTEXT_AREA, reference_area: int = KONTEXT_AREA,
-                 transformer: nnx.Module | None = None, progress: bool = True) -> np.ndarray:
+                 transformer: nnx.Module | None = None, progress: bool = True, task: str | None = None,
+                 ids_dtype: str = "int32") -> np.ndarray:
         """Generate ``len(prompts) * len(seeds)`` images, prompt-major (image ``k``: prompt ``k // S``, seed
         ``k % S``), as float32 ``[N, H, W, 3]`` in [0, 1].
 
@@ -189,6 +190,11 @@ class Pipeline:
         (parity tests); otherwise ``jax.random.normal`` from each seed. All outputs must have one size.
         ``max_area``: output area budget (Kontext; ``None``: size only floored to 16); ``reference_area``: see
         :func:`reference_pixels`. ``transformer``: use this (e.g. LoRA-patched, training) model instead.
+        ``task``: ``editing`` (default with references): the output defaults to the source's (first reference's,
+        snapped) size, as DreamOmni2's ``inference_edit.py``; ``generation`` (default without references): 1024²
+        fitted to ``max_area``, as ``inference_gen.py`` and the Kontext pipeline without an image.
+        ``ids_dtype``: ``bfloat16`` rounds the position ids like the reference bf16 pipelines
+        (:func:`dreamomni2_jax.positions.round_ids`).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -200,7 +206,10 @@ class Pipeline:
         neg = self._negative(prompts, negative_prompt, true_cfg_scale)
         if scheme not in positions.schemes():
             raise ValueError(f"unknown position scheme {scheme!r}; known: {positions.schemes()}")
-        sizes = [output_size(height, width, r[0].shape[:2] if r else None, max_area) for r in refs]
+        if task not in (None, "editing", "generation"):
+            raise ValueError(f"task={task!r} is not one of ['editing', 'generation']")
+        sizes = [output_size(height, width, r[0].shape[:2] if r and (task or "editing") == "editing" else None,
+                             max_area) for r in refs]
         if len(set(sizes)) > 1:
             raise ValueError(f"prompts give different output sizes {sorted(set(sizes))}: pass height/width or "
                              "sample them in separate calls")
@@ -221,7 +230,7 @@ class Pipeline:
             noise = latents[rows] if latents is not None else self._noise(h, w, [seeds[r % s] for r in rows])
             out[rows] = self._run(model, [prompts[i] for i in idx], [refs[i] for i in idx],
                                   None if neg is None else [neg[i] for i in idx], s, noise, h, w, steps, guidance,
-                                  scheme, true_cfg_scale, progress)
+                                  scheme, true_cfg_scale, progress, ids_dtype)
         return out
 
     # ----------------------------------------------------------------- helpers
@@ -279,7 +288,8 @@ class Pipeline:
             return jnp.zeros((len(refs), 0, c4), jnp.float32), sizes
         return jnp.concatenate(parts, axis=1), sizes
 
-    def _run(self, model, prompts, refs, neg, s, noise, h, w, steps, guidance, scheme, true_cfg_scale, progress):
+    def _run(self, model, prompts, refs, neg, s, noise, h, w, steps, guidance, scheme, true_cfg_scale, progress,
+             ids_dtype="int32"):
         lh, lw = self._latent_hw(h, w)
         ref_tokens, ref_sizes = self._encode_refs(refs)
         ref_tokens = jnp.repeat(ref_tokens, s, axis=0).astype(self.dtype)
@@ -289,8 +299,8 @@ class Pipeline:
             embeds, pooled = jnp.concatenate([embeds, n_embeds]), jnp.concatenate([pooled, n_pooled])
         reps = np.repeat(np.arange(embeds.shape[0]), s)  # [pos (B*s) ; neg (B*s)], seeds innermost
         embeds, pooled = embeds[reps], pooled[reps]
-        img_ids = positions.SampleLayout((lh, lw), tuple(ref_sizes)).ids(scheme)
-        txt_ids = positions.text_ids(embeds.shape[1])
+        img_ids = positions.round_ids(positions.SampleLayout((lh, lw), tuple(ref_sizes)).ids(scheme), ids_dtype)
+        txt_ids = positions.text_ids(embeds.shape[1]).astype(img_ids.dtype)
         cfg = model.config
         g = None if not cfg.guidance_embeds else jnp.full((embeds.shape[0],), guidance, jnp.float32)
         timesteps, sigmas = set_timesteps(self.scheduler, steps, image_seq_len=positions.num_tokens(lh, lw))

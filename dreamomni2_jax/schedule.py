@@ -14,7 +14,9 @@ Samplers (one σ per PRNG key, so every sample's draw depends only on its own ke
   sample's real target token count.
 
 Weightings are diffusers' ``compute_loss_weighting_for_sd3``: ``none`` (1), ``sigma_sqrt`` (σ⁻²), ``cosmap``
-(``2 / (π (1 - 2σ + 2σ²))``).
+(``2 / (π (1 - 2σ + 2σ²))``). diffusers' trainers look σ up in the scheduler's 1000 discrete training sigmas, the
+smallest being ``1 / num_train_timesteps`` = 1e-3; our σ is continuous, so ``sigma_sqrt`` clamps σ at
+:data:`SIGMA_MIN` = 1e-3 (weight ≤ 1e6) instead of growing without bound near 0.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from dreamomni2_jax.scheduler import calculate_shift  # the Flux dynamic-shift m
 
 SAMPLERS = ("uniform", "logit_normal", "mode", "sigmoid_shift")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+SIGMA_MIN = 1e-3  # smallest training sigma of diffusers' FlowMatchEulerDiscreteScheduler (1 / 1000 timesteps)
 
 
 def time_shift(mu, t, sigma: float = 1.0):
@@ -57,7 +60,7 @@ def sample_sigmas(keys: jax.Array, sampling: str, *, logit_mean: float = 0.0, lo
 def loss_weighting(sigmas: jax.Array, weighting: str) -> jax.Array:
     """Per-sample loss weight for ``sigmas`` (diffusers ``compute_loss_weighting_for_sd3``)."""
     if weighting == "sigma_sqrt":
-        return sigmas ** -2.0
+        return jnp.maximum(sigmas, SIGMA_MIN) ** -2.0
     if weighting == "cosmap":
         return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas ** 2))
     if weighting == "none":

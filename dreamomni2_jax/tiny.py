@@ -266,12 +266,13 @@ INSTRUCTIONS = [
     "draw the shapes of image 1 in the colors of image 2",
 ]
 
+# Editing records (the default task): the first reference (source) has its target's aspect ratio.
 SPECS: list[tuple[tuple[int, int], list[tuple[int, int]]]] = [
     ((96, 96), [(96, 96)]),
-    ((128, 96), [(96, 96), (64, 112)]),
+    ((128, 96), [(128, 96), (64, 112)]),
     ((96, 96), [(96, 96)]),
-    ((96, 128), [(128, 64), (96, 96), (64, 64)]),
-    ((128, 96), [(96, 96), (64, 112)]),
+    ((96, 128), [(96, 128), (128, 64), (64, 64)]),
+    ((128, 96), [(128, 96), (64, 112)]),
     ((96, 96), [(96, 96)]),
 ]
 

@@ -28,7 +28,7 @@ from flax import nnx, struct
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.config import Config
 from dreamomni2_jax.lora import LoRAParam, reseed_dropout
-from dreamomni2_jax.positions import SampleLayout, batch_layout
+from dreamomni2_jax.positions import SampleLayout, batch_layout, round_ids
 from dreamomni2_jax.schedule import loss_weighting, make_optimizer, lr_schedule, sample_sigmas
 
 BATCH_KEYS = ("target", "references", "img_ids", "img_mask", "t5", "pooled")
@@ -60,7 +60,7 @@ class TrainState:
 class StepConfig:
     """Static (trace-time) settings of the step, read from the config."""
 
-    timestep_sampling: str = "logit_normal"
+    timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
@@ -69,6 +69,7 @@ class StepConfig:
     caption_dropout: float = 0.0
     grad_accum: int = 1
     lora_dropout: bool = False
+    ids_dtype: str = "int32"  # model.ids_dtype (positions.round_ids)
 
     @classmethod
     def from_config(cls, cfg: Config, guidance_embeds: bool = True) -> "StepConfig":
@@ -76,7 +77,7 @@ class StepConfig:
                    logit_std=cfg.train.logit_std, mode_scale=cfg.train.mode_scale, weighting=cfg.train.weighting,
                    guidance=cfg.model.guidance if guidance_embeds else None,
                    caption_dropout=cfg.data.caption_dropout, grad_accum=cfg.optim.grad_accum,
-                   lora_dropout=cfg.lora.dropout > 0)
+                   lora_dropout=cfg.lora.dropout > 0, ids_dtype=cfg.model.ids_dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,8 +135,9 @@ def flow_matching_loss(model, batch: dict, rng: jax.Array, sample_index: jax.Arr
         t5 = jnp.where(drop[:, None, None], empty_text["t5"][None].astype(t5.dtype), t5)
         pooled = jnp.where(drop[:, None], empty_text["pooled"][None].astype(pooled.dtype), pooled)
     hidden = jnp.concatenate([x_t, batch["references"].astype(jnp.float32)], axis=1)
-    txt_ids = jnp.zeros((t5.shape[1], 3), batch["img_ids"].dtype)
-    pred = model(hidden, t5, pooled, sigmas, batch["img_ids"], txt_ids, guidance=cfg.guidance,
+    img_ids = round_ids(batch["img_ids"], cfg.ids_dtype)
+    txt_ids = jnp.zeros((t5.shape[1], 3), img_ids.dtype)
+    pred = model(hidden, t5, pooled, sigmas, img_ids, txt_ids, guidance=cfg.guidance,
                  attention_mask=mask, n_out=t)  # target tokens only: the reference outputs are unused
     err = jnp.square(pred.astype(jnp.float32) - (noise - x0))
     per_sample = jnp.sum(err * tmask[:, :, None], axis=(1, 2)) / jnp.maximum(tmask.sum(1) * c, 1.0)

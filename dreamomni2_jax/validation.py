@@ -9,8 +9,8 @@
 Each ``cfg.sample.validation`` entry (prompt, reference paths, seed, size) is sampled with the current
 (LoRA-patched) transformer ``transformer_getter(model)`` through :class:`dreamomni2_jax.sampler.Pipeline`, with
 ``cfg.sample`` steps / guidance / true CFG, ``cfg.model.position_scheme`` ids, the entry's height x width (floored
-to 16, no area refit) and references sized like the cache stage does (Kontext resolutions scaled to the data
-area budget). The grid has one row per entry: its references, then the output, all scaled to one row height.
+to 16, no area refit; :func:`preview_size` when 0: an editing entry at its source's size as cached, a generation
+entry square) and references sized like the cache stage does (Kontext resolutions at the reference area budget). The grid has one row per entry: its references, then the output, all scaled to one row height.
 Written to ``run_dir/samples/step_XXXXXX.png`` (temp + rename) and ``run_dir/tb`` (tensorboardX, tag
 ``validation``) by process 0; every process runs the sampling (it is SPMD when the model is sharded).
 
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dreamomni2_jax.config import Config
-from dreamomni2_jax.images import open_image
+from dreamomni2_jax.config import Config, ValidationSample
+from dreamomni2_jax.images import editing_size, open_image
 
 log = logging.getLogger(__name__)
 ROW_HEIGHT = 256
@@ -80,6 +80,26 @@ def make_grid(rows: list[list[np.ndarray]], row_height: int = ROW_HEIGHT, pad: i
     return grid
 
 
+def preview_task(sample: ValidationSample) -> str:
+    """``sample.task``, else editing with references and generation without."""
+    return sample.task or ("editing" if sample.references else "generation")
+
+
+def preview_size(sample: ValidationSample, source_size: tuple[int, int] | None,
+                 target_max_area: int) -> tuple[int, int]:
+    """``(height, width)`` of a validation output: the entry's when set; else editing: the size the cache gives the
+    pair (:func:`dreamomni2_jax.images.editing_size` of the source, ``source_size`` = its ``(w, h)``), generation:
+    the largest square multiple of 16 within ``target_max_area`` (1024 x 1024 at 1 MP, as DreamOmni2's
+    inference_gen.py)."""
+    if sample.height and sample.width:
+        return sample.height, sample.width
+    if preview_task(sample) == "editing":
+        w, h = editing_size(*source_size, target_max_area)
+        return h, w
+    side = max(16, int(target_max_area ** 0.5) // 16 * 16)
+    return side, side
+
+
 class ValidationHook:
     """``hook(step, model)``: validation sampling every ``cfg.sample.every_steps`` (a no-op when disabled)."""
 
@@ -92,11 +112,16 @@ class ValidationHook:
         self.model_dir = Path(model_dir)
         self.run_dir = Path(run_dir)
         self.row_height = row_height
-        self.reference_area = getattr(cfg.data, "reference_max_area", 0) or cfg.data.target_max_area
+        self.reference_area = cfg.data.reference_max_area
         self._pipe = None
         self._writer = None
         if self.enabled:
             for i, s in enumerate(self.samples):  # fail at start-up, not hours into training
+                if s.task not in ("", "editing", "generation") or (s.task == "editing" and not s.references):
+                    raise ValueError(f"sample.validation[{i}].task={s.task!r}: editing (needs references), "
+                                     f"generation or empty")
+                if (s.height > 0) != (s.width > 0):
+                    raise ValueError(f"sample.validation[{i}]: set both height and width, or neither")
                 for r in s.references:
                     open_image(r, f"sample.validation[{i}]")
 
@@ -135,10 +160,12 @@ class ValidationHook:
         out = []
         for i, s in enumerate(self.samples):
             refs = [open_image(r, f"sample.validation[{i}]") for r in s.references]
-            img = pipe(s.prompt, refs, height=s.height, width=s.width, steps=sc.steps, guidance=sc.guidance,
+            height, width = preview_size(s, refs[0].size if refs else None, self.cfg.data.target_max_area)
+            img = pipe(s.prompt, refs, height=height, width=width, steps=sc.steps, guidance=sc.guidance,
                        seeds=[s.seed], scheme=self.cfg.model.position_scheme, true_cfg_scale=sc.true_cfg_scale,
                        negative_prompt=sc.negative_prompt, max_area=None, reference_area=self.reference_area,
-                       transformer=transformer, progress=False)[0]
+                       transformer=transformer, progress=False, task=preview_task(s),
+                       ids_dtype=self.cfg.model.ids_dtype)[0]
             out.append(([np.asarray(r) for r in refs], to_uint8(img)))
         return out
 

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-batch", type=int, default=16, help="text-encoder batch")
     ap.add_argument("--enhance", default="", metavar="QWEN_DIR",
                     help="rewrite instructions with a Qwen2.5-VL model folder (needs torch; off by default)")
-    ap.add_argument("--enhance-max-tokens", type=int, default=256, help="enhancer max new tokens")
+    ap.add_argument("--enhance-max-tokens", type=int, default=4096,
+                    help="enhancer max new tokens (4096 as DreamOmni2's scripts; fewer can truncate the answer)")
     ap.add_argument("--task", default="editing", choices=TASKS,
                     help="task of records without a 'task' key and with references (default editing)")
     ap.add_argument("--no-progress", action="store_true")

@@ -3,12 +3,17 @@
     python scripts/sample.py --model CONVERTED_DIR --prompt "..." --ref a.png [--ref b.png ...] --out out.png \
         [--lora FILE_OR_CHECKPOINT_DIR] [--lora-scale 1.0] [--steps 28] [--guidance 3.5] [--seed 0] \
         [--height H --width W] [--scheme dreamomni2|kontext] [--true-cfg 1.0 --negative-prompt ""] \
-        [--num-images N] [--no-auto-resize] [--max-area PIXELS] [--dtype bf16|fp32]
+        [--num-images N] [--no-auto-resize] [--max-area PIXELS] [--dtype bf16|fp32] [--task editing|generation] \
+        [--enhance QWEN2_5_VL_DIR]
 
 References are snapped to the Kontext preferred resolutions (``--no-auto-resize``: only floored to multiples of
-16); the output size defaults to the first reference's. ``--num-images N`` uses seeds ``seed .. seed+N-1`` and
-writes ``out_0.png .. out_{N-1}.png``. ``--lora`` takes a diffusers/PEFT or kohya safetensors file or a training
-run / checkpoint folder. For DreamOmni2 LoRAs end the prompt with " It is editing task." / " It is generation task."
+16). The output size defaults to the source's (first reference's) for editing (the default with references), and
+to 1024x1024 for generation (``--task generation``, the default without references), as DreamOmni2's
+inference_edit.py / inference_gen.py. ``--num-images N`` uses seeds ``seed .. seed+N-1`` and writes
+``out_0.png .. out_{N-1}.png``. ``--lora`` takes a diffusers/PEFT or kohya safetensors file or a training run /
+checkpoint folder. ``--enhance`` rewrites the prompt with DreamOmni2's Qwen2.5-VL first, as its scripts do: the
+VLM sees the references and the prompt followed by " It is editing task." / " It is generation task."; Flux gets
+the VLM's answer (the task suffix is never part of the Flux prompt). Needs torch (``pip install .[vlm]``).
 """
 from __future__ import annotations
 
@@ -44,13 +49,38 @@ def parse_args(argv=None):
     ap.add_argument("--ref-area", type=int, default=1024 ** 2,
                     help="reference area: 1024^2 gives the exact Kontext resolutions; smaller scales them down")
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
+    ap.add_argument("--ids-dtype", default="int32", choices=("int32", "bfloat16"),
+                    help="bfloat16: round position ids like the reference bf16 pipelines (bit-level parity only)")
+    ap.add_argument("--task", default=None, choices=("editing", "generation"),
+                    help="default: editing with --ref, generation without")
+    ap.add_argument("--enhance", default="", metavar="QWEN_DIR",
+                    help="rewrite --prompt with a Qwen2.5-VL folder (DreamOmni2's VLM) before sampling")
+    ap.add_argument("--enhance-max-tokens", type=int, default=4096, help="enhancer max new tokens")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if (args.height is None) != (args.width is None):
         ap.error("pass both --height and --width, or neither")
     if args.steps < 1 or args.num_images < 1:
         ap.error("--steps and --num-images must be >= 1")
+    if args.task == "editing" and not args.ref:
+        ap.error("--task editing needs the source image as the first --ref")
     return args
+
+
+def enhance_prompt(qwen_dir: str, refs: list[str], prompt: str, task: str, max_new_tokens: int) -> str:
+    """DreamOmni2's VLM rewrite of ``prompt`` (the enhancer is freed before Flux loads)."""
+    try:
+        from dreamomni2_jax.enhance import QwenEnhancer
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--enhance needs torch and transformers (pip install '.[vlm]'): {e}") from None
+    enhancer = QwenEnhancer(qwen_dir, max_new_tokens=max_new_tokens)
+    out = enhancer(list(refs), prompt, task).strip()
+    del enhancer
+    if not out:
+        raise ValueError(f"--enhance {qwen_dir}: the VLM returned an empty prompt")
+    return out
 
 
 def main(argv=None) -> int:
@@ -65,16 +95,20 @@ def main(argv=None) -> int:
         if not Path(ref).is_file():
             print(f"error: --ref #{i}: image file not found: {ref}", file=sys.stderr)
             return 2
+    task = args.task or ("editing" if args.ref else "generation")
+    prompt = args.prompt
     t0 = time.time()
     try:
+        if args.enhance:
+            prompt = enhance_prompt(args.enhance, args.ref, args.prompt, task, args.enhance_max_tokens)
         pipe = sampler.load_pipeline(args.model, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32,
                                      lora=args.lora, lora_scale=args.lora_scale)
         t1 = time.time()
-        images = pipe(args.prompt, args.ref, height=args.height, width=args.width, steps=args.steps,
+        images = pipe(prompt, args.ref, height=args.height, width=args.width, steps=args.steps,
                       guidance=args.guidance, seeds=list(range(args.seed, args.seed + args.num_images)),
                       scheme=args.scheme, true_cfg_scale=args.true_cfg, negative_prompt=args.negative_prompt,
                       auto_resize=not args.no_auto_resize, max_area=args.max_area or None, reference_area=args.ref_area,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, task=task, ids_dtype=args.ids_dtype)
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # bad image / LoRA / size: named in the message
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,7 +117,8 @@ def main(argv=None) -> int:
                                             for k in range(len(images))]
     for p, img in zip(paths, images):
         sampler.save_png(p, img)
-    print(json.dumps({"out": [str(p) for p in paths], "size": list(images.shape[1:3]),
+    print(json.dumps({"out": [str(p) for p in paths], "size": list(images.shape[1:3]), "task": task,
+                      "prompt": prompt,
                       "load_s": round(t1 - t0, 2), "sample_s": round(time.time() - t1, 2)}))
     return 0
 

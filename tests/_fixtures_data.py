@@ -16,7 +16,8 @@ from dreamomni2_jax.tiny import INSTRUCTIONS, SPECS, draw_image, write_folder, w
 
 def tiny_config(model_path="", cache_dir="", **data) -> Config:
     """fp32 tiny config: 96x96 target budget, references scaled the same, T5 length 32."""
-    kw = dict(cache_dir=str(cache_dir), batch_size=2, max_refs=3, target_max_area=96 * 96, min_image_size=32,
+    kw = dict(cache_dir=str(cache_dir), batch_size=2, max_refs=3, target_max_area=96 * 96,
+              reference_max_area=96 * 96, min_image_size=32,
               batching="bucket", num_workers=0, max_sequence_length=32, synthetic_resolution=(96, 64),
               synthetic_refs=((64, 64), (96, 96)))
     kw.update(data)

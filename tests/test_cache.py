@@ -118,9 +118,10 @@ def test_cached_latents_equal_direct_vae_encode(tiny_cache, tiny_converted_dir):
         paths = [meta["target"], *meta["references"]]
         keys = ["target"] + [f"ref{j}" for j in range(len(rsizes))]
         sizes = [entry["target_latent"], *entry["reference_latents"]]
+        source = Image.open(paths[1]).size  # SPECS records are editing pairs: target and source share one size
         for j, (p, key, lat) in enumerate(zip(paths, keys, sizes)):
             img = images.open_image(p, "test")
-            size = (images.target_size if j == 0 else images.reference_size)(*img.size, 96 * 96)
+            size = images.editing_size(*source, 96 * 96) if j < 2 else images.reference_size(*img.size, 96 * 96)
             assert list(arrays[key].shape[:2]) == lat == [size[1] // 8, size[0] // 8]
             by_shape.setdefault(size, []).append((arrays[key], images.to_pixels(img, size)))
         assert meta["line"] == entry["line"] and meta["where"].endswith(f"train.jsonl:{entry['line']}")
@@ -333,7 +334,8 @@ def test_enhancer_rewrites_with_task_suffix_and_keeps_the_original(tmp_path, tin
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from _fixtures_data import reference_qwen_processor, save_tiny_qwen_vl
-    from dreamomni2_jax.enhance import QwenEnhancer, extract_gen, vlm_messages
+    import _reference_code as reference_code
+    from dreamomni2_jax.enhance import MAX_NEW_TOKENS, QwenEnhancer, extract_gen, vlm_messages
 
     qwen = save_tiny_qwen_vl(tmp_path / "qwen")
     manifest = write_jsonl(tmp_path / "in", [SPECS[0], SPECS[2]])
@@ -350,12 +352,17 @@ def test_enhancer_rewrites_with_task_suffix_and_keeps_the_original(tmp_path, tin
     assert [m["task"] for _, m in cached] == ["editing", "generation"]
     for (arrays, meta), rec, suffix in zip(cached, recs, [" It is editing task.", " It is generation task."]):
         assert meta["instruction_original"] == rec["instruction"]
-        refs = [Image.open(tmp_path / "in" / p).convert("RGB") for p in rec["references"]]
+        paths = [str(tmp_path / "in" / p) for p in rec["references"]]
+        # DreamOmni2 inference_edit.py / inference_gen.py: messages, then images through vprocess.fetch_image
+        want = reference_code.infer_vlm_messages(paths, rec["instruction"], suffix)
+        refs = [reference_code.fetch_image({"image": p}) for p in paths]
+        assert refs[0].size == (1024, 1024)  # resizeinput: the Kontext resolution, not the 96x96 file
         messages = vlm_messages(rec["instruction"], meta["task"], len(refs))
-        assert messages[0]["content"][-1]["text"] == rec["instruction"] + suffix
+        assert messages[0]["content"][-1] == want[0]["content"][-1]
         text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert text == proc.apply_chat_template(want, tokenize=False, add_generation_prompt=True)
         ref_inputs = proc(text=[text], images=refs, return_tensors="pt")
-        ours = enhancer.inputs(refs, rec["instruction"], meta["task"])
+        ours = enhancer.inputs(paths, rec["instruction"], meta["task"])
         assert set(ours) == set(ref_inputs) and all(torch.equal(ours[k], ref_inputs[k]) for k in ref_inputs)
         with torch.no_grad():
             out = model.generate(**ref_inputs, do_sample=False, max_new_tokens=8)
@@ -366,3 +373,20 @@ def test_enhancer_rewrites_with_task_suffix_and_keeps_the_original(tmp_path, tin
         np.testing.assert_allclose(arrays["t5"], t5[0], atol=1e-5)
         np.testing.assert_allclose(arrays["pooled"], pooled[0], atol=1e-5)
     assert extract_gen("noise <gen> a cat </gen> tail") == "a cat" and extract_gen(" plain ") == "plain"
+    assert MAX_NEW_TOKENS == reference_code.INFER_VLM_MAX_NEW_TOKENS
+    assert QwenEnhancer.__init__.__defaults__[0] == MAX_NEW_TOKENS
+
+
+def test_vlm_image_is_dreamomni2_fetch_image(tmp_path):
+    import _reference_code as reference_code
+    from dreamomni2_jax.enhance import vlm_image
+
+    rng = np.random.default_rng(0)
+    for size, mode in [((300, 170), "RGB"), ((120, 160), "RGBA"), ((1024, 1024), "RGB"), ((90, 400), "L")]:
+        arr = rng.integers(0, 256, (size[1], size[0], len(mode)), np.uint8)
+        img = Image.fromarray(arr[..., 0] if mode == "L" else arr, mode)
+        p = tmp_path / f"{mode}_{size[0]}.png"
+        img.save(p)
+        want = reference_code.fetch_image({"image": str(p)})
+        for got in (vlm_image(str(p)), vlm_image(Image.open(p))):
+            assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want))

@@ -8,7 +8,7 @@ from dreamomni2_jax.config import ConfigError, from_dict, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo", "tpu_v5", "gpu_h100"])
+@pytest.mark.parametrize("name", ["demo", "tpu_v5", "gpu_h100", "dreamomni2"])
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(ROOT / "configs" / f"{name}.py")
     assert cfg.lora.target_patterns and cfg.train.steps > 0
@@ -19,6 +19,23 @@ def test_real_size_configs_use_release_lora_settings():
     for name in ("tpu_v5", "gpu_h100"):
         cfg = load_config(ROOT / "configs" / f"{name}.py")
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr, cfg.model.param_dtype) == (16, 16.0, 1e-4, "bfloat16")
+
+
+def test_dreamomni2_recipe_is_the_documented_one():
+    """configs/dreamomni2.py: the qflux DreamOmni2 / Kontext example config values its docstring cites."""
+    cfg = load_config(ROOT / "configs" / "dreamomni2.py")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.preset) == (16, 16.0, "gaussian", "attention")
+    assert cfg.lora.target_patterns == (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0")
+    o = cfg.optim
+    assert (o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.schedule, o.warmup_steps, o.grad_clip) == \
+        (1e-4, 0.9, 0.999, 1e-8, 0.01, "cosine", 100, 1.0)
+    assert cfg.data.batch_size // o.grad_accum == 1 and o.grad_accum == 4  # batch 1 x accumulation 4
+    assert (cfg.data.target_max_area, cfg.data.reference_max_area, cfg.data.caption_dropout) == \
+        (1024 ** 2, 1024 ** 2, 0.05)
+    assert (cfg.train.steps, cfg.train.timestep_sampling, cfg.train.weighting) == (5000, "uniform", "none")
+    assert (cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep) == (100, 10)
+    assert (cfg.model.position_scheme, cfg.model.guidance, cfg.sample.guidance) == ("dreamomni2", 1.0, 3.5)
+    assert not any("It is" in v.prompt for v in cfg.sample.validation)
 
 
 def test_overrides_are_typed():

@@ -60,7 +60,6 @@ def test_targets_shapes_and_filter(base_state):
     assert m.lora_A.shape == (2, 32, 4) and m.lora_B.shape == (2, 4, 32) and m.lora_scale == 2.0
     assert m.lora_A.dtype == jnp.float32 and not np.any(np.asarray(m.lora_B[...]))
     a = np.asarray(m.lora_A[...])
-    assert np.abs(a).max() <= 1 / np.sqrt(32) and np.abs(a).max() > 0.5 / np.sqrt(32)  # kaiming_uniform(a=sqrt(5))
     assert not np.allclose(a[0], a[1])  # every layer has its own init
     _, lora, rest = nnx.split(model, L.LoRAParam, ...)
     assert len(jax.tree.leaves(lora)) == 2 * len(paths)
@@ -70,18 +69,67 @@ def test_targets_shapes_and_filter(base_state):
         L.apply_lora_config(model, LoraConfig())
 
 
+def _peft_lora_a(init, din: int, rank: int, n: int) -> np.ndarray:
+    """``n`` draws of peft's lora_A (as ``[in, r]``) for a ``Linear(din, din)`` with ``init_lora_weights=init``."""
+    from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
+
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        lin = torch.nn.Module()
+        lin.lin = torch.nn.Linear(din, din)
+        lin = inject_adapter_in_model(PeftLoraConfig(r=rank, lora_alpha=rank, target_modules=["lin"],
+                                                     init_lora_weights=init), lin)
+        out.append(lin.lin.lora_A["default"].weight.detach().numpy().T)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("init,peft_init", [("gaussian", "gaussian"), ("kaiming", True)])
+def test_lora_a_init_matches_peft(base_state, init, peft_init):
+    """lora.init draws A like peft's init_lora_weights (the default gaussian is what diffusers' Kontext script and
+    qflux pass); B starts at zero either way."""
+    assert LoraConfig().init == "gaussian"
+    model = _fresh(base_state)
+    L.apply_lora_config(model, LoraConfig(rank=4, alpha=4.0, init=init), seed=3)
+    m = model.transformer_blocks.attn.to_q  # kernel [2, 32, 32]
+    ours = np.asarray(m.lora_A[...]).ravel()
+    ref = _peft_lora_a(peft_init, 32, 4, 8).ravel()
+    assert not np.any(np.asarray(m.lora_B[...]))
+    assert np.std(ours) == pytest.approx(np.std(ref), rel=0.15)
+    assert np.abs(ours).max() <= (1 / np.sqrt(32) if init == "kaiming" else 6 / 4)
+    if init == "gaussian":
+        assert np.std(ours) == pytest.approx(1 / 4, rel=0.15)  # N(0, 1/r²): ~4x Kaiming's 1/sqrt(3*32) here
+    with pytest.raises(L.LoraError, match="not one of"):
+        L.apply_lora(_fresh(base_state), [r"attn\.to_q"], rank=2, alpha=2.0, init="xavier")
+
+
 def test_wide_preset_and_errors(base_state):
     model = _fresh(base_state)
     available = L.linear_paths(model)
     wide = L.apply_lora(model, LORA_PRESETS["kontext_wide"], rank=2, alpha=2.0)
     expected = [p for p in available if any(re.search(rx, p) for rx in LORA_PRESETS["kontext_wide"])]
-    assert list(wide) == sorted(expected) and len(wide) == 20  # 14 per double block, 6 per single
+    assert list(wide) == sorted(expected) and len(wide) == 16  # 12 per double block, 4 per single
     with pytest.raises(L.LoraError, match="available paths: .*x_embedder"):
         L.apply_lora(_fresh(base_state), [r"no_such_module"], rank=2, alpha=2.0)
     with pytest.raises(L.LoraError, match="invalid LoRA target regex"):
         L.apply_lora(_fresh(base_state), [r"attn.(to_q"], rank=2, alpha=2.0)
     with pytest.warns(UserWarning, match="matched nothing"):
         L.apply_lora(_fresh(base_state), [r"attn\.to_q", r"nothing_here"], rank=2, alpha=2.0)
+
+
+def test_kontext_wide_preset_is_the_diffusers_kontext_script_default(base_state, transformer_dir):
+    """peft with train_dreambooth_lora_flux_kontext.py's default target_modules adapts exactly our preset's modules."""
+    import _reference_code as ref
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig as PeftLoraConfig
+
+    torch_model = FluxTransformer2DModel.from_pretrained(transformer_dir)
+    torch_model.add_adapter(PeftLoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                           target_modules=ref.KONTEXT_SCRIPT_TARGET_MODULES))
+    peft_paths = {re.sub(r"\.\d+\.", ".", n.rsplit(".lora_A", 1)[0], count=1)
+                  for n, _ in torch_model.named_modules() if n.endswith(".lora_A")}
+    ours = L.apply_lora(_fresh(base_state), LORA_PRESETS["kontext_wide"], rank=2, alpha=2.0)
+    assert set(ours) == peft_paths and len(ours) == 16
 
 
 def test_zero_init_is_identity_and_state_helpers(base_state):

@@ -123,3 +123,26 @@ def test_batch_layout_pads_per_section_and_masks():
         np.testing.assert_array_equal(s.ids(), np.concatenate([P.target_ids(*s.target), ref]))
     with pytest.raises(ValueError, match="target_len"):
         P.batch_layout(samples, target_len=4)
+
+
+def test_bfloat16_ids_round_like_the_reference_pipelines():
+    """model.ids_dtype=bfloat16: the ids the bf16 diffusers / DreamOmni2 pipelines feed (``_prepare_latent_image_ids``
+    then ``.to(dtype=torch.bfloat16)``) and the RoPE diffusers' FluxPosEmbed makes of them; int32 stays exact."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    from dreamomni2_jax.config import ModelConfig
+    from dreamomni2_jax.rope import rope_cos_sin
+
+    assert ModelConfig().ids_dtype == "int32"
+    ids = P.SampleLayout((64, 64), ((94, 174), (94, 174), (94, 174))).ids("dreamomni2")  # columns up to 260
+    assert ids[:, 2].max() > 256
+    want = torch.from_numpy(ids).to(torch.bfloat16).float()
+    got = np.asarray(P.round_ids(ids, "bfloat16"))
+    np.testing.assert_array_equal(got, want.numpy())
+    assert (got != ids).any() and P.round_ids(ids, "int32") is ids
+    cos_ref, sin_ref = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(want)
+    cos, sin = rope_cos_sin(got)
+    np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(sin), sin_ref.numpy(), atol=2e-5)
+    with pytest.raises(ValueError, match="not one of"):
+        P.round_ids(ids, "float16")

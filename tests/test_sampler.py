@@ -226,6 +226,22 @@ def test_output_size_follows_kontext_max_area():
         sampler.output_size(64, None, None, None)
 
 
+def test_default_output_size_by_task(jax_pipe):
+    """Editing: the source's (snapped) size fitted to max_area, as DreamOmni2 edits at the source's size;
+    generation: 1024² fitted to max_area (DreamOmni2 inference_gen.py, Kontext without an image), references or
+    not."""
+    ref = _image(4, 96, 64)  # snapped to 1248x832
+    area = 64 * 64
+    kw = dict(steps=1, max_area=area, progress=False)
+    edit = jax_pipe(PROMPT, [ref], ids_dtype="bfloat16", **kw)  # model.ids_dtype: float32 ids reach the model
+    gen = jax_pipe(PROMPT, [ref], task="generation", **kw)
+    assert edit.shape[1:3] == sampler.output_size(None, None, (832, 1248), area) == (48, 64)
+    assert gen.shape[1:3] == sampler.output_size(None, None, None, area) == (64, 64)
+    assert np.isfinite(edit).all() and edit.std() > 0
+    with pytest.raises(ValueError, match="task"):
+        jax_pipe(PROMPT, [ref], task="edit", **kw)
+
+
 def test_clear_errors(jax_pipe, tmp_path):
     with pytest.raises(BadInput, match="not found.*missing.png"):
         jax_pipe(PROMPT, [str(tmp_path / "missing.png")], height=32, width=32, steps=1)
@@ -297,6 +313,44 @@ def test_cli(model_dir, lora_file, tmp_path, capsys):
     imgs = [np.asarray(Image.open(p)) for p in paths]
     assert imgs[0].shape == (H, W, 3) and np.abs(imgs[0].astype(int) - imgs[1].astype(int)).max() > 10
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_cli_enhance_rewrites_the_prompt_like_dreamomni2(model_dir, tmp_path, capsys):
+    """--enhance: DreamOmni2's inference_edit.py infer_vlm (suffixed instruction, fetch_image'd references,
+    greedy) with transformers' processor and model is the reference; Flux gets the answer, never the suffix."""
+    import json
+    import runpy
+
+    import _reference_code as reference_code
+    from _fixtures_data import reference_qwen_processor, save_tiny_qwen_vl
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from dreamomni2_jax.enhance import extract_gen
+
+    main = runpy.run_path("scripts/sample.py")["main"]
+    qwen = save_tiny_qwen_vl(tmp_path / "qwen")
+    ref = tmp_path / "ref.png"
+    _image(3, *REF1).save(ref)
+    args = ["--model", str(model_dir), "--prompt", PROMPT, "--ref", str(ref), "--out", str(tmp_path / "o.png"),
+            "--dtype", "fp32", "--height", str(H), "--width", str(W), "--max-area", "0", "--no-auto-resize",
+            "--steps", "1", "--no-progress", "--enhance", str(qwen), "--enhance-max-tokens", "8"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    proc = reference_qwen_processor(qwen)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen).eval()
+    messages = reference_code.infer_vlm_messages([str(ref)], PROMPT, " It is editing task.")
+    text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = proc(text=[text], images=[reference_code.fetch_image({"image": str(ref)})], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+    answer = proc.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                               clean_up_tokenization_spaces=False)[0]
+    assert report["task"] == "editing" and report["prompt"] == extract_gen(answer) != PROMPT
+    assert "It is editing task" not in report["prompt"]
+    with pytest.raises(SystemExit) as exit_:  # editing without a source image: a usage error
+        main(["--model", str(model_dir), "--prompt", PROMPT, "--out", str(tmp_path / "x.png"), "--task", "editing"])
+    assert exit_.value.code == 2 and "--task editing needs" in capsys.readouterr().err
 
 
 _SHARDED = r"""

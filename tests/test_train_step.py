@@ -168,6 +168,39 @@ def test_sigma_samplers_match_diffusers(scheme, kw):
     np.testing.assert_allclose(np.quantile(ours, q), np.quantile(ref, q), atol=0.02)
 
 
+def test_default_sigma_sampling_is_the_reference_trainers_uniform():
+    """Default config: σ ~ U(0, 1), as diffusers' train_dreambooth_lora_flux_kontext.py (--weighting_scheme none ->
+    compute_density_for_timestep_sampling's uniform branch) and qflux; training guidance 1.0."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    step = ts.StepConfig.from_config(Config())
+    assert step.timestep_sampling == "uniform" and step.weighting == "none" and step.guidance == 1.0
+    assert step.ids_dtype == "int32"
+    from dreamomni2_jax.config import ModelConfig
+
+    assert ts.StepConfig.from_config(Config(model=ModelConfig(ids_dtype="bfloat16"))).ids_dtype == "bfloat16"
+    n = 20000
+    ours = np.asarray(schedule.sample_sigmas(jax.random.split(jax.random.key(1), n), step.timestep_sampling))
+    ref = compute_density_for_timestep_sampling("none", n, generator=torch.Generator().manual_seed(1)).numpy()
+    q = np.linspace(0.02, 0.98, 25)
+    np.testing.assert_allclose(np.quantile(ours, q), np.quantile(ref, q), atol=0.02)
+
+
+def test_sigma_sqrt_weight_is_bounded_like_diffusers():
+    """diffusers' Kontext script weights σ from the scheduler's discrete training sigmas (smallest 1/1000): our
+    continuous σ is clamped there, so the weight never exceeds diffusers' largest."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
+    assert float(sched.sigmas.min()) == pytest.approx(schedule.SIGMA_MIN)
+    ref = compute_loss_weighting_for_sd3("sigma_sqrt", sched.sigmas).numpy()
+    ours = np.asarray(schedule.loss_weighting(jnp.asarray(sched.sigmas.numpy()), "sigma_sqrt"))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    tiny = np.asarray(schedule.loss_weighting(jnp.asarray([1e-7, 1e-4, 0.0]), "sigma_sqrt"))
+    np.testing.assert_allclose(tiny, ref.max(), rtol=1e-5)
+
+
 def test_sigmoid_shift_matches_flux_dynamic_shift():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift

@@ -44,7 +44,7 @@ def _cfg(ref, every=2, **sample):
                                 height=32, width=48),
                ValidationSample("turn the background white", (str(ref),), seed=1, height=32, width=48))
     return Config(model=ModelConfig(compute_dtype="float32", param_dtype="float32"),
-                  data=DataConfig(target_max_area=48 * 64, max_sequence_length=32),
+                  data=DataConfig(target_max_area=48 * 64, reference_max_area=48 * 64, max_sequence_length=32),
                   sample=SampleConfig(steps=2, every_steps=every, validation=entries, **sample))
 
 
@@ -79,6 +79,21 @@ def test_disabled_hook_and_bad_reference(tiny_pipeline_dir, ref_png, tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(BadInput, match=r"sample\.validation\[0\].*not found.*nope\.png"):
         make_validation_hook(_cfg(tmp_path / "nope.png"), None, tiny_pipeline_dir, tmp_path / "run")
+
+
+def test_preview_sizes_follow_dreamomni2():
+    """Editing previews at the source's size (inference_edit.py: height/width = resizeinput(source)), generation
+    previews at 1024x1024 (inference_gen.py) for the 1 MP target budget; set sizes win."""
+    import _reference_code as ref
+    from dreamomni2_jax.validation import preview_size
+
+    area = 1024 * 1024
+    for wh in [(1920, 1080), (768, 1024), (1000, 1250)]:
+        want = ref.resizeinput(Image.new("RGB", wh)).size
+        assert preview_size(ValidationSample("p", ("src.png",)), wh, area) == (want[1], want[0])
+    assert preview_size(ValidationSample("p"), None, area) == (1024, 1024)
+    assert preview_size(ValidationSample("p", ("ref.png",), task="generation"), (1920, 1080), area) == (1024, 1024)
+    assert preview_size(ValidationSample("p", ("src.png",), height=32, width=48), (1920, 1080), area) == (32, 48)
 
 
 def test_make_grid_layout():

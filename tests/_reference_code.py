@@ -1,0 +1,199 @@
+"""Transcriptions of reference code the tests compare against (torch / cv2 / network parts left out).
+
+Each function names its source; the logic is kept line for line, only I/O that needs packages absent here
+(torchvision, cv2, requests) is dropped.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+
+from PIL import Image
+
+# --------------------------------------------------------------------------- DreamOmni2 (dvlab-research/DreamOmni2)
+
+# utils/vprocess.py
+PREFERRED_KONTEXT_RESOLUTIONS = [
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+]
+
+
+def resizeinput(img):
+    """utils/vprocess.py ``resizeinput``: what DreamOmni2 feeds the pipeline (inference_edit.py) and the VLM."""
+    multiple_of = 16
+    image_height, image_width = img.height, img.width
+    aspect_ratio = image_width / image_height
+    _, image_width, image_height = min(
+        (abs(aspect_ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS
+    )
+    image_width = image_width // multiple_of * multiple_of
+    image_height = image_height // multiple_of * multiple_of
+    img = img.resize((image_width, image_height), Image.LANCZOS)
+    return img
+
+
+def to_rgb(pil_image):
+    """utils/vprocess.py ``to_rgb``."""
+    if pil_image.mode == 'RGBA':
+        white_background = Image.new("RGB", pil_image.size, (255, 255, 255))
+        white_background.paste(pil_image, mask=pil_image.split()[3])  # Use alpha channel as mask
+        return white_background
+    else:
+        return pil_image.convert("RGB")
+
+
+def fetch_image(ele):
+    """utils/vprocess.py ``fetch_image`` for local paths / PIL images (the VLM's image preprocessing)."""
+    image = ele["image"] if "image" in ele else ele["image_url"]
+    image_obj = image if isinstance(image, Image.Image) else Image.open(image)
+    image = to_rgb(image_obj)
+    image = resizeinput(image)
+    return image
+
+
+def infer_vlm_messages(input_img_path, input_instruction, prefix):
+    """inference_edit.py / inference_gen.py ``infer_vlm``: the chat messages (prefix " It is editing task." /
+    " It is generation task.")."""
+    tp = []
+    for path in input_img_path:
+        tp.append({"type": "image", "image": path})
+    tp.append({"type": "text", "text": input_instruction + prefix})
+    messages = [
+        {
+            "role": "user",
+            "content": tp,
+        }
+    ]
+    return messages
+
+
+INFER_VLM_MAX_NEW_TOKENS = 4096  # inference_edit.py / inference_gen.py: vlm_model.generate(..., max_new_tokens=4096)
+
+
+# --------------------------------------------------------------------------- qflux (tsiendragon/qwen-image-finetune)
+
+# src/qflux/data/dataset.py
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_pat_end = re.compile(r"control_(\d+)\.(?:png|jpe?g|webp)$", re.IGNORECASE)
+
+
+def is_control_image(path: str):
+    name = Path(path).name
+    m = _pat_end.search(name)
+    return m is not None
+
+
+def _first_existing(base_dir: str, stem: str, exts=IMG_EXTS):
+    for ext in exts:
+        p = os.path.join(base_dir, stem + ext)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def get_number_of_controls(control_dir: str, stem: str) -> int:
+    for ext in IMG_EXTS:
+        control_paths = glob.glob(os.path.join(control_dir, f"{stem}_control_[0-99]*{ext}"))
+        if len(control_paths) > 0:
+            return len(control_paths)
+    return 0
+
+
+def _collect_extra_controls(control_dir: str, stem: str, num_controls: int) -> list:
+    out = []
+    for i in range(1, num_controls + 1):
+        for ext in IMG_EXTS:
+            control_path = os.path.join(control_dir, f"{stem}_control_{i}{ext}")
+            if os.path.exists(control_path):
+                out.append(control_path)
+                continue
+    return out
+
+
+def find_directories(dataset_path: str):
+    """``ImageDataset._find_directories``."""
+    image_possible_names = ["training_images", "images", "target_images", "target", "targets"]
+    control_possible_names = ["control_images", "control", "condition_images", "controls"]
+    images_dir = None
+    for name in image_possible_names:
+        path = os.path.join(dataset_path, name)
+        if os.path.exists(path):
+            images_dir = path
+            break
+    control_dir = None
+    for name in control_possible_names:
+        path = os.path.join(dataset_path, name)
+        if os.path.exists(path):
+            control_dir = path
+            break
+    return images_dir, control_dir
+
+
+def scan_image_files(images_dir: str, control_dir: str) -> list:
+    """``ImageDataset._scan_image_files``: [{"image", "control": [...], "caption": txt path}] (masks dropped)."""
+    target_images = glob.glob(os.path.join(images_dir, "*.*"))
+    target_images = [img for img in target_images if img.endswith(IMG_EXTS)]
+    target_images = [img for img in target_images if not img.endswith("_mask.png")]
+    target_images = [img for img in target_images if not is_control_image(img)]
+    samples = []
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in target_images]
+    stems = [s for s in stems if _first_existing(images_dir, s) is not None]
+    num_controls = get_number_of_controls(control_dir, stems[0])
+    for stem in stems:
+        image_path = _first_existing(images_dir, stem)
+        if image_path is None:
+            continue
+        main_control = _first_existing(control_dir, stem)
+        if main_control is not None:
+            extras = _collect_extra_controls(control_dir, stem, num_controls)
+            controls = [main_control] + list(extras)
+        else:
+            controls = []
+        img_txt = os.path.join(images_dir, f"{stem}.txt")
+        ctl_txt = os.path.join(control_dir, f"{stem}.txt")
+        if os.path.exists(img_txt):
+            prompt_file = img_txt
+        elif os.path.exists(ctl_txt):
+            prompt_file = ctl_txt
+        else:
+            continue
+        samples.append({"image": image_path, "control": controls, "caption": prompt_file})
+    return samples
+
+
+# --------------------------------------------------------------------------- diffusers (huggingface/diffusers)
+
+
+# examples/dreambooth/train_dreambooth_lora_flux_kontext.py, main(): target_modules without --lora_layers
+KONTEXT_SCRIPT_TARGET_MODULES = [
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+]
+
+
+def kontext_output_size(width: int, height: int, max_area: int = 1024 ** 2, vae_scale_factor: int = 8):
+    """pipelines/flux/pipeline_flux_kontext.py ``FluxKontextPipeline.__call__``: output size from ``height`` /
+    ``width`` (default: the image's) at ``max_area``."""
+    original_height, original_width = height, width  # noqa: F841
+    aspect_ratio = width / height
+    width = round((max_area * aspect_ratio) ** 0.5)
+    height = round((max_area / aspect_ratio) ** 0.5)
+    multiple_of = vae_scale_factor * 2
+    width = width // multiple_of * multiple_of
+    height = height // multiple_of * multiple_of
+    return width, height
