@@ -17,9 +17,34 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from convert.safetensors_io import open_checkpoint
 from convert.table import is_converted, load_params_from_items, restore_params, write_checkpoint
 
-DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
+SOURCE = "source"  # keep the source checkpoint's dtype (the default: a converter is lossless unless asked)
+DTYPE_CHOICES = (SOURCE, *sorted(DTYPES))
+
+
+def source_dtype(reader) -> str:
+    """The name in :data:`DTYPES` that holds every float tensor of ``reader`` losslessly (mixed -> fp32)."""
+    found = set()
+    for k in reader.keys():
+        dt = np.dtype(reader.dtype(k))
+        if dt == np.dtype(ml_dtypes.bfloat16):
+            found.add("bf16")
+        elif dt == np.float16:
+            found.add("fp16")
+        elif dt.kind == "f":
+            found.add("fp32")
+    return found.pop() if len(found) == 1 else "fp32"
+
+
+def check_disjoint(src: str | Path, out: str | Path) -> None:
+    """Refuse an output that is the source, inside it, or contains it (an overwrite would destroy the source)."""
+    s, o = Path(src).resolve(), Path(out).resolve()
+    if s == o or s in o.parents or o in s.parents:
+        rel = "is" if s == o else ("is inside" if s in o.parents else "contains")
+        raise FileExistsError(f"--out {out} {rel} --src {src}: choose an output folder outside the source")
 
 
 def read_transformers_config(folder: Path, config_cls, architectures, what: str):
@@ -37,10 +62,16 @@ def read_transformers_config(folder: Path, config_cls, architectures, what: str)
 def convert_component(build_plan: Callable, src: str | Path, out: str | Path, dtype: str, *, overwrite: bool = False,
                       progress: bool = True, **plan_kwargs) -> Path:
     """Stream ``src`` through ``build_plan``'s plan into the folder ``out`` (temp folder + rename)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
+    check_disjoint(src, out)
+    if Path(out).exists() and not overwrite:  # before reading anything
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace a previous output of this converter)")
+    if dtype == SOURCE:
+        dtype = source_dtype(open_checkpoint(src))
     plan, cfg = build_plan(src, param_dtype=DTYPES[dtype], **plan_kwargs)
-    meta = {**cfg.to_dict(), "_converted_from": str(Path(src).absolute()), "_dtype": dtype}
+    meta = {**cfg.to_dict(), "_converted_from": str(Path(src).absolute()), "_dtype": dtype,
+            "_converter": build_plan.__module__}
     return write_checkpoint(out, plan.items(progress=progress), meta, overwrite=overwrite)
 
 
@@ -51,22 +82,31 @@ def component_main(convert: Callable, *, description: str, src_help: str, defaul
 
     ``convert(src, out, dtype, [config,] overwrite=, progress=)``; ``config_help`` adds ``--config``.
     """
-    ap = argparse.ArgumentParser(description=description)
+    from dreamomni2_jax import cli
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--src", required=True, help=src_help)
-    ap.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    ap.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES))
+    ap.add_argument("--out", required=True, help="output folder; must not exist, be the source or be inside it")
+    ap.add_argument("--dtype", default=default_dtype, choices=DTYPE_CHOICES,
+                    help="parameter dtype written; 'source' keeps the checkpoint's own (lossless)")
     if config_help:
         ap.add_argument("--config", default=None, help=config_help)
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is a previous output of this converter (nothing else is ever deleted)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if before:
         before()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     extra = {"config": args.config} if config_help else {}
-    out = convert(args.src, args.out, args.dtype, overwrite=args.overwrite, progress=not args.no_progress, **extra)
-    print(json.dumps({"out": str(out)}))
-    return 0
+
+    def run(_argv) -> int:
+        out = convert(args.src, args.out, args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                      **extra)
+        print(json.dumps({"out": str(out)}))
+        return 0
+
+    return cli.run(run, None, extra=(ValueError,))
 
 
 def load_component(path: str | Path, *, config_cls, build_plan: Callable, make_model: Callable,

@@ -339,6 +339,68 @@ def is_converted(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+def converted_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{param path: shape}`` saved in a ``write_checkpoint`` folder (from Orbax metadata; no data read).
+    Raises ``ConversionError`` naming the folder when the metadata is missing or unreadable."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    params = Path(path).absolute() / PARAMS_DIR
+    try:
+        tree = ocp.pytree_metadata(params).metadata
+    except Exception as e:  # noqa: BLE001 - any failure means the folder is damaged
+        raise ConversionError(f"{params}: unreadable Orbax metadata ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:300]})") from None
+    out: dict[str, tuple[int, ...]] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = tuple(getattr(node, "shape", ()))
+
+    walk(tree, "")
+    return out
+
+
+def verify_converted(path: str | Path, spec: TargetSpec) -> None:
+    """A converted folder holds exactly the params of ``spec`` with their shapes, else ``ConversionError``."""
+    path = Path(path)
+    if not (path / PARAMS_DIR / "commit_success.txt").is_file():
+        raise ConversionError(f"{path / PARAMS_DIR}: incomplete save (no commit_success.txt)")
+    saved = converted_shapes(path)
+    problems = [f"missing {k}" for k in sorted(set(spec) - set(saved))]
+    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(spec))]
+    problems += [f"{k}: shape {list(saved[k])}, expected {list(spec[k][0])}" for k in sorted(set(spec) & set(saved))
+                 if tuple(saved[k]) != tuple(spec[k][0])]
+    if problems:
+        raise ConversionError(f"{path}: damaged converted component ({len(problems)} problem(s)): "
+                              + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+
+
+def check_replaceable(out: Path, converter: str | None = None) -> None:
+    """``--overwrite`` only ever replaces a previous output of the same converter: a folder holding exactly
+    ``config.json`` (with the converter's ``_converted_from`` / ``_converter`` entries) and ``params/``.
+    Anything else (an unrelated folder, a file, a source checkpoint) raises ``FileExistsError`` naming it."""
+    out = Path(out)
+    what = "refusing to overwrite"
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"{out}: {what} it: not a folder written by this converter (remove it yourself)")
+    extra = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, PARAMS_DIR))
+    if not is_converted(out) or extra:
+        raise FileExistsError(f"{out}: {what} it: not a converted component folder (only {CONFIG_FILE} and "
+                              f"{PARAMS_DIR}/ expected; found {extra or sorted(p.name for p in out.iterdir())})")
+    try:
+        meta = json.loads((out / CONFIG_FILE).read_text())
+    except (ValueError, OSError) as e:
+        raise FileExistsError(f"{out / CONFIG_FILE}: {what} {out}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or "_converted_from" not in meta:
+        raise FileExistsError(f"{out}: {what} it: {CONFIG_FILE} has no _converted_from entry, so it was not "
+                              "written by a converter of this project")
+    if converter and meta.get("_converter", converter) != converter:
+        raise FileExistsError(f"{out}: {what} it: written by {meta.get('_converter')}, not {converter}")
+
+
 def write_checkpoint(out_dir: str | Path, items: Iterable[tuple[str, np.ndarray]], config: Mapping[str, Any],
                      group_bytes: int = 16 << 20, overwrite: bool = False) -> Path:
     """Write ``items`` as an Orbax checkpoint ``out_dir/params`` plus ``out_dir/config.json``.
@@ -353,6 +415,8 @@ def write_checkpoint(out_dir: str | Path, items: Iterable[tuple[str, np.ndarray]
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+    if out.exists():
+        check_replaceable(out, config.get("_converter"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
