@@ -249,8 +249,11 @@ def _prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared:
     check_record(rec, s.max_refs, s.min_image_size)
     tgt = open_image(rec.target, rec.where, s.min_image_size)
     refs = [open_image(p, rec.where, s.min_image_size) for p in rec.references]
-    pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
-    pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple)) for r in refs]
+    try:
+        pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
+        pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple)) for r in refs]
+    except ValueError as e:  # an extreme aspect ratio or area: a bad input like any other (skippable)
+        raise BadInput(rec.where, str(e), rec.target) from None
     return _Prepared(rec, rec.instruction.strip(), rec.resolved_task(s.default_task), pixels, refs)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,9 @@ PREEMPT_AFTER = 10  # metrics lines before the demo sends SIGTERM (a checkpoint 
 
 def _cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+DEMO_ENV = "DREAMOMNI2_DEMO_OUT"  # configs/demo.py puts its paths (validation references, ...) under it
 
 
 def run(*args: str) -> None:
@@ -69,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the demo folder first")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve()
+    os.environ[DEMO_ENV] = str(out)  # inherited by every command below
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)

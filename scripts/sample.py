@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,13 +51,22 @@ def parse_args(argv=None):
         ap.error("pass both --height and --width, or neither")
     if args.steps < 1 or args.num_images < 1:
         ap.error("--steps and --num-images must be >= 1")
+    if not all(math.isfinite(v) for v in (args.guidance, args.lora_scale, args.true_cfg)):
+        ap.error("--guidance, --lora-scale and --true-cfg must be finite numbers")
     return args
 
 
 def main(argv=None) -> int:
+    from dreamomni2_jax import cli
+
+    return cli.run(_main, argv)  # errors not handled below (damaged model files, ...): one line, exit 2
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import jax.numpy as jnp
+    import numpy as np
 
     from dreamomni2_jax import sampler
     from dreamomni2_jax.checkpoint import CheckpointError
@@ -65,6 +75,9 @@ def main(argv=None) -> int:
         if not Path(ref).is_file():
             print(f"error: --ref #{i}: image file not found: {ref}", file=sys.stderr)
             return 2
+    if Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a folder; give the .png file to write", file=sys.stderr)
+        return 2
     t0 = time.time()
     try:
         pipe = sampler.load_pipeline(args.model, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32,
@@ -78,6 +91,10 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # bad image / LoRA / size: named in the message
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not np.isfinite(images).all():
+        print("error: sampling produced NaN / inf pixels (non-finite model or LoRA weights?); nothing written",
+              file=sys.stderr)
+        return 3
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}")
                                             for k in range(len(images))]
