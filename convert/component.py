@@ -52,7 +52,9 @@ def read_transformers_config(folder: Path, config_cls, architectures, what: str)
     cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: {what} config missing")
-    d = json.loads(cfg_path.read_text())
+    from dreamomni2_jax.config import read_json
+
+    d = read_json(cfg_path)
     arch = d.get("architectures") or []
     if arch and not any(a in architectures for a in arch):
         raise ValueError(f"{cfg_path}: architectures={arch}, expected one of {list(architectures)}")

@@ -318,7 +318,7 @@ def build_cache(
     settings = CacheSettings.from_config(cfg, data, shard_size, enhancer_name, default_task)
     sfile = out / "settings.json"
     if sfile.exists():
-        old = json.loads(sfile.read_text())
+        old = _read_json(sfile)
         if old != asdict(settings):
             diff = {k: (old.get(k), v) for k, v in asdict(settings).items() if old.get(k) != v}
             raise CacheError(f"{out} holds a cache built with other settings {diff} (old, new); use a new --out")
@@ -474,7 +474,18 @@ def load_index(cache_dir: str | Path) -> dict:
     p = Path(cache_dir) / "index.json"
     if not p.is_file():
         raise CacheError(f"{p} not found: the cache is missing or incomplete (re-run scripts/cache.py)")
-    index = json.loads(p.read_text())
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
+    index = _read_json(p)
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
         raise CacheError(f"{p}: not a {FORMAT} v{VERSION} index")
+    missing = [k for k in ("shards", "records", "num_records", "empty_prompt") if k not in index]
+    if missing:
+        raise CacheError(f"{p}: damaged index (no {missing}); re-run scripts/cache.py into a new folder")
     return index
+
+
+def _read_json(path: Path):
+    """JSON of a cache file; :class:`CacheError` naming it when unreadable or damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable or damaged ({type(e).__name__}: {e})") from None

@@ -23,6 +23,21 @@ class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; :class:`ConfigError` naming the file (and line) when missing, not UTF-8 or not JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")

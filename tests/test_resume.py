@@ -197,6 +197,11 @@ def test_resume_to_an_earlier_step_is_refused_then_branches(config_file, straigh
     err = capsys.readouterr().err
     assert f"{run / 'checkpoints' / '6' / 'state'} does not match" in err and "Traceback" not in err, err
     assert (run / "config.json").read_text() == config_before
+    # so does a changed batch size (the data position would not mean the same batches)
+    assert _train_in_process(_argv(config_file, run, "--set", "data.batch_size=2", "--set", "train.steps=9")) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / '6' / 'data'}: data iterator state is for another stream" in err, err
+    assert "data.batch_size" in err and (run / "config.json").read_text() == config_before
     # --branch: steps 4..6 are redone from step 3 and give the same losses; the old ones are kept aside
     assert _train_in_process(_argv(config_file, run, "--resume", str(step3), "--branch")) == 0
     (branch,) = (run / "branches").iterdir()
@@ -232,7 +237,7 @@ def test_flipped_bit_in_a_checkpoint_is_detected(config_file, straight_run, tmp_
     assert _train_in_process(_argv(config_file, run, "--set", "train.steps=9")) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {run / 'checkpoints' / '6'} is corrupt or incomplete" in err and key in err, err
-    assert f"the last intact checkpoint is step 3" in err and "--branch" in err and "Traceback" not in err
+    assert "the last intact checkpoint is step 3" in err and "--branch" in err and "Traceback" not in err
     with pytest.raises(C.CheckpointError, match="do not match their digest"):
         C.load_lora(run)
     assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "x.safetensors")]) == 2
