@@ -256,8 +256,10 @@ def read_manifest(path: str | Path) -> dict | None:
     p = Path(path) / MANIFEST
     if not p.is_file():
         return None
-    m = json.loads(p.read_text())
-    return m if m.get("format") == FORMAT else None
+    from dreamomni2_jax.config import read_json
+
+    m = read_json(p)  # a damaged manifest is an error naming it, not a traceback
+    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,5 +126,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def _main_or_error(argv=None) -> int:
+    try:
+        return main(argv)
+    except subprocess.CalledProcessError as e:  # the failing command already printed its own message
+        print(f"error: demo step failed (exit code {e.returncode}): {' '.join(map(str, e.cmd[1:]))}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_or_error())

@@ -246,3 +246,14 @@ def test_nonfinite_state_is_never_saved(tmp_path):
     assert not ck.save(2, {"lora": {"a": jnp.full((2, 2), jnp.nan)}}, None, None, force=True)
     ck.close()
     assert C.complete_steps(tmp_path / "checkpoints") == [1]
+
+
+def test_trim_metrics_keeps_one_record_per_restored_step(tmp_path):
+    from dreamomni2_jax.run_dir import SUPERSEDED, trim_metrics
+
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4, 5)] + ['{"step": 6, "lo']  # torn
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert trim_metrics(tmp_path, 3) == 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (tmp_path / SUPERSEDED).read_text().splitlines() == lines[3:]
+    assert trim_metrics(tmp_path, 3) == 0

@@ -100,3 +100,11 @@ def test_broken_config_file_names_file_and_line(tmp_path):
     bad.write_text("from dreamomni2_jax.config import *\n\ndef get_config():\n    return Config(optim=1)\n")
     with pytest.raises(ConfigError, match=f"{bad}: config section 'optim' is a int"):
         load_config(bad)
+
+
+def test_demo_config_follows_the_demo_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("DREAMOMNI2_DEMO_OUT", str(tmp_path / "elsewhere"))
+    cfg = load_config(ROOT / "configs/demo.py")
+    paths = [cfg.model.path, cfg.data.cache_dir, cfg.train.run_dir,
+             *[r for v in cfg.sample.validation for r in v.references]]
+    assert paths and all(p.startswith(str(tmp_path / "elsewhere") + "/") for p in paths), paths
