@@ -12,13 +12,15 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
 
 from convert.safetensors_io import open_checkpoint
-from convert.table import is_converted, load_params_from_items, restore_params, write_checkpoint
+from convert.table import (
+    PARAMS_DIR, ConversionError, TargetSpec, is_converted, load_params_from_items, restore_params, write_checkpoint,
+)
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 SOURCE = "source"  # keep the source checkpoint's dtype (the default: a converter is lossless unless asked)
@@ -109,6 +111,45 @@ def component_main(convert: Callable, *, description: str, src_help: str, defaul
         return 0
 
     return cli.run(run, None, extra=(ValueError,))
+
+
+def converted_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{param path: shape}`` saved in a ``write_checkpoint`` folder (from Orbax metadata; no data read).
+    Raises ``ConversionError`` naming the folder when the metadata is missing or unreadable."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    params = Path(path).absolute() / PARAMS_DIR
+    try:
+        tree = ocp.pytree_metadata(params).metadata
+    except Exception as e:  # noqa: BLE001 - any failure means the folder is damaged
+        raise ConversionError(f"{params}: unreadable Orbax metadata ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:300]})") from None
+    out: dict[str, tuple[int, ...]] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = tuple(getattr(node, "shape", ()))
+
+    walk(tree, "")
+    return out
+
+
+def verify_converted(path: str | Path, spec: TargetSpec) -> None:
+    """A converted folder holds exactly the params of ``spec`` with their shapes, else ``ConversionError``."""
+    path = Path(path)
+    if not (path / PARAMS_DIR / "commit_success.txt").is_file():
+        raise ConversionError(f"{path / PARAMS_DIR}: incomplete save (no commit_success.txt)")
+    saved = converted_shapes(path)
+    problems = [f"missing {k}" for k in sorted(set(spec) - set(saved))]
+    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(spec))]
+    problems += [f"{k}: shape {list(saved[k])}, expected {list(spec[k][0])}" for k in sorted(set(spec) & set(saved))
+                 if tuple(saved[k]) != tuple(spec[k][0])]
+    if problems:
+        raise ConversionError(f"{path}: damaged converted component ({len(problems)} problem(s)): "
+                              + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
 
 
 def load_component(path: str | Path, *, config_cls, build_plan: Callable, make_model: Callable,

@@ -190,10 +190,10 @@ def _check_existing(src: Path, out: Path, dtype: str, small_dtype: str, overwrit
 
 def _verify(c: Component, src: Path, dst: Path, dtype: str) -> None:
     """The converted ``dst`` has every key and shape the converter would write from ``src`` (metadata only)."""
-    from convert.component import DTYPES
+    from convert.component import DTYPES, verify_converted
 
     plan, _ = importlib.import_module(f"convert.{c.converter}").build_plan(src / c.name, param_dtype=DTYPES[dtype])
-    table.verify_converted(dst, plan.spec)
+    verify_converted(dst, plan.spec)
 
 
 def _converter(c: Component) -> Callable[..., Path]:

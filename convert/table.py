@@ -339,45 +339,6 @@ def is_converted(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def converted_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """``{param path: shape}`` saved in a ``write_checkpoint`` folder (from Orbax metadata; no data read).
-    Raises ``ConversionError`` naming the folder when the metadata is missing or unreadable."""
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    params = Path(path).absolute() / PARAMS_DIR
-    try:
-        tree = ocp.pytree_metadata(params).metadata
-    except Exception as e:  # noqa: BLE001 - any failure means the folder is damaged
-        raise ConversionError(f"{params}: unreadable Orbax metadata ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0][:300]})") from None
-    out: dict[str, tuple[int, ...]] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
-            out[prefix] = tuple(getattr(node, "shape", ()))
-
-    walk(tree, "")
-    return out
-
-
-def verify_converted(path: str | Path, spec: TargetSpec) -> None:
-    """A converted folder holds exactly the params of ``spec`` with their shapes, else ``ConversionError``."""
-    path = Path(path)
-    if not (path / PARAMS_DIR / "commit_success.txt").is_file():
-        raise ConversionError(f"{path / PARAMS_DIR}: incomplete save (no commit_success.txt)")
-    saved = converted_shapes(path)
-    problems = [f"missing {k}" for k in sorted(set(spec) - set(saved))]
-    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(spec))]
-    problems += [f"{k}: shape {list(saved[k])}, expected {list(spec[k][0])}" for k in sorted(set(spec) & set(saved))
-                 if tuple(saved[k]) != tuple(spec[k][0])]
-    if problems:
-        raise ConversionError(f"{path}: damaged converted component ({len(problems)} problem(s)): "
-                              + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
-
-
 def check_replaceable(out: Path, converter: str | None = None) -> None:
     """``--overwrite`` only ever replaces a previous output of the same converter: a folder holding exactly
     ``config.json`` (with the converter's ``_converted_from`` / ``_converter`` entries) and ``params/``.
