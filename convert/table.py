@@ -40,6 +40,8 @@ Engine:
       ``out_dir/params`` (Orbax, one ``orbax.checkpoint.experimental.v1.partial`` save per ~group_bytes; stacked
       params stored as per-layer slices) and ``out_dir/config.json``, all into a temp dir next to ``out_dir``
       renamed at the end (never a partial ``out_dir``). Host memory ~ 2 x (largest tensor + group_bytes).
+      ``overwrite=True`` replaces ``out_dir`` only if ``check_replaceable`` recognises it as a previous output of
+      the same converter (``config["_converter"]``); anything else is refused, never deleted.
   ``is_converted(path)`` -> bool (``config.json`` + ``params/`` present).
   ``restore_params(ckpt_dir, abstract_state, stacked, param_sharding=None)`` restores into the abstract
       (``nnx.split(nnx.eval_shape(...))[1]``) state: every param is placed with ``param_sharding(path, shape)
