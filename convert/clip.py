@@ -1,6 +1,6 @@
 """Convert a transformers ``CLIPTextModel`` folder (Flux ``text_encoder/``) to our Orbax format.
 
-    python convert/clip.py --src SRC --out OUT [--dtype fp32|bf16] [--overwrite]
+    python convert/clip.py --src SRC --out OUT [--dtype source|bf16|fp16|fp32] [--overwrite]
 
 SRC: a folder with ``config.json`` (``CLIPTextModel``) and one safetensors file or a sharded index. Keys with the
 transformers-4 ``text_model.`` prefix and without it (transformers 5) are both accepted; the non-persistent
@@ -64,7 +64,7 @@ def build_plan(src: str | Path, param_dtype=np.float32):
     return Plan(reader, expand(RULES, {"i": cfg.num_hidden_layers}), spec, ignore=IGNORE), cfg
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False,
+def convert(src: str | Path, out: str | Path, dtype: str = "source", overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
     return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress)
@@ -72,7 +72,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bo
 
 def main(argv: list[str] | None = None) -> int:
     return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="fp32", argv=argv,
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
         src_help='transformers CLIPTextModel folder (text_encoder/)',
         config_help=None)
 

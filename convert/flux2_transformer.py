@@ -160,7 +160,7 @@ def make_plan(reader: Reader, layout: str, config, param_dtype=ml_dtypes.bfloat1
     return Plan(reader, expand(rules, counts), spec)
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "bf16", config=None, overwrite: bool = False,
+def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
     return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
@@ -168,7 +168,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bf16", config=None, 
 
 def main(argv: list[str] | None = None) -> int:
     return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="bf16", argv=argv, before=_quiet_malloc,
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv, before=_quiet_malloc,
         src_help="diffusers Flux2Transformer2DModel transformer/ folder or BFL .safetensors file",
         config_help="Flux2Transformer2DModel config.json overriding the inferred one")
 

@@ -1,6 +1,6 @@
 """Convert a Flux transformer checkpoint (diffusers or BFL layout, safetensors only) to our Orbax format.
 
-    python convert/flux_transformer.py --src SRC --out OUT [--dtype bf16|fp32] [--config config.json]
+    python convert/flux_transformer.py --src SRC --out OUT [--dtype source|bf16|fp16|fp32] [--config config.json]
 
 SRC: a diffusers ``transformer/`` folder (sharded + ``*.index.json`` or one file, with ``config.json``) or a BFL
 single file (``flux1-dev`` / ``flux1-kontext-dev`` layout; a ``model.diffusion_model.`` prefix is stripped). For a
@@ -159,7 +159,7 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     return Plan(reader, expand(rules, counts), spec), config
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "bf16", config=None, overwrite: bool = False,
+def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
     return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
@@ -172,7 +172,7 @@ def _quiet_malloc() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="bf16", argv=argv, before=_quiet_malloc,
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv, before=_quiet_malloc,
         src_help='diffusers transformer/ folder or BFL .safetensors file',
         config_help='FluxTransformer2DModel config.json overriding the inferred one')
 

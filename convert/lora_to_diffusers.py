@@ -14,9 +14,10 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from dreamomni2_jax.checkpoint import CheckpointError, load_lora
-from dreamomni2_jax.lora_io import DTYPES, FORMATS, LoraFileError, save_lora_file
+from dreamomni2_jax.checkpoint import load_lora
+from dreamomni2_jax.lora_io import DTYPES, FORMATS, save_lora_file
 
 
 def export(ckpt: str, out: str, step: int | None = None, dtype: str = "bf16", format: str = "diffusers") -> dict:
@@ -29,21 +30,25 @@ def export(ckpt: str, out: str, step: int | None = None, dtype: str = "bf16", fo
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from dreamomni2_jax import cli
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="run directory, its checkpoints/ folder, or a step folder")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
-    ap.add_argument("--out", required=True, help="output .safetensors file")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--format", default="diffusers", choices=FORMATS)
+    ap.add_argument("--out", required=True, help="output .safetensors file (not a folder)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="tensor dtype in the file")
+    ap.add_argument("--format", default="diffusers", choices=FORMATS, help="key layout")
     args = ap.parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a run read-only are noise here
-    try:
-        summary = export(args.ckpt, args.out, args.step, args.dtype, args.format)
-    except (CheckpointError, LoraFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0
+
+    def run(_argv) -> int:
+        if Path(args.out).is_dir():
+            raise cli.UserError(f"--out {args.out} is a folder; give the .safetensors file to write")
+        print(json.dumps(export(args.ckpt, args.out, args.step, args.dtype, args.format)))
+        return 0
+
+    return cli.run(run)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def make_plan(reader: Reader, cfg, param_dtype=ml_dtypes.bfloat16, ignore=()) ->
     return Plan(reader, expand(rules(cfg), {"i": cfg.num_hidden_layers}), spec, ignore=ignore)
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False,
+def convert(src: str | Path, out: str | Path, dtype: str = "source", overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
     return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress)
@@ -76,7 +76,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bo
 
 def main(argv: list[str] | None = None) -> int:
     return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="bf16", argv=argv,
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
         src_help="transformers Qwen3ForCausalLM / Qwen3Model folder (klein text_encoder/)", config_help=None)
 
 

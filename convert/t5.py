@@ -1,6 +1,6 @@
 """Convert a transformers ``T5EncoderModel`` folder (Flux ``text_encoder_2/``) to our Orbax format.
 
-    python convert/t5.py --src SRC --out OUT [--dtype bf16|fp32] [--overwrite]
+    python convert/t5.py --src SRC --out OUT [--dtype source|bf16|fp16|fp32] [--overwrite]
 
 SRC: a folder with ``config.json`` and one safetensors file or a sharded ``*.safetensors.index.json``. The token
 embedding is read from ``shared.weight`` (or ``encoder.embed_tokens.weight`` when ``shared`` is absent; the tied
@@ -65,7 +65,7 @@ def build_plan(src: str | Path, param_dtype=ml_dtypes.bfloat16):
     return Plan(reader, expand(rules(cfg, embed), {"i": cfg.num_layers}), spec, ignore=ignore), cfg
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False,
+def convert(src: str | Path, out: str | Path, dtype: str = "source", overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
     return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress)
@@ -73,7 +73,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bo
 
 def main(argv: list[str] | None = None) -> int:
     return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="bf16", argv=argv,
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
         src_help='transformers T5EncoderModel folder (text_encoder_2/)',
         config_help=None)
 

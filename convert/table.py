@@ -40,6 +40,8 @@ Engine:
       ``out_dir/params`` (Orbax, one ``orbax.checkpoint.experimental.v1.partial`` save per ~group_bytes; stacked
       params stored as per-layer slices) and ``out_dir/config.json``, all into a temp dir next to ``out_dir``
       renamed at the end (never a partial ``out_dir``). Host memory ~ 2 x (largest tensor + group_bytes).
+      ``overwrite=True`` replaces ``out_dir`` only if ``check_replaceable`` recognises it as a previous output of
+      the same converter (``config["_converter"]``); anything else is refused, never deleted.
   ``is_converted(path)`` -> bool (``config.json`` + ``params/`` present).
   ``restore_params(ckpt_dir, abstract_state, stacked, param_sharding=None)`` restores into the abstract
       (``nnx.split(nnx.eval_shape(...))[1]``) state: every param is placed with ``param_sharding(path, shape)
@@ -339,6 +341,29 @@ def is_converted(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+def check_replaceable(out: Path, converter: str | None = None) -> None:
+    """``--overwrite`` only ever replaces a previous output of the same converter: a folder holding exactly
+    ``config.json`` (with the converter's ``_converted_from`` / ``_converter`` entries) and ``params/``.
+    Anything else (an unrelated folder, a file, a source checkpoint) raises ``FileExistsError`` naming it."""
+    out = Path(out)
+    what = "refusing to overwrite"
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"{out}: {what} it: not a folder written by this converter (remove it yourself)")
+    extra = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, PARAMS_DIR))
+    if not is_converted(out) or extra:
+        raise FileExistsError(f"{out}: {what} it: not a converted component folder (only {CONFIG_FILE} and "
+                              f"{PARAMS_DIR}/ expected; found {extra or sorted(p.name for p in out.iterdir())})")
+    try:
+        meta = json.loads((out / CONFIG_FILE).read_text())
+    except (ValueError, OSError) as e:
+        raise FileExistsError(f"{out / CONFIG_FILE}: {what} {out}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or "_converted_from" not in meta:
+        raise FileExistsError(f"{out}: {what} it: {CONFIG_FILE} has no _converted_from entry, so it was not "
+                              "written by a converter of this project")
+    if converter and meta.get("_converter", converter) != converter:
+        raise FileExistsError(f"{out}: {what} it: written by {meta.get('_converter')}, not {converter}")
+
+
 def write_checkpoint(out_dir: str | Path, items: Iterable[tuple[str, np.ndarray]], config: Mapping[str, Any],
                      group_bytes: int = 16 << 20, overwrite: bool = False) -> Path:
     """Write ``items`` as an Orbax checkpoint ``out_dir/params`` plus ``out_dir/config.json``.
@@ -353,6 +378,8 @@ def write_checkpoint(out_dir: str | Path, items: Iterable[tuple[str, np.ndarray]
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+    if out.exists():
+        check_replaceable(out, config.get("_converter"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

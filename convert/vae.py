@@ -1,6 +1,6 @@
 """Convert a Flux VAE (diffusers ``vae/`` folder or BFL ``ae.safetensors``) to our Orbax format.
 
-    python convert/vae.py --src SRC --out OUT [--dtype fp32|bf16] [--config config.json] [--overwrite]
+    python convert/vae.py --src SRC --out OUT [--dtype source|bf16|fp16|fp32] [--config config.json] [--overwrite]
 
 SRC: a diffusers ``AutoencoderKL`` folder (``config.json`` + safetensors) or a BFL single file (``ae.safetensors``
 of FLUX.1 / Kontext; a ``vae.`` / ``first_stage_model.`` prefix is stripped). For BFL the config is inferred from
@@ -167,7 +167,7 @@ def _check_class(cfg_path: Path, want: str) -> None:
         raise ValueError(f"{cfg_path}: _class_name is {got!r}, expected {want!r}")
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "fp32", config=None, overwrite: bool = False,
+def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
     return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
@@ -175,7 +175,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "fp32", config=None, 
 
 def main(argv: list[str] | None = None) -> int:
     return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="fp32", argv=argv,
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
         src_help='diffusers vae/ folder or BFL ae.safetensors',
         config_help="AutoencoderKL config.json overriding the folder's / inferred one")
 

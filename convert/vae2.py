@@ -49,7 +49,7 @@ def build_plan(src: str | Path, config=None, param_dtype=np.float32):
     return Plan(reader, rules(config), spec, ignore=IGNORE), config
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "fp32", config=None, overwrite: bool = False,
+def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into the folder ``out`` (see module docstring)."""
     return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
@@ -57,7 +57,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "fp32", config=None, 
 
 def main(argv: list[str] | None = None) -> int:
     return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="fp32", argv=argv,
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
         src_help="diffusers AutoencoderKLFlux2 vae/ folder",
         config_help="AutoencoderKLFlux2 config.json overriding the folder's")
 

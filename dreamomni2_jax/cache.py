@@ -258,12 +258,16 @@ def _prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared:
     tgt = open_image(rec.target, rec.where, s.min_image_size)
     refs = [open_image(p, rec.where, s.min_image_size) for p in rec.references]
     task = rec.resolved_task(s.default_task)
-    if task == "editing":
-        size = editing_size(*refs[0].size, s.target_max_area, multiple)
-        pixels = [_resized(tgt, size), _resized(refs[0], size)]
-    else:
-        pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
-    pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple)) for r in refs[len(pixels) - 1:]]
+    try:
+        if task == "editing":
+            size = editing_size(*refs[0].size, s.target_max_area, multiple)
+            pixels = [_resized(tgt, size), _resized(refs[0], size)]
+        else:
+            pixels = [_resized(tgt, target_size(*tgt.size, s.target_max_area, multiple))]
+        pixels += [_resized(r, reference_size(*r.size, s.reference_max_area, multiple))
+                   for r in refs[len(pixels) - 1:]]
+    except ValueError as e:  # an extreme aspect ratio or area: a bad input like any other (skippable)
+        raise BadInput(rec.where, str(e), rec.target) from None
     return _Prepared(rec, rec.instruction.strip(), task, pixels)
 
 
@@ -328,7 +332,7 @@ def build_cache(
     settings = CacheSettings.from_config(cfg, data, shard_size, enhancer_name, default_task)
     sfile = out / "settings.json"
     if sfile.exists():
-        old = json.loads(sfile.read_text())
+        old = _read_json(sfile)
         if old != asdict(settings):
             diff = {k: (old.get(k), v) for k, v in asdict(settings).items() if old.get(k) != v}
             raise CacheError(f"{out} holds a cache built with other settings {diff} (old, new); use a new --out")
@@ -484,10 +488,23 @@ def load_index(cache_dir: str | Path) -> dict:
     p = Path(cache_dir) / "index.json"
     if not p.is_file():
         raise CacheError(f"{p} not found: the cache is missing or incomplete (re-run scripts/cache.py)")
-    index = json.loads(p.read_text())
+    index = _read_json(p)
+    if not isinstance(index, dict):
+        raise CacheError(f"{p}: not a {FORMAT} v{VERSION} index")
     if index.get("format") == FORMAT and index.get("version") == 1:
         raise CacheError(f"{p}: a v1 cache (editing targets not resized with their source); re-run scripts/cache.py "
                          f"into a new --out")
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise CacheError(f"{p}: not a {FORMAT} v{VERSION} index")
+    missing = [k for k in ("shards", "records", "num_records", "empty_prompt") if k not in index]
+    if missing:
+        raise CacheError(f"{p}: damaged index (no {missing}); re-run scripts/cache.py into a new folder")
     return index
+
+
+def _read_json(path: Path):
+    """JSON of a cache file; :class:`CacheError` naming it when unreadable or damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable or damaged ({type(e).__name__}: {e})") from None

@@ -4,7 +4,8 @@ Layout of a run directory::
 
     RUN/checkpoints/<step>/state/    Orbax pytree: whatever the loop passes as ``state`` (LoRA params under
                                      ``state["lora"]``, optimizer state, ...); never the frozen base weights
-    RUN/checkpoints/<step>/meta/     JSON (process 0): step, RNG key, process count, format version
+    RUN/checkpoints/<step>/meta/     JSON (process 0): step, RNG key, process count, format version, and a digest of
+                                 every saved array (:mod:`dreamomni2_jax.integrity`), verified on every restore
     RUN/checkpoints/<step>/data/     one JSON per process: ``process_<i>-of-<n>.json`` = that host's iterator state
     RUN/checkpoints/<step>/config/   JSON (process 0): the resolved :class:`~dreamomni2_jax.config.Config`
 
@@ -32,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dreamomni2_jax import integrity
 from dreamomni2_jax.config import Config, ConfigError, from_dict
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,7 @@ class RunCheckpointer:
         self._mgr = ocp.CheckpointManager(epath.Path(self.root), item_names=ITEMS, options=options)
         self._sigterm = False
         self._prev_handler = None
+        self._closed = False
 
     # -------------------------------------------------------------------------------------------- queries
     def all_steps(self) -> list[int]:
@@ -250,8 +253,13 @@ class RunCheckpointer:
         """
         if not (force or self.should_save(step)) or step in self._mgr.all_steps():
             return False
+        if not integrity.tree_finite(state):
+            log.error("step %d: the training state holds NaN / inf values; NOT saving it (the last good checkpoint "
+                      "stays the latest)", step)
+            return False
         meta = {"format": FORMAT_VERSION, "step": int(step), "rng": _encode_rng(rng),
-                "process_count": jax.process_count(), "lora": self.adapter}
+                "process_count": jax.process_count(), "lora": self.adapter,
+                "digest": integrity.digest_record(state)}
         config = self.cfg.to_dict() if self.cfg is not None else {}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
                                   data=DataStateSave(data_state), config=ocp.args.JsonSave(config))
@@ -305,7 +313,12 @@ class RunCheckpointer:
         if not isinstance(meta, dict) or meta.get("step") != step:
             named = meta.get("step") if isinstance(meta, dict) else meta
             raise CheckpointError(f"{d / 'meta'}: metadata names step {named!r}")
-        return out["state"], out["data"], _decode_rng(meta.get("rng")), step
+        verify_digest(d, meta, out["state"])
+        try:
+            rng = _decode_rng(meta.get("rng"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{d / 'meta'}: unreadable RNG entry ({type(e).__name__}: {e})") from None
+        return out["state"], out["data"], rng, step
 
     def _corrupt_error(self, step: int, abstract_state: Any, err: Exception) -> CheckpointError:
         intact = None
@@ -317,7 +330,8 @@ class RunCheckpointer:
             except Exception:  # noqa: BLE001
                 continue
         hint = (f"the last intact checkpoint is step {intact} ({self.step_dir(intact)}): resume from it with "
-                f"--resume {self.step_dir(intact)} or delete {self.step_dir(step)}" if intact is not None
+                f"--resume {self.step_dir(intact)} --branch (later steps are moved aside, not deleted)"
+                if intact is not None
                 else "no earlier intact checkpoint exists")
         return CheckpointError(f"checkpoint {self.step_dir(step)} is corrupt or incomplete "
                                f"({type(err).__name__}: {_short(err)}); {hint}")
@@ -353,7 +367,15 @@ class RunCheckpointer:
         """Block until background saves are committed."""
         self._mgr.wait_until_finished()
 
+    def reload(self) -> None:
+        """Re-read the steps on disk (after checkpoints were moved aside)."""
+        self._mgr.reload()
+
     def close(self) -> None:
+        """Wait for pending saves and release the manager; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         self._mgr.wait_until_finished()
         self._mgr.close()
         if self._prev_handler is not None:
@@ -370,6 +392,32 @@ class RunCheckpointer:
 def open_run(run_dir: str | Path, cfg: Config | None = None, **kwargs) -> RunCheckpointer:
     """Checkpointer for ``run_dir`` (created if needed) using ``cfg.checkpoint``; kwargs override those fields."""
     return RunCheckpointer(run_dir, cfg, **kwargs)
+
+
+def _read_meta(step_dir: Path) -> dict:
+    path = Path(step_dir) / "meta" / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is a {type(meta).__name__}, not a JSON object")
+    return meta
+
+
+def verify_digest(step_dir: Path, meta: dict, state: Any) -> None:
+    """The restored ``state`` matches the digest saved in ``meta``, else :class:`CheckpointError` naming the
+    damaged arrays. Checkpoints written before digests existed are accepted with a warning."""
+    record = meta.get("digest")
+    if record is None:
+        log.warning("%s: no digest saved (older checkpoint format); its arrays cannot be verified", step_dir)
+        return
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{Path(step_dir) / 'meta'}: 'digest' entry is a {type(record).__name__}")
+    bad = integrity.digest_mismatches(record, state)
+    if bad:
+        raise CheckpointError(f"{step_dir}: saved arrays do not match their digest (damaged on disk): "
+                              f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
 
 
 def read_config(step_dir: str | Path) -> Config:
@@ -394,79 +442,15 @@ def load_state(path: str | Path, step: int | None = None) -> tuple[Any, int, Pat
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
         state = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        verify_digest(step_dir, _read_meta(step_dir), state)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - unreadable in any way: name the directory
         raise CheckpointError(f"checkpoint {step_dir} is corrupt or incomplete ({type(e).__name__}: {_short(e)}); "
                               f"complete steps under {root}: {complete_steps(root)}") from e
     finally:
         ckpt.close()
     return state, step, step_dir
-
-
-class CheckpointCallback:
-    """Loop callback (``dreamomni2_jax.loop.Callback`` protocol): resume, periodic/final/preemption saves.
-
-    ``on_start`` restores ``ctx.state`` (its ``trainable()`` part), ``ctx.step``, ``ctx.rng`` and the data stream
-    from ``resume`` (a run/checkpoints/step path) or else from the latest checkpoint of ``train.run_dir``, if any.
-    ``on_step_end`` saves every ``checkpoint.every_steps`` and stops the loop after a forced save once SIGTERM
-    (or the multi-host preemption sync point) is seen; ``on_end`` saves the final step and waits for the writes.
-    """
-
-    def __init__(self, cfg: Config, resume: str | Path | None = None):
-        self.cfg, self.resume = cfg, resume
-        self.ckpt: RunCheckpointer | None = None
-        self.preempted_at: int | None = None
-
-    def on_start(self, ctx) -> None:
-        from dreamomni2_jax.lora import lora_metadata
-
-        self.ckpt = open_run(self.cfg.train.run_dir, self.cfg, adapter=lora_metadata(ctx.model()))
-        self.ckpt.install_sigterm_handler()
-        if self.resume:
-            root, step = resolve_checkpoint(self.resume)
-            source = RunCheckpointer(root.parent, read_only=True, async_save=False, root=root)
-        else:
-            source, step = self.ckpt, self.ckpt.latest_step()
-        if step is None:
-            return
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                ctx.state.trainable())
-        state, data_state, rng, step = source.restore(step, abstract)
-        if source is not self.ckpt:
-            source.close()
-        _warn_config_changes(read_config(source.step_dir(step)), self.cfg)
-        ctx.state = ctx.state.replace_trainable(state)
-        if data_state is not None:
-            ctx.stream.set_state(data_state)
-        if rng is not None:
-            ctx.rng = rng
-        ctx.step = step
-        log.info("resumed from %s (step %d)", source.step_dir(step), step)
-
-    def _save(self, ctx, force: bool) -> bool:
-        return self.ckpt.save(ctx.step, ctx.state.trainable(), ctx.stream.get_state(), ctx.rng, force=force)
-
-    def on_step_end(self, ctx, metrics) -> bool:
-        self._save(ctx, force=False)
-        if self.ckpt.should_stop(ctx.step):
-            self._save(ctx, force=True)
-            self.preempted_at = ctx.step
-            log.warning("preempted: checkpoint of step %d saved in %s; stopping", ctx.step, self.ckpt.root)
-            return True
-        return False
-
-    def on_end(self, ctx) -> None:
-        try:
-            self._save(ctx, force=True)
-        finally:
-            self.ckpt.close()
-
-
-def _warn_config_changes(saved: Config, now: Config) -> None:
-    a, b = saved.to_dict(), now.to_dict()
-    changed = [f"{sec}.{k}: {a[sec].get(k)!r} -> {v!r}" for sec in b for k, v in b[sec].items()
-               if a.get(sec, {}).get(k) != v]
-    if changed:
-        log.warning("resuming with a changed config: %s", "; ".join(changed))
 
 
 def _lora_key(path) -> str:
@@ -489,7 +473,7 @@ def load_lora(path: str | Path, step: int | None = None) -> tuple[dict[str, np.n
     if bad or not flat:
         raise CheckpointError(f"{step_dir / 'state'}: 'lora' entry has non-adapter leaves {bad[:20]} "
                               f"({len(flat)} leaves)")
-    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    meta = _read_meta(step_dir)
     adapter = meta.get("lora") or {}
     if "alpha" in adapter:
         alpha = float(adapter["alpha"])
@@ -505,4 +489,4 @@ def load_lora(path: str | Path, step: int | None = None) -> tuple[dict[str, np.n
 
 
 __all__ = ["CheckpointError", "RunCheckpointer", "open_run", "read_config", "load_state", "resolve_checkpoint",
-           "complete_steps", "load_lora", "CheckpointCallback", "KILL_ENV"]
+           "complete_steps", "load_lora", "verify_digest", "KILL_ENV"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,21 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; :class:`ConfigError` naming the file (and line) when missing, not UTF-8 or not JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -31,15 +48,28 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _in_range(name: str, value: float, lo: float, hi: float, hi_open: bool = True) -> None:
+    if not (lo <= value < hi if hi_open else lo <= value <= hi):
+        raise ConfigError(f"{name}={value!r} must be in [{lo}, {hi}{')' if hi_open else ']'}")
+
+
 class _Section:
-    """Base of config sections: field types are checked before values are validated."""
+    """Base of config sections: field types are checked on construction; values are validated by
+    :meth:`Config.validate` once the whole config is assembled (so overrides may be given in any order)."""
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            _check_type(f"{_SECTION_NAMES.get(type(self).__name__, type(self).__name__)}.{f.name}",
-                        getattr(self, f.name), hints[f.name])
-        self._validate()
+            _check_type(self._key(f.name), getattr(self, f.name), hints[f.name])
+
+    def _key(self, name: str) -> str:
+        return f"{_SECTION_NAMES.get(type(self).__name__, type(self).__name__)}.{name}"
+
+    def _check_finite(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{self._key(f.name)}={v!r} must be a finite number")
 
     def _validate(self) -> None:
         pass
@@ -157,6 +187,14 @@ class DataConfig(_Section):
         _positive("data.reference_max_area", self.reference_max_area)
         _positive("data.pair_aspect_tolerance", self.pair_aspect_tolerance, allow_zero=True)
         _positive("data.pad_multiple", self.pad_multiple)
+        _positive("data.target_max_area", self.target_max_area)
+        _positive("data.min_image_size", self.min_image_size, allow_zero=True)
+        _positive("data.max_sequence_length", self.max_sequence_length)
+        for name, sizes in (("data.synthetic_resolution", (self.synthetic_resolution,)),
+                            ("data.synthetic_refs", self.synthetic_refs)):
+            for size in sizes:
+                if len(size) != 2 or min(size) <= 0:
+                    raise ConfigError(f"{name}: {size!r} is not a (height, width) pair of positive sizes")
         if not 0 <= self.caption_dropout <= 1:
             raise ConfigError(f"data.caption_dropout={self.caption_dropout} must be in [0, 1]")
 
@@ -176,6 +214,13 @@ class OptimConfig(_Section):
 
     def _validate(self):
         _positive("optim.lr", self.lr)
+        if self.lr > 1:
+            raise ConfigError(f"optim.lr={self.lr!r} must be <= 1 (Adam moves each adapter weight by about lr per "
+                              "step; a larger value destroys the adapters)")
+        _in_range("optim.b1", self.b1, 0.0, 1.0)
+        _in_range("optim.b2", self.b2, 0.0, 1.0)
+        _positive("optim.eps", self.eps, allow_zero=True)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _choice("optim.schedule", self.schedule, ("constant", "cosine"))
         _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
@@ -252,6 +297,10 @@ class TrainConfig(_Section):
         _choice("train.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal", "mode", "sigmoid_shift"))
         _choice("train.weighting", self.weighting, ("none", "sigma_sqrt", "cosmap"))
         _positive("train.log_every", self.log_every)
+        _positive("train.logit_std", self.logit_std, allow_zero=True)
+        _positive("train.mode_scale", self.mode_scale, allow_zero=True)
+        if not self.run_dir.strip():
+            raise ConfigError("train.run_dir is empty: set it to the folder for checkpoints and metrics")
 
 
 @dataclass(frozen=True)
@@ -264,6 +313,19 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Every value range of every section (NaN / inf floats anywhere are errors); raises :class:`ConfigError`."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if not isinstance(section, _Section):
+                raise ConfigError(f"config section {f.name!r} is a {type(section).__name__}, expected "
+                                  f"{typing.get_type_hints(Config)[f.name].__name__}")
+            section._check_finite()
+            section._validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -324,7 +386,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``section.key=value`` strings; errors name the offending key."""
+    """Apply ``section.key=value`` strings (later ones win), then validate the whole config once: overrides may
+    come in any order. Errors name the offending key."""
+    changes: dict[str, dict[str, Any]] = {}
+    sections = {f.name for f in dataclasses.fields(cfg)}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -333,22 +398,35 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         if key.count(".") != 1:
             raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
         sec_name, field_name = key.split(".")
-        sections = {f.name for f in dataclasses.fields(cfg)}
         if sec_name not in sections:
             raise ConfigError(f"unknown config section {sec_name!r} in {key!r}; sections: {sorted(sections)}")
-        section = getattr(cfg, sec_name)
-        hints = typing.get_type_hints(type(section))
+        hints = typing.get_type_hints(type(getattr(cfg, sec_name)))
         if field_name not in hints:
             raise ConfigError(f"unknown config key {key!r}; {sec_name} keys: {sorted(hints)}")
-        value = _parse_value(key, text, hints[field_name])
+        changes.setdefault(sec_name, {})[field_name] = _parse_value(key, text, hints[field_name])
+    if not changes:
+        cfg.validate()
+        return cfg
+    new = {}
+    for sec_name, fields in changes.items():
         try:
-            section = dataclasses.replace(section, **{field_name: value})
+            new[sec_name] = dataclasses.replace(getattr(cfg, sec_name), **fields)
         except ConfigError:
             raise
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{key}: {e}") from None
-        cfg = dataclasses.replace(cfg, **{sec_name: section})
-    return cfg
+            raise ConfigError(f"{sec_name}: {e}") from None
+    return dataclasses.replace(cfg, **new)
+
+
+def _where(path: Path, err: BaseException) -> str:
+    """``file:line`` of the deepest frame of ``err`` inside the config file ``path``."""
+    if isinstance(err, SyntaxError) and err.lineno:
+        return f"{err.filename or path}:{err.lineno}"
+    line = None
+    for frame in traceback.extract_tb(err.__traceback__):
+        if Path(frame.filename).resolve() == path.resolve():
+            line = frame.lineno
+    return f"{path}:{line}" if line else str(path)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -360,11 +438,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError("defines no get_config()")
+        cfg = module.get_config()
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config()")
-    cfg = module.get_config()
+    except Exception as e:  # noqa: BLE001 - a broken config file is user input: name the file and line
+        raise ConfigError(f"{_where(path, e)}: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected dreamomni2_jax.config.Config")
     return apply_overrides(cfg, overrides)

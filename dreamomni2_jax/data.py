@@ -228,6 +228,25 @@ class _StepStream:
             it.close()
 
 
+def check_shard(path: Path, num_records: int | None) -> None:
+    """A shard listed in ``index.json`` exists, opens and holds its records; :class:`CacheError` naming it."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not path.is_file():
+        raise CacheError(f"{path} listed in index.json is missing")
+    try:
+        reader = ArrayRecordReader(str(path))
+        try:
+            n = reader.num_records()
+        finally:
+            reader.close()
+    except Exception as e:  # noqa: BLE001 - any failure to open means a damaged shard
+        raise CacheError(f"{path}: damaged cache shard ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") \
+            from None
+    if num_records is not None and n != num_records:
+        raise CacheError(f"{path}: damaged cache shard ({n} records, index.json lists {num_records})")
+
+
 class CacheStream(_StepStream):
     """Batches from a cache folder for one process (see the module docstring)."""
 
@@ -236,8 +255,7 @@ class CacheStream(_StepStream):
         self.index = index = load_index(cache_dir or cfg.data.cache_dir)
         cache_dir = Path(cache_dir or cfg.data.cache_dir)
         for s in index["shards"]:
-            if not (cache_dir / s["file"]).is_file():
-                raise CacheError(f"{cache_dir / s['file']} listed in index.json is missing")
+            check_shard(cache_dir / s["file"], s.get("num_records"))
         keys = [(tuple(r["target_latent"]), tuple(tuple(x) for x in r["reference_latents"])) for r in index["records"]]
         d = cfg.data
         plan = BatchPlan(keys, d.batch_size, d.batching, d.shuffle_seed)

@@ -151,15 +151,33 @@ def pair_aspect_mismatch(source: tuple[int, int], target: tuple[int, int], toler
 # --------------------------------------------------------------------------- images
 
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB the way ``diffusers.utils.load_image`` does it (EXIF orientation applied, then RGB), except that
+    16-bit grayscale (``I;16*``, and ``I`` holding 16-bit values) is scaled to 8 bits instead of saturating."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in _SIXTEEN_BIT or img.mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        if img.mode in _SIXTEEN_BIT or a.max(initial=0) > 255:
+            a = a / 257.0  # 65535 -> 255, and 257 * v -> v exactly
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def open_image(path: str, where: str, min_size: int = 0) -> Image.Image:
-    """Fully decoded RGB image; :class:`BadInput` if missing, unreadable, corrupt or smaller than ``min_size``."""
+    """Fully decoded RGB image (:func:`to_rgb`); :class:`BadInput` if missing, unreadable, corrupt or smaller than
+    ``min_size``."""
     p = Path(path)
     if not p.is_file():
         raise BadInput(where, "image file not found", path)
     try:
         with Image.open(p) as img:
             img.load()
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)
     except Exception as e:  # PIL raises many types for corrupt/truncated data
         raise BadInput(where, f"cannot read image ({type(e).__name__}: {e})", path) from None
     if min(rgb.size) < min_size:
@@ -217,10 +235,15 @@ def read_manifest(path: str | Path) -> tuple[list[Record], list[BadInput]]:
     path = Path(path)
     records, bad = [], []
     base = path.resolve().parent
-    for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}:{i}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(BadInput(where, f"not UTF-8 text ({e})"))
+            continue
         if not text.strip():
             continue
-        where = f"{path}:{i}"
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -274,7 +297,11 @@ def read_folder(path: str | Path) -> tuple[list[Record], list[BadInput]]:
         if text is None:
             bad.append(BadInput(where, "instruction file missing", str(root / f"{name}.txt")))
             continue
-        instruction = text.read_text(encoding="utf-8").strip()
+        try:
+            instruction = text.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            bad.append(BadInput(where, f"instruction file is not UTF-8 text ({e})", str(text)))
+            continue
         records.append(Record(instruction=instruction, target=str(img), references=tuple(str(ctrl[k]) for k in idx),
                               where=where, raw={"name": name}))
     for name in sorted(set(controls) - set(images)):

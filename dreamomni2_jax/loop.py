@@ -132,7 +132,10 @@ def setup(cfg: Config, *, model=None, stream=None, mesh=None) -> LoopContext:
     if model is None:
         model, paths = load_model(cfg, mesh)
         if jax.process_index() == 0:
-            log.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(paths))
+            from dreamomni2_jax.lora import lora_metadata
+
+            meta = lora_metadata(model)  # the adapters' own (lora.init_from: the file's rank / alpha)
+            log.info("LoRA rank %d alpha %g on %d modules", meta["rank"], meta["alpha"], len(paths))
     stream = stream if stream is not None else make_stream(cfg, model.config)
     dims = lora_dims(model)
     tx = ts.make_optimizer(cfg.optim, cfg.train.steps)

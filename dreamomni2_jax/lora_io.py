@@ -442,9 +442,21 @@ def write_adapters(path: str | Path, adapters: Mapping[str, Adapter], format: st
     return path
 
 
+def check_finite(flat: Mapping[str, np.ndarray], source) -> None:
+    """Refuse adapters holding NaN / inf (a diverged run): :class:`LoraFileError` naming ``source`` and the keys."""
+    from dreamomni2_jax.integrity import nonfinite_leaves
+
+    bad = nonfinite_leaves(flat)
+    if bad:
+        raise LoraFileError(f"{source}: {len(bad)} adapter tensor(s) hold NaN or inf values ({', '.join(bad[:5])}"
+                            f"{' ...' if len(bad) > 5 else ''}); the LoRA is unusable")
+
+
 def save_lora_file(path: str | Path, flat: Mapping[str, np.ndarray], alpha: float, format: str = "diffusers",
                    dtype: str = "fp32", extra_metadata: Mapping[str, str] | None = None) -> Path:
-    """Export our flat LoRA state (:func:`lora_state` format; rank from shapes) to a safetensors file."""
+    """Export our flat LoRA state (:func:`lora_state` format; rank from shapes) to a safetensors file (refuses
+    non-finite adapters)."""
+    check_finite(flat, "LoRA to export")
     adapters = unstack({k: np.asarray(v, np.float32) for k, v in flat.items()}, alpha)
     info = {"rank": next(iter(adapters.values())).rank, "alpha": float(alpha),
             "targets": sorted({k.rsplit(".", 1)[0] for k in flat})}
@@ -499,6 +511,7 @@ def apply_adapters(model, flat: Mapping[str, np.ndarray], meta: Mapping, scale: 
     from dreamomni2_jax.lora import LoraError, apply_lora, linear_paths, lora_metadata, lora_modules, set_lora_state
 
     src = meta.get("source") or meta.get("step_dir") or "LoRA"
+    check_finite(flat, src)
     existing = lora_modules(model)
     factor = float(scale)
     if existing:
@@ -544,5 +557,5 @@ def init_lora(model, lora_cfg, seed: int = 0) -> tuple[str, ...]:
 
 
 __all__ = ["Adapter", "LoraFileError", "unstack", "stack", "to_diffusers", "from_diffusers", "to_kohya",
-           "from_kohya", "read_adapters", "write_adapters", "save_lora_file", "load_lora_file", "detect_format",
+           "from_kohya", "check_finite", "read_adapters", "write_adapters", "save_lora_file", "load_lora_file", "detect_format",
            "layer_counts", "apply_lora_file", "apply_adapters", "init_lora"]

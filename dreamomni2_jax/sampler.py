@@ -40,7 +40,7 @@ from PIL import Image
 
 from dreamomni2_jax import positions
 from dreamomni2_jax import sharding as shd
-from dreamomni2_jax.images import KONTEXT_AREA, open_image, reference_size, target_size, to_pixels
+from dreamomni2_jax.images import KONTEXT_AREA, open_image, reference_size, target_size, to_pixels, to_rgb
 from dreamomni2_jax.models.vae import VAE, decode_latents, denormalize_latents, encode_images, normalize_latents
 from dreamomni2_jax.scheduler import FlowMatchConfig, euler_step, set_timesteps
 
@@ -81,7 +81,7 @@ def reference_pixels(image: ImageLike, auto_resize: bool = True, where: str = "r
             raise ValueError(f"{where}: expected an RGB array [H, W, 3], got shape {image.shape}")
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:

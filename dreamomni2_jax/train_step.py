@@ -10,8 +10,9 @@ tokens x channels, times the σ weighting, then averaged over samples. Every ran
 caption dropout) comes from ``fold_in(rng, sample index in the global batch)``, so ``grad_accum`` micro-batches
 give exactly the gradient of one big batch.
 
-Non-finite loss or gradients skip the update: adapters and optimizer state stay as they were, ``nonfinite``
-(consecutive) and ``skipped`` (total) count it, and the loop stops after ``optim.max_nonfinite`` in a row.
+Non-finite loss, gradients or updated adapters / optimizer state skip the update: adapters and optimizer state
+stay as they were, ``nonfinite`` (consecutive) and ``skipped`` (total) count it, and the loop stops after
+``optim.max_nonfinite`` in a row.
 """
 from __future__ import annotations
 
@@ -191,15 +192,22 @@ def _micro_batches(batch: dict, k: int):
 # --------------------------------------------------------------------------- step
 
 
+def _all_finite(tree) -> jax.Array:
+    oks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(oks).all() if oks else jnp.bool_(True)
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, statics: StepStatics):
     """One optimizer update (``grad_accum`` micro-batches) -> ``(new_state, metrics)``; pure."""
     frozen = reseed_dropout(state.frozen, jax.random.fold_in(rng, 7)) if statics.cfg.lora_dropout else state.frozen
     (loss, aux), grads = loss_and_grads(state.lora, frozen, batch, rng, statics=statics,
                                         empty_text=state.empty_text)
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = statics.tx.update(grads, state.opt_state, state.lora)
     lora = optax.apply_updates(state.lora, updates)
+    # finite loss and gradients are not enough (a NaN / inf learning rate or an overflowing optimizer moment
+    # makes the update itself non-finite): the new adapters and optimizer state must be finite too
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(lora) & _all_finite(opt_state)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     applied = state.step - state.skipped
     new_state = state.replace(

@@ -180,9 +180,7 @@ class ValidationHook:
         grid = make_grid([refs + [img] for refs, img in results], self.row_height)
         path = save_png(self.run_dir / "samples" / f"step_{step:06d}.png", grid)
         if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir=str(self.run_dir / "tb"))
+            self._writer = summary_writer(self.run_dir / "tb")
         self._writer.add_image("validation", grid, global_step=step, dataformats="HWC")
         self._writer.flush()
         log.info("validation step %d: %d samples in %.1fs -> %s", step, len(results), time.time() - t0, path)
@@ -202,6 +200,24 @@ class ValidationHook:
 
     def on_end(self, ctx) -> None:
         self.close()
+
+
+def summary_writer(logdir: Path):
+    """A tensorboardX ``SummaryWriter`` without importing torch: tensorboardX does ``try: import torch`` when it
+    is imported (only to recognise torch tensors), which would pull torch into the runtime path whenever it is
+    installed. ``sys.modules["torch"] = None`` makes that import fail fast for the duration of the import; numpy
+    images need nothing from torch. If torch is already imported (by the caller), it is left alone."""
+    import sys
+
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir=str(logdir))
 
 
 def _default_transformer(obj):

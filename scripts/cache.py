@@ -22,6 +22,12 @@ from dreamomni2_jax.images import TASKS, BadInput
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dreamomni2_jax import cli
+
+    return cli.run(_main, argv)  # errors not handled below (damaged files, bad encodings): one line, exit 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="config file defining get_config()")
     ap.add_argument("--data", required=True, help="JSONL manifest or qflux-style folder")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,9 @@ PREEMPT_AFTER = 10  # metrics lines before the demo sends SIGTERM (a checkpoint 
 
 def _cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+DEMO_ENV = "DREAMOMNI2_DEMO_OUT"  # configs/demo.py puts its paths (validation references, ...) under it
 
 
 def run(*args: str) -> None:
@@ -69,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the demo folder first")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve()
+    os.environ[DEMO_ENV] = str(out)  # inherited by every command below
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,5 +126,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def _main_or_error(argv=None) -> int:
+    try:
+        return main(argv)
+    except subprocess.CalledProcessError as e:  # the failing command already printed its own message
+        print(f"error: demo step failed (exit code {e.returncode}): {' '.join(map(str, e.cmd[1:]))}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_or_error())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,8 @@ def parse_args(argv=None):
         ap.error("--steps and --num-images must be >= 1")
     if args.task == "editing" and not args.ref:
         ap.error("--task editing needs the source image as the first --ref")
+    if not all(math.isfinite(v) for v in (args.guidance, args.lora_scale, args.true_cfg)):
+        ap.error("--guidance, --lora-scale and --true-cfg must be finite numbers")
     return args
 
 
@@ -84,9 +87,16 @@ def enhance_prompt(qwen_dir: str, refs: list[str], prompt: str, task: str, max_n
 
 
 def main(argv=None) -> int:
+    from dreamomni2_jax import cli
+
+    return cli.run(_main, argv)  # errors not handled below (damaged model files, ...): one line, exit 2
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import jax.numpy as jnp
+    import numpy as np
 
     from dreamomni2_jax import sampler
     from dreamomni2_jax.checkpoint import CheckpointError
@@ -97,6 +107,9 @@ def main(argv=None) -> int:
             return 2
     task = args.task or ("editing" if args.ref else "generation")
     prompt = args.prompt
+    if Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a folder; give the .png file to write", file=sys.stderr)
+        return 2
     t0 = time.time()
     try:
         if args.enhance:
@@ -112,6 +125,10 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # bad image / LoRA / size: named in the message
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not np.isfinite(images).all():
+        print("error: sampling produced NaN / inf pixels (non-finite model or LoRA weights?); nothing written",
+              file=sys.stderr)
+        return 3
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}")
                                             for k in range(len(images))]

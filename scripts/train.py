@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from dreamomni2_jax.config import ConfigError, load_config
 
@@ -26,14 +25,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
     ap.add_argument("--resume", default=None, metavar="PATH", help="checkpoint (run dir, checkpoints/ or step dir) to "
                     "resume from; default: the latest checkpoint of train.run_dir, if any")
+    ap.add_argument("--branch", action="store_true", help="with --resume to an earlier step of train.run_dir: move "
+                    "the later checkpoints and metrics to run_dir/branches/ and continue from that step")
     return ap.parse_args(argv)
-
-
-def _write_config(cfg, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(cfg.to_json())
-    tmp.replace(run_dir / "config.json")
 
 
 def _validation(cfg) -> list:
@@ -46,51 +40,59 @@ def _validation(cfg) -> list:
 
 
 def main(argv=None, callbacks=()) -> int:
-    """Entry point; extra ``loop.Callback`` objects run after checkpointing and validation."""
+    """Entry point; extra ``loop.Callback`` objects run after checkpointing and validation. User errors (bad
+    config, data or checkpoint, refused resume, busy run dir): one line on stderr, exit code 2."""
+    from dreamomni2_jax import cli
+
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda _: _main(args, callbacks))
+
+
+def _main(args, callbacks) -> int:
+    cfg = load_config(args.config, args.set)
     if args.print_config:
         print(cfg.to_json())
         return 0
+    if args.branch and not args.resume:
+        raise ConfigError("--branch needs --resume PATH (the step to continue from)")
 
     from dreamomni2_jax import sharding
 
     sharding.initialize_distributed(cfg.mesh)  # before any other JAX call
     import jax
 
-    from dreamomni2_jax import loop
-    from dreamomni2_jax.checkpoint import CheckpointCallback, CheckpointError
+    from dreamomni2_jax import cli, loop
+    from dreamomni2_jax.run_dir import CheckpointCallback, RunLock
 
     main_process = jax.process_index() == 0
     # force: orbax/absl install root handlers on import; their INFO chatter stays off, ours is on (process 0).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("dreamomni2_jax").setLevel(logging.INFO if main_process else logging.WARNING)
     log = logging.getLogger("dreamomni2_jax.train")
-    if main_process:
-        _write_config(cfg, Path(cfg.train.run_dir))
-        log.info("%d process(es), %d devices (%s)", jax.process_count(), jax.device_count(),
-                 jax.devices()[0].device_kind)
+    lock = RunLock(cfg.train.run_dir).acquire() if main_process else None
     try:
-        ctx = loop.setup(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if main_process:
-        log.info("mesh %s; global batch %d (%d per process)", dict(ctx.mesh.shape), cfg.data.batch_size,
-                 cfg.data.batch_size // jax.process_count())
-    try:
-        loop.train(ctx, [CheckpointCallback(cfg, resume=args.resume), *_validation(cfg), *callbacks],
-                   progress=not args.no_progress)
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except loop.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        if main_process:
+            log.info("%d process(es), %d devices (%s)", jax.process_count(), jax.device_count(),
+                     jax.devices()[0].device_kind)
+        try:
+            ctx = loop.setup(cfg)
+        except ValueError as e:  # model / data / mesh that do not fit the config: named in the message
+            raise cli.UserError(str(e)) from None
+        if main_process:
+            log.info("mesh %s; global batch %d (%d per process)", dict(ctx.mesh.shape), cfg.data.batch_size,
+                     cfg.data.batch_size // jax.process_count())
+        ckpt = CheckpointCallback(cfg, resume=args.resume, branch=args.branch)
+        try:
+            loop.train(ctx, [ckpt, *_validation(cfg), *callbacks], progress=not args.no_progress)
+        except loop.NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        finally:
+            if ckpt.ckpt is not None:
+                ckpt.ckpt.close()  # pending saves of good states complete; no background thread is left behind
+    finally:
+        if lock is not None:
+            lock.release()
     if main_process:
         log.info("done: %d steps, run dir %s", ctx.step, cfg.train.run_dir)
     return 0

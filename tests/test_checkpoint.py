@@ -215,3 +215,45 @@ def test_other_process_count(tmp_path):
     ck.close()
     flat, meta = C.load_lora(tmp_path / "run")
     assert meta["step"] == 1 and len(flat) == 4
+
+
+def test_flipped_bit_in_saved_array_data_is_caught_by_the_digest(tmp_path):
+    """Orbax stores the arrays uncompressed: a flipped bit would restore silently as a wrong value without the
+    digest saved in the step's metadata."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((256, 64)), jnp.float32)
+    ck = C.RunCheckpointer(tmp_path, every_steps=1, async_save=False)
+    ck.save(1, {"lora": {"a": a}, "step": jnp.int32(1)}, {"pos": 1}, None, force=True)
+    ck.close()
+    meta = json.loads((tmp_path / "checkpoints" / "1" / "meta" / "metadata").read_text())
+    assert set(meta["digest"]["leaves"]) == {"lora.a", "step"}
+    data = max((p for p in (tmp_path / "checkpoints" / "1" / "state").rglob("*") if p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    ro = C.RunCheckpointer(tmp_path, async_save=False, read_only=True)
+    with pytest.raises(C.CheckpointError, match="lora.a") as e:
+        ro.restore(1)
+    ro.close()
+    assert "do not match their digest" in str(e.value) and str(tmp_path / "checkpoints" / "1") in str(e.value)
+    with pytest.raises(C.CheckpointError, match="do not match their digest"):
+        C.load_state(tmp_path)
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+    ck = C.RunCheckpointer(tmp_path, every_steps=1, async_save=False)
+    assert ck.save(1, {"lora": {"a": jnp.ones((2, 2))}}, None, None, force=True)
+    assert not ck.save(2, {"lora": {"a": jnp.full((2, 2), jnp.nan)}}, None, None, force=True)
+    ck.close()
+    assert C.complete_steps(tmp_path / "checkpoints") == [1]
+
+
+def test_trim_metrics_keeps_one_record_per_restored_step(tmp_path):
+    from dreamomni2_jax.run_dir import SUPERSEDED, trim_metrics
+
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4, 5)] + ['{"step": 6, "lo']  # torn
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert trim_metrics(tmp_path, 3) == 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (tmp_path / SUPERSEDED).read_text().splitlines() == lines[3:]
+    assert trim_metrics(tmp_path, 3) == 0

@@ -75,3 +75,53 @@ def test_bad_config_file_values_name_the_key(tmp_path):
     (tmp_path / "noget.py").write_text("x = 1\n")
     with pytest.raises(ConfigError, match="get_config"):
         load_config(tmp_path / "noget.py")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lr=nan", r"optim\.lr=nan must be a finite number"),
+    ("optim.lr=inf", r"optim\.lr=inf must be a finite number"),
+    ("optim.lr=1e30", r"optim\.lr=1e\+30 must be <= 1"),
+    ("optim.b1=1", r"optim\.b1=1\.0 must be in \[0\.0, 1\.0\)"),
+    ("optim.b2=-0.1", r"optim\.b2=-0\.1 must be in"),
+    ("optim.eps=-1e-8", r"optim\.eps=-1e-08 must be >= 0"),
+    ("optim.weight_decay=-1", r"optim\.weight_decay=-1\.0 must be >= 0"),
+    ("data.target_max_area=0", r"data\.target_max_area=0 must be > 0"),
+    ("data.min_image_size=-1", r"data\.min_image_size=-1 must be >= 0"),
+    ("data.max_sequence_length=0", r"data\.max_sequence_length=0 must be > 0"),
+    ("train.logit_std=-1", r"train\.logit_std=-1\.0 must be >= 0"),
+    ("model.guidance=nan", r"model\.guidance=nan must be a finite number"),
+    ("sample.guidance=-inf", r"sample\.guidance=-inf must be a finite number"),
+    ("train.run_dir=", r"train\.run_dir is empty"),
+])
+def test_value_ranges_are_checked(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(ROOT / "configs/demo.py", [override])
+
+
+def test_whole_config_is_validated_after_all_overrides():
+    a = load_config(ROOT / "configs/demo.py", ["lora.preset=custom", "lora.targets=attn\\.to_q"])
+    b = load_config(ROOT / "configs/demo.py", ["lora.targets=attn\\.to_q", "lora.preset=custom"])
+    assert a == b and a.lora.target_patterns == ("attn\\.to_q",)
+    with pytest.raises(ConfigError, match="lora.preset='custom' needs lora.targets"):
+        load_config(ROOT / "configs/demo.py", ["lora.preset=custom"])
+
+
+def test_broken_config_file_names_file_and_line(tmp_path):
+    bad = tmp_path / "syntax.py"
+    bad.write_text("from dreamomni2_jax.config import *\n\ndef get_config(:\n    pass\n")
+    with pytest.raises(ConfigError, match=f"{bad}:3: SyntaxError"):
+        load_config(bad)
+    bad.write_text("import no_such_module_xyz\n")
+    with pytest.raises(ConfigError, match=f"{bad}:1: ModuleNotFoundError"):
+        load_config(bad)
+    bad.write_text("from dreamomni2_jax.config import *\n\ndef get_config():\n    return Config(optim=1)\n")
+    with pytest.raises(ConfigError, match=f"{bad}: config section 'optim' is a int"):
+        load_config(bad)
+
+
+def test_demo_config_follows_the_demo_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("DREAMOMNI2_DEMO_OUT", str(tmp_path / "elsewhere"))
+    cfg = load_config(ROOT / "configs/demo.py")
+    paths = [cfg.model.path, cfg.data.cache_dir, cfg.train.run_dir,
+             *[r for v in cfg.sample.validation for r in v.references]]
+    assert paths and all(p.startswith(str(tmp_path / "elsewhere") + "/") for p in paths), paths

@@ -323,5 +323,5 @@ def test_export_cli_from_checkpoint(base_model, tmp_path):
                         "kohya"]) == 0
     with safe_open(str(bf), "np") as f:
         assert str(f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight").dtype) == "bfloat16"
-    assert export_main(["--ckpt", str(tmp_path / "run"), "--step", "3", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert export_main(["--ckpt", str(tmp_path / "run"), "--step", "3", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert not (tmp_path / "x.safetensors").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +173,88 @@ def test_checkpoint_holds_adapters_only_and_init_from_continues_a_lora(config_fi
     assert flat.keys() == want.keys()
     for k in want:
         np.testing.assert_allclose(flat[k], want[k], rtol=0, atol=1e-20, err_msg=k)
+
+
+def _records(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_to_an_earlier_step_is_refused_then_branches(config_file, straight_run, tmp_path, capsys):
+    """--resume to an earlier step of the same run: refused (nothing touched) unless --branch, which moves the
+    later steps and their metrics aside, and then continues exactly; metrics stay one record per step."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[0], run)
+    straight = straight_run[1]
+    config_before = (run / "config.json").read_text()
+    step3 = run / "checkpoints" / "3"
+    assert _train_in_process(_argv(config_file, run, "--resume", str(step3))) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints'} has checkpoints after step 3 ([6])" in err and "--branch" in err, err
+    assert "Traceback" not in err
+    assert C.complete_steps(run / "checkpoints") == [3, 6] and _records(run) == [1, 2, 3, 4, 5, 6]
+    # a refused resume (changed LoRA rank) leaves config.json as it was
+    assert _train_in_process(_argv(config_file, run, "--set", "lora.rank=3", "--set", "train.steps=9")) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / '6' / 'state'} does not match" in err and "Traceback" not in err, err
+    assert (run / "config.json").read_text() == config_before
+    # so does a changed batch size (the data position would not mean the same batches)
+    assert _train_in_process(_argv(config_file, run, "--set", "data.batch_size=2", "--set", "train.steps=9")) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / '6' / 'data'}: data iterator state is for another stream" in err, err
+    assert "data.batch_size" in err and (run / "config.json").read_text() == config_before
+    # --branch: steps 4..6 are redone from step 3 and give the same losses; the old ones are kept aside
+    assert _train_in_process(_argv(config_file, run, "--resume", str(step3), "--branch")) == 0
+    (branch,) = (run / "branches").iterdir()
+    assert C.complete_steps(branch / "checkpoints") == [6]
+    assert [json.loads(x)["step"] for x in (branch / "metrics.jsonl").read_text().splitlines()] == [4, 5, 6]
+    assert C.complete_steps(run / "checkpoints") == [3, 6]
+    assert _records(run) == [1, 2, 3, 4, 5, 6] and _losses(run) == straight
+    state, step, _ = C.load_state(run)
+    assert step == 6 and int(state["step"]) == 6
+
+
+def test_second_run_on_a_locked_run_dir_is_refused(config_file, tmp_path, capsys):
+    from dreamomni2_jax.run_dir import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):
+        assert _train_in_process(_argv(config_file, run)) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: run dir is in use by another training process (pid {os.getpid()}" in err, err
+    assert not (run / "checkpoints").exists() and not (run / "config.json").exists()
+
+
+def test_flipped_bit_in_a_checkpoint_is_detected(config_file, straight_run, tmp_path, capsys):
+    """Every saved array has a digest; a damaged step is named, with the newest intact step to resume from."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[0], run)
+    meta_file = run / "checkpoints" / "6" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta["digest"]["algorithm"] == "wsum32-v1" and len(meta["digest"]["leaves"]) > 4
+    key = next(k for k in meta["digest"]["leaves"] if k.endswith("lora_B"))
+    meta["digest"]["leaves"][key] ^= 1 << 7  # as if one bit of that array had flipped on disk
+    meta_file.write_text(json.dumps(meta))
+    assert _train_in_process(_argv(config_file, run, "--set", "train.steps=9")) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {run / 'checkpoints' / '6'} is corrupt or incomplete" in err and key in err, err
+    assert "the last intact checkpoint is step 3" in err and "--branch" in err and "Traceback" not in err
+    with pytest.raises(C.CheckpointError, match="do not match their digest"):
+        C.load_lora(run)
+    assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
+    flat, meta3 = C.load_lora(run, step=3)  # the intact step still exports
+    assert meta3["step"] == 3 and flat
+
+
+def test_resume_to_a_missing_path_and_garbage_metadata(config_file, straight_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train_in_process(_argv(config_file, run, "--resume", str(tmp_path / "nope"))) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint path {tmp_path / 'nope'} does not exist" in err and "Traceback" not in err, err
+    assert "Event loop" not in err and not (run / "config.json").exists()
+    run = tmp_path / "copy"
+    shutil.copytree(straight_run[0], run)
+    (run / "checkpoints" / "6" / "meta" / "metadata").write_text("{garbage")
+    assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "y.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / '6' / 'meta' / 'metadata'}" in err and "Traceback" not in err, err

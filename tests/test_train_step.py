@@ -308,3 +308,24 @@ def test_loop_writes_metrics_and_stops_on_nonfinite(tmp_path, setup):
     assert recs[2]["tokens_per_s"] > 0 and recs[2]["flops_per_step"] > 0 and recs[0]["lr"] == pytest.approx(CFG.optim.lr)
     with pytest.raises(loop.NonFiniteError, match="step 3: 2 consecutive"):
         loop.train(context(10, "run2", Stream(bad_after=1), max_nonfinite=2), progress=False)
+
+
+def test_nonfinite_update_is_skipped_even_with_finite_loss_and_grads(setup):
+    """A NaN / inf update (e.g. a diverged learning rate) must not reach the adapters or the optimizer state."""
+    tx = setup.statics.tx
+
+    def update(grads, state, params=None):
+        updates, new_state = tx.update(grads, state, params)
+        return jax.tree.map(lambda u: u * jnp.nan, updates), new_state
+
+    import dataclasses
+
+    import optax
+
+    statics = dataclasses.replace(setup.statics, tx=optax.GradientTransformation(tx.init, update))
+    step = ts.compile_train_step(statics, setup.state, batch())
+    s1, m1 = step(_copy(setup.state), batch(), jax.random.key(0))
+    assert np.isfinite(float(m1["loss"])) and np.isfinite(float(m1["grad_norm"]))
+    assert not bool(m1["finite"]) and int(s1.skipped) == 1 and int(s1.nonfinite) == 1
+    _close(s1.lora, setup.state.lora, 0)
+    _close(s1.opt_state, setup.state.opt_state, 0)

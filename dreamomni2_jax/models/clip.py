@@ -10,13 +10,14 @@ position equal to ``eos_token_id``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dreamomni2_jax.config import read_json
 
 _ACTS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -61,7 +62,7 @@ class CLIPConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPConfig":
         path = Path(path)
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "model_type": "clip_text_model", "architectures": ["CLIPTextModel"]}

@@ -8,7 +8,6 @@ blocks are created with ``nnx.vmap``); code that swaps modules in there (LoRA) m
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dreamomni2_jax.config import read_json
 from dreamomni2_jax.models.attention import check_impl
 from dreamomni2_jax.models.flux_blocks import (
     AdaLayerNorm,
@@ -74,7 +74,7 @@ class FluxConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "FluxConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

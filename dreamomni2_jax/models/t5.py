@@ -14,7 +14,6 @@ before casting down). Output ``last_hidden_state`` is returned in ``dtype``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from dreamomni2_jax.config import read_json
 
 _ACTS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -75,7 +76,7 @@ class T5Config:
     @classmethod
     def from_json(cls, path: str | Path) -> "T5Config":
         path = Path(path)
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "model_type": "t5", "architectures": ["T5EncoderModel"]}

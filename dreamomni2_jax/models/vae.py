@@ -14,13 +14,14 @@ the result).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dreamomni2_jax.config import read_json
 
 _DOWN = "DownEncoderBlock2D"
 _UP = "UpDecoderBlock2D"
@@ -71,7 +72,7 @@ class VAEConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
         path = Path(path)
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

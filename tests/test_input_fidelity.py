@@ -1,0 +1,177 @@
+"""Inputs are read as the reference pipeline reads them, bad ones are named and skippable, and the runtime path
+stays torch-free; LoRA files with NaN / inf are refused everywhere they enter."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamomni2_jax import images
+from dreamomni2_jax.images import BadInput
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _photo(h=24, w=40, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_exif_orientation_like_diffusers_load_image(tmp_path):
+    from diffusers.utils import load_image
+
+    for orientation in (3, 6, 8):
+        img = Image.fromarray(_photo())
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.png"
+        img.save(path, exif=exif)
+        want = np.asarray(load_image(str(path)))
+        got = np.asarray(images.open_image(str(path), "test"))
+        assert want.shape != (24, 40, 3) or orientation == 3  # 6 and 8 turn the image by 90 degrees
+        np.testing.assert_array_equal(got, want)
+
+
+def test_16bit_png_is_scaled_not_saturated(tmp_path):
+    gray = np.random.default_rng(1).integers(0, 256, (32, 48), dtype=np.uint16)  # multiples of 16: no resize
+    path = tmp_path / "g16.png"
+    Image.fromarray(gray * 257).save(path)  # the 16-bit image of the 8-bit gray one
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    got = np.asarray(images.open_image(str(path), "test"))
+    np.testing.assert_array_equal(got, np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1))
+    from dreamomni2_jax.sampler import reference_pixels
+
+    with Image.open(path) as im:  # a PIL image handed to the sampler directly
+        px = reference_pixels(im.copy(), auto_resize=False)
+    np.testing.assert_allclose(px[..., 0], gray.astype(np.float32) / 127.5 - 1.0, atol=1e-6)
+
+
+def test_non_utf8_inputs_and_extreme_sizes_are_bad_inputs(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_bytes(b'{"instruction": "ok", "target": "a.png"}\n{"instruction": "caf\xe9", "target": "a.png"}\n')
+    records, bad = images.read_manifest(m)
+    assert len(records) == 1 and [str(b) for b in bad] == [
+        f"{m}:2: not UTF-8 text ('utf-8' codec can't decode byte 0xe9 in position 20: invalid continuation byte)"]
+    folder = tmp_path / "q"
+    folder.mkdir()
+    Image.fromarray(_photo()).save(folder / "a.png")
+    (folder / "a.txt").write_bytes(b"\xff\xfe")
+    records, bad = images.read_folder(folder)
+    assert not records and bad[0].where == str(folder / "a") and bad[0].path == str(folder / "a.txt")
+
+
+def test_skip_bad_skips_extreme_aspect_and_non_utf8(tiny_converted_dir, tiny_encoders, tmp_path):
+    from dreamomni2_jax.cache import build_cache
+    from _fixtures_data import tiny_config
+
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_photo(64, 64)).save(d / "t.png")
+    Image.fromarray(np.zeros((32, 4000, 3), np.uint8)).save(d / "wide.png")
+    m = d / "m.jsonl"
+    m.write_bytes(b'{"instruction": "ok", "target": "t.png", "references": ["t.png"]}\n'
+                  b'{"instruction": "wide", "target": "wide.png"}\n'
+                  b'{"instruction": "caf\xe9", "target": "t.png"}\n')
+    cfg = tiny_config(tiny_converted_dir)
+    wide = d / "wide.jsonl"
+    wide.write_text('{"instruction": "ok", "target": "t.png"}\n{"instruction": "wide", "target": "wide.png"}\n')
+    with pytest.raises(BadInput, match=f"{wide}:2: .*empty target size"):
+        build_cache(cfg, wide, tmp_path / "c0", tiny_encoders, progress=False)
+    index = build_cache(cfg, m, tmp_path / "c", tiny_encoders, skip_bad=True, progress=False)
+    assert index["num_records"] == 1 and index["num_skipped"] == 2
+    where = [json.loads(x)["where"] for x in (tmp_path / "c" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(where) == [f"{m}:2", f"{m}:3"]
+
+
+def test_nonfinite_lora_is_refused_by_export_and_init_from(tmp_path):
+    from dreamomni2_jax import lora_io
+
+    flat = {"transformer_blocks.attn.to_q.lora_A": np.zeros((1, 32, 2), np.float32),
+            "transformer_blocks.attn.to_q.lora_B": np.full((1, 2, 32), np.inf, np.float32)}
+    with pytest.raises(lora_io.LoraFileError, match="hold NaN or inf values"):
+        lora_io.save_lora_file(tmp_path / "x.safetensors", flat, 2.0)
+    assert not (tmp_path / "x.safetensors").exists()
+    from safetensors.numpy import save_file
+
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_{}.weight"
+    path = tmp_path / "nan.safetensors"
+    save_file({key.format("A"): np.full((2, 32), np.nan, np.float32), key.format("B"): np.zeros((32, 2), np.float32)},
+              str(path))
+    from flax import nnx
+    import jax.numpy as jnp
+
+    from dreamomni2_jax.config import LoraConfig
+    from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
+    from dreamomni2_jax.tiny import FLUX_TINY
+
+    model = FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(0), dtype=jnp.float32,
+                                   param_dtype=jnp.float32)
+    with pytest.raises(lora_io.LoraFileError, match=f"{path}: 1 adapter tensor\\(s\\) hold NaN"):
+        lora_io.init_lora(model, LoraConfig(rank=2, alpha=2.0, init_from=str(path)))
+
+
+RUNTIME = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+model, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+import convert.vae, convert.pipeline, convert.lora_to_diffusers  # noqa
+import dreamomni2_jax.loop, dreamomni2_jax.run_dir, dreamomni2_jax.cache, dreamomni2_jax.data  # noqa
+from dreamomni2_jax import integrity, lora_io, sampler, validation
+from dreamomni2_jax.text import load_text_encoders
+
+convert.vae.convert(model.parent / "src" / "vae", tmp / "vae", progress=False)
+enc = load_text_encoders(model, jnp.float32)
+enc.encode_prompt(["a cat"], max_sequence_length=8)
+w = validation.summary_writer(tmp / "tb")
+w.add_image("v", np.zeros((8, 8, 3), np.uint8), global_step=1, dataformats="HWC")
+w.close()
+flat = {"transformer_blocks.attn.to_q.lora_A": np.ones((1, 32, 2), np.float32),
+        "transformer_blocks.attn.to_q.lora_B": np.ones((1, 2, 32), np.float32)}
+lora_io.load_lora_file(lora_io.save_lora_file(tmp / "l.safetensors", flat, 2.0))
+# digests do not depend on the sharding
+x = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6) / 7
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+tree = {"x": x, "y": jnp.ones((3,), jnp.bfloat16), "n": jnp.int32(5)}
+sharded = {**tree, "x": jax.device_put(x, NamedSharding(mesh, P("a", "b")))}
+flipped = {**tree, "x": x.at[3, 1].set(jax.lax.bitcast_convert_type(
+    jax.lax.bitcast_convert_type(x[3, 1], jnp.uint32) ^ jnp.uint32(1 << 20), jnp.float32))}
+print("RESULT " + json.dumps({"torch_loaded": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
+                              "devices": len(jax.devices()), "digest": integrity.tree_digest(tree),
+                              "sharded": integrity.tree_digest(sharded), "flipped": integrity.tree_digest(flipped)}))
+"""
+
+
+def test_runtime_path_never_imports_torch_and_digest_ignores_sharding(tiny_pipeline_dir, tiny_converted_dir,
+                                                                       tmp_path):
+    """torch is installed here (the ``ref`` extra): converting, text encoding, TensorBoard, LoRA files and the
+    training / sampling modules must still not import it (tensorboardX tries to, unless told not to). Digests: same on 8 shards as on one device."""
+    import importlib.util
+
+    assert importlib.util.find_spec("torch") is not None
+    model = tmp_path / "model"
+    os.symlink(tiny_converted_dir, model)
+    os.symlink(tiny_pipeline_dir, tmp_path / "src")
+    script = tmp_path / "runtime.py"
+    script.write_text(RUNTIME)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(REPO)}
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run([sys.executable, str(script), str(model), str(tmp_path / "out")], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    assert res["torch_loaded"] == []  # torch is importable here, so any import of it would have loaded it
+    assert res["devices"] == 8 and res["sharded"] == res["digest"]
+    assert res["flipped"]["x"] != res["digest"]["x"] and res["flipped"]["y"] == res["digest"]["y"]
+    assert list((tmp_path / "out" / "tb").iterdir())  # the event file was written
