@@ -156,7 +156,7 @@ def test_cache_bad_inputs(tiny_converted_dir, bad_files, tmp_path):
     manifest.write_bytes(b'{"instruction": "x", "target": "t.png", "references": ["r.png"]}\n'
                          b'{"instruction": "caf\xe9", "target": "t.png"}\n')
     wide = data / "wide.jsonl"
-    wide.write_text('{"instruction": "x", "target": "wide.png", "references": ["r.png"]}\n')
+    wide.write_text('{"instruction": "x", "target": "wide.png"}\n')  # generation: target at its own aspect
     folder = tmp_path / "qflux"
     folder.mkdir()
     Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(folder / "a.png")
