@@ -190,7 +190,13 @@ def _micro_batches(batch: dict, k: int):
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, statics: StepStatics):
-    """One optimizer update (``grad_accum`` micro-batches) -> ``(new_state, metrics)``; pure."""
+    """One optimizer update (``grad_accum`` micro-batches) -> ``(new_state, metrics)``; pure.
+
+    Traced under ``statics.mesh`` (as the context abstract mesh), so attention kernels run per shard and
+    ``attention="auto"`` picks the kernel of the mesh's devices."""
+    if statics.mesh is not None and jax.sharding.get_abstract_mesh().empty:
+        with jax.sharding.use_abstract_mesh(statics.mesh.abstract_mesh):
+            return train_step(state, batch, rng, statics=statics)
     frozen = reseed_dropout(state.frozen, jax.random.fold_in(rng, 7)) if statics.cfg.lora_dropout else state.frozen
     (loss, aux), grads = loss_and_grads(state.lora, frozen, batch, rng, statics=statics,
                                         empty_text=state.empty_text)
