@@ -92,6 +92,9 @@ def target_devices(target: Target) -> list:
         except ImportError as e:
             raise AOTError(f"compiling for {target.name} needs libtpu: pip install -e '.[aot]' "
                            "(the `aot` extra)") from e
+        # compile-only: no TPU is opened, so several compiles (and a training job on a TPU VM) may run at once
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU VM metadata server to ask
         return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology).devices)
     if os.environ.get("JAX_PLATFORMS", "") != "cpu":
         raise AOTError("compiling for NVIDIA GPUs without a GPU needs JAX_PLATFORMS=cpu set before JAX starts "
@@ -304,10 +307,12 @@ def compile_report(cfg, target: Target, *, mode: str = "train", layers=None, sam
         nums = _oom_numbers(str(e))
         if nums is None:
             raise
+        # the compiler reports only the temporaries it needed: peak >= temporaries + the state (arguments)
+        peak = nums[0] + info["state_bytes_per_chip"]
         report.update({"compile_s": round(time.perf_counter() - t1, 1), "compiled": False,
-                       "peak_bytes_per_chip": nums[0], "capacity_bytes": target.hbm_bytes,
-                       "usable_bytes": min(usable, nums[1]), "fits": False,
-                       "headroom_bytes": min(usable, nums[1]) - nums[0],
+                       "temp_bytes_required": nums[0], "peak_bytes_per_chip": peak, "peak_is_lower_bound": True,
+                       "capacity_bytes": target.hbm_bytes, "usable_bytes": min(usable, nums[1]), "fits": False,
+                       "headroom_bytes": min(usable, nums[1]) - peak,
                        "error": str(e).strip().splitlines()[0][:300]})
         return _with_gib(report)
     t2 = time.perf_counter()
@@ -330,45 +335,53 @@ def _with_gib(report: dict) -> dict:
     return report
 
 
+def _next_probe(points, usable: int, lo: int, hi: int) -> int:
+    """Next batch to try in (lo, hi): where the line through the last two (batch, peak) points (one point: a line
+    through the origin) reaches ``usable``, clamped into the open interval."""
+    (b1, p1), (b0, p0) = points[-1], (points[-2] if len(points) > 1 else (0, 0))
+    slope = (p1 - p0) / (b1 - b0) if b1 != b0 else 0
+    guess = int(b1 + (usable - p1) // slope) if slope > 0 else (lo + hi) // 2
+    return min(max(guess, lo + 1), hi - 1)
+
+
 REMAT_ORDER = ("none", "dots_no_batch_saveable", "full")  # cheapest recompute first
 
 
-def fit(cfg, target: Target, *, layers=None, max_batch_per_chip: int = 64, log=print) -> dict:
-    """The largest per-chip micro-batch that fits, for each remat policy (``none`` -> ``full``); the answer is
-    the first policy with the largest batch. Batch sizes grow 1, 2, 4, ... then bisect."""
+def fit(cfg, target: Target, *, layers=None, max_batch_per_chip: int = 64, remats=None, log=print) -> dict:
+    """The largest per-chip micro-batch that fits, for each remat policy (``remats``, default ``none`` ->
+    ``full``); the answer is the first policy with the largest batch. Every answer is a compiled program."""
     from dreamomni2_jax import sharding as shd
 
     mesh = _mesh(cfg, target_devices(target))
     shards = shd.batch_shards(mesh)
     results = {}
-    for remat in REMAT_ORDER:
+    for remat in remats or REMAT_ORDER:
         def run(b, remat=remat):
             c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat),
                                     data=dataclasses.replace(cfg.data, batch_size=b * shards * cfg.optim.grad_accum))
             r = compile_report(c, target, layers=layers)
-            log(f"  remat={remat} batch/chip={b}: peak {r['peak_gib']} GiB of {r['usable_gib']} "
-                f"-> {'fits' if r['fits'] else 'does not fit'}")
+            log(f"  remat={remat} batch/chip={b}: peak {r['peak_gib_per_chip']} GiB of {r['usable_gib']} "
+                f"-> {'fits' if r['fits'] else 'does not fit'} ({r['compile_s']} s)")
             return r
 
-        best, lo, hi = None, 0, None
-        b = 1
-        while b <= max_batch_per_chip:
+        # lo: largest batch known to fit, hi: smallest known not to. Probes follow a line through the last two
+        # (batch, peak) points (a TPU program that does not fit fails fast, so the first probe is the largest).
+        best, lo, hi, points = None, 0, max_batch_per_chip + 1, []
+        b = max_batch_per_chip if target.platform == "tpu" else 1
+        while hi - lo > 1:
             r = run(b)
-            if not r["fits"]:
-                hi = b
-                break
-            best, lo = r, b
-            b *= 2
-        while hi is not None and hi - lo > 1:
-            mid = (lo + hi) // 2
-            r = run(mid)
+            points.append((b, r["peak_bytes_per_chip"]))
             if r["fits"]:
-                best, lo = r, mid
+                best, lo = r, b
             else:
-                hi = mid
-        results[remat] = {"largest_batch_per_chip": lo, "peak_gib": None if best is None else best["peak_gib"]}
+                hi = b
+            b = _next_probe(points, r["usable_bytes"], lo, hi)
+        results[remat] = {"largest_batch_per_chip": lo, "compiles": len(points),
+                          "peak_gib_per_chip": None if best is None else best["peak_gib_per_chip"],
+                          "compile_s": None if best is None else best["compile_s"],
+                          "attention": None if best is None else best["attention"]}
     top = max(r["largest_batch_per_chip"] for r in results.values())
     choice = next((k for k, r in results.items() if r["largest_batch_per_chip"] == top and top > 0), None)
-    return {"target": target.name, "references": len(cfg.data.synthetic_refs),
+    return {"target": target.name, "chips": target.chips, "references": len(cfg.data.synthetic_refs),
             "resolution": list(cfg.data.synthetic_resolution), "by_remat": results,
             "best": None if choice is None else {"remat": choice, "batch_per_chip": top}}

@@ -29,6 +29,8 @@ def parse_args(argv=None):
                     help="full-width model with this many double / single blocks")
     ap.add_argument("--fit", action="store_true", help="largest per-chip batch that fits, per remat policy")
     ap.add_argument("--max-batch", type=int, default=64, help="--fit: largest per-chip batch tried")
+    ap.add_argument("--remat-policies", default=None, metavar="A,B",
+                    help="--fit: policies to try (default: none,dots_no_batch_saveable,full)")
     ap.add_argument("--json", default=None, metavar="OUT", help="also write the JSON here")
     return ap.parse_args(argv)
 
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
         if args.fit:
-            out = aot.fit(cfg, target, layers=args.layers, max_batch_per_chip=args.max_batch, log=log)
+            out = aot.fit(cfg, target, layers=args.layers, max_batch_per_chip=args.max_batch, log=log,
+                          remats=args.remat_policies.split(",") if args.remat_policies else None)
         else:
             out = aot.compile_report(cfg, target, mode=args.mode, layers=args.layers)
     except (AOTError, MeshError, ConfigError) as e:
