@@ -212,10 +212,8 @@ def lower_sample(cfg, devices, fc, batch: int = 1):
     """``(lowered, info)`` of the sampler's denoising scan (``sample.steps`` steps, one image per prompt) with the
     adapted model sharded like training and the inputs replicated, as in ``Pipeline`` on a training mesh."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from dreamomni2_jax import positions
     from dreamomni2_jax import sharding as shd
     from dreamomni2_jax.sampler import _denoise_jit
 
@@ -225,23 +223,36 @@ def lower_sample(cfg, devices, fc, batch: int = 1):
     graphdef, state = nnx.split(model)
     state = shd.place(state, shd.model_state_shardings(state, mesh))
     rep = shd.replicated(mesh)
-    f = 16  # VAE 8x, 2x2 packing
-    (tw, th), refs = cfg.data.synthetic_resolution, cfg.data.synthetic_refs
-    layout = positions.SampleLayout((th // 8, tw // 8), tuple((h // 8, w // 8) for w, h in refs))
-    n_t = (th // f) * (tw // f)
-    n_r = sum((h // f) * (w // f) for w, h in refs)
-    c, dt, steps = fc.in_channels, jnp.dtype(cfg.model.compute_dtype), cfg.sample.steps
-    s = lambda shape, d=jnp.float32: jax.ShapeDtypeStruct(shape, d, sharding=rep)  # noqa: E731
-    ids = layout.ids(cfg.model.position_scheme)
-    inputs = (s((batch, n_t, c)), s((batch, n_r, c), dt), s((batch, cfg.data.max_sequence_length,
-                                                               fc.joint_attention_dim), dt),
-              s((batch, fc.pooled_projection_dim), dt), s(ids.shape, jnp.int32),
-              s((cfg.data.max_sequence_length, 3), jnp.int32),
-              s((batch,)) if fc.guidance_embeds else None, s((steps,)), s((steps + 1,)), s(()))
+    shapes, n_tokens = sample_input_shapes(cfg, fc, batch)
+    inputs = tuple(None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep) for x in shapes)
     lowered = _denoise_jit.lower(graphdef, state, *inputs, tick=_no_tick, mesh=mesh)
-    info = {"mesh": dict(mesh.shape), "images": batch, "steps": steps, "tokens_per_sample": n_t + n_r
-            + cfg.data.max_sequence_length, "references": len(refs), "state_bytes_per_chip": _per_chip_bytes(state)}
+    info = {"mesh": dict(mesh.shape), "images": batch, "steps": cfg.sample.steps, "tokens_per_sample": n_tokens,
+            "references": len(cfg.data.synthetic_refs), "state_bytes_per_chip": _per_chip_bytes(state)}
     return lowered, info
+
+
+def sample_input_shapes(cfg, fc, batch: int = 1, steps: int | None = None):
+    """Shapes of the sampler's ``_denoise`` inputs after the model argument (noise, reference tokens, T5 / pooled
+    embeddings, image / text ids, guidance, timesteps, sigmas, CFG scale) for ``batch`` images of
+    ``data.synthetic_resolution`` with ``data.synthetic_refs``; and the tokens per image."""
+    import jax
+    import jax.numpy as jnp
+
+    from dreamomni2_jax import positions
+
+    (tw, th), refs = cfg.data.synthetic_resolution, cfg.data.synthetic_refs
+    layout = positions.SampleLayout((th // 8, tw // 8), tuple((h // 8, w // 8) for w, h in refs))  # VAE 8x
+    n_t = (th // 16) * (tw // 16)  # 2x2 packing
+    n_r = sum((h // 16) * (w // 16) for w, h in refs)
+    c, dt, txt = fc.in_channels, jnp.dtype(cfg.model.compute_dtype), cfg.data.max_sequence_length
+    steps = cfg.sample.steps if steps is None else steps
+    s = jax.ShapeDtypeStruct
+    ids = layout.ids(cfg.model.position_scheme)
+    shapes = (s((batch, n_t, c), jnp.float32), s((batch, n_r, c), dt), s((batch, txt, fc.joint_attention_dim), dt),
+              s((batch, fc.pooled_projection_dim), dt), s(ids.shape, jnp.int32), s((txt, 3), jnp.int32),
+              s((batch,), jnp.float32) if fc.guidance_embeds else None, s((steps,), jnp.float32),
+              s((steps + 1,), jnp.float32), s((), jnp.float32))
+    return shapes, n_t + n_r + txt
 
 
 def _no_tick(i) -> None:

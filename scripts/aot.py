@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     except (ConfigError, AOTError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if target.platform == "cuda":  # compile for CUDA from a description: the plugin must not look for a GPU
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    # The program is compiled for the target's device descriptions; this process itself only needs the host (and
+    # the CUDA plugin must not look for a GPU to compile for one).
+    os.environ["JAX_PLATFORMS"] = "cpu"
     if args.layers and min(args.layers) < 1:
         print("error: --layers needs at least one double and one single block", file=sys.stderr)
         return 2
