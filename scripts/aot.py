@@ -1,7 +1,7 @@
 """Will this config fit? Compile the real train step (or the sampler) for a TPU slice or an NVIDIA host, here.
 
     python scripts/aot.py --config configs/tpu_v5.py --topology v5p-8 [--set k=v ...] [--mode train|sample]
-                          [--layers DOUBLE SINGLE] [--fit] [--json OUT]
+                          [--refs N] [--layers DOUBLE SINGLE] [--fit] [--json OUT]
 
 No accelerator and no weights are needed: the model is abstract (shapes only) and the program is compiled for the
 target's device descriptions (``libtpu`` for TPU: ``pip install -e '.[aot]'``; the CUDA plugin for h100/h200:
@@ -13,6 +13,7 @@ full-width model with 2 double and 4 single blocks (quick checks). Exit code 0, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,8 @@ def parse_args(argv=None):
                     "h200x1, h200x8, ...")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     ap.add_argument("--mode", choices=("train", "sample"), default="train")
+    ap.add_argument("--refs", type=int, default=None, metavar="N",
+                    help="N references of data.synthetic_resolution (instead of data.synthetic_refs)")
     ap.add_argument("--layers", nargs=2, type=int, metavar=("DOUBLE", "SINGLE"), default=None,
                     help="full-width model with this many double / single blocks")
     ap.add_argument("--fit", action="store_true", help="largest per-chip batch that fits, per remat policy")
@@ -43,6 +46,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         target = parse_target(args.topology)
+        if args.refs is not None:
+            if args.refs < 0:
+                raise ConfigError(f"--refs must be >= 0, got {args.refs}")
+            res = cfg.data.synthetic_resolution
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, synthetic_refs=(res,) * args.refs))
     except (ConfigError, AOTError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

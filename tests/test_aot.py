@@ -138,3 +138,15 @@ def test_topology_names_and_missing_libtpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` fails as when it is not installed
     with pytest.raises(aot.AOTError, match=r"pip install -e '\.\[aot\]'"):
         aot.target_devices(t)
+
+
+def test_compiler_out_of_memory_message_is_parsed():
+    from dreamomni2_jax.aot import _next_probe, _oom_numbers
+
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (403.35G) "
+           "exceeds available HBM (95.74G).")  # libtpu 0.0.42 for a full-size step at 8 samples per chip
+    assert _oom_numbers(msg) == (int(403.35 * 2**30), int(95.74 * 2**30))
+    assert _oom_numbers("INTERNAL: something else") is None
+    g = 2**30
+    assert _next_probe([(32, 1091 * g)], 95 * g, 0, 32) == 2  # a line through the origin
+    assert _next_probe([(32, 147 * g), (20, 135 * g), (1, 15 * g)], 95 * g, 1, 20) == 13  # through the last two
