@@ -96,8 +96,8 @@ def sampler_step(layers, refs: int, size: int = 1024) -> dict:
         out = call()
         times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
-    return {"references": refs, "size": size, "tokens": tokens, "attention": cfg.model.attention, "compile_and_first_s": t1 - t0,
-            "step_s": sorted(times)[1], "finite": bool(np.isfinite(np.asarray(out)).all()),
+    return {"references": refs, "size": size, "tokens": tokens, "attention": cfg.model.attention,
+            "compile_and_first_s": t1 - t0, "step_s": sorted(times)[1], "finite": bool(np.isfinite(np.asarray(out)).all()),
             "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
 
 
