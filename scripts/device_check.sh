@@ -6,7 +6,7 @@
 #       batch 1, remat full) at 1024^2 with 1 and 2 references: compile time, step time, tokens/s, MFU, peak memory;
 #   (c) one sampler step at 1024^2 with one reference;
 #   one JSON: $OUT (default device_check.json). Exit code != 0 when a check fails.
-# Usage: bash scripts/device_check.sh [OUT]
+# Usage: bash scripts/device_check.sh [OUT]        (PY=python-with-cuda12 to skip the fresh venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-device_check.json}
@@ -15,10 +15,14 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 start=$(date +%s)
-python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[cuda12]"
-PY="$VENV/bin/python"
+if [ -n "${PY:-}" ]; then  # PY=/path/to/python: use an environment that already has the cuda12 extra
+  echo "using $PY"
+else
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[cuda12]"
+  PY="$VENV/bin/python"
+fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 echo "install: $(( $(date +%s) - start )) s"
 
