@@ -2,7 +2,8 @@
 #   make demo   - tiny end-to-end run on CPU (convert -> cache -> train -> resume -> export -> sample)
 #   make test   - the test suite (what CI runs)
 # Both create/reuse .venv and install the package with the `ref` extra (torch CPU, diffusers, peft: the
-# numerical references the tests compare against and the tiny-model builder uses).
+# numerical references the tests compare against and the tiny-model builder uses) and the `aot` extra (libtpu and
+# the CUDA compiler plugin + cuDNN: the tests compile the sharded train step for a TPU v5p slice and 8 x H100).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[ref]"
+	$(PY) -m pip install -q -e ".[ref,aot]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,6 +12,11 @@ Multi-host pod slice (e.g. v5p-64, 8 hosts): run the same command on every host 
 /mnt/bucket is a gcsfuse mount of your bucket (or any shared filesystem) on every host.
 jax.distributed.initialize() is called automatically on multi-host TPU; base weights and optimizer
 state are FSDP-sharded over all chips, the batch over data x fsdp.
+
+Memory (scripts/aot.py, BENCHMARKS.md "Will it fit?"): batch 32 with two 1024^2 references is 8 samples per chip
+on v5p-8, which fits only with full remat (83 GiB of 95.74 per chip; `dots_no_batch_saveable` keeps every
+matmul output and fits 2 samples per chip with one reference). Check a change before launching:
+    python scripts/aot.py --config configs/tpu_v5.py --topology v5p-8 [--set ...]
 """
 from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
                                    OptimConfig, SampleConfig, TrainConfig, ValidationSample)
@@ -20,7 +25,7 @@ from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraCon
 def get_config() -> Config:
     return Config(
         model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="auto",
-                          remat="dots_no_batch_saveable", position_scheme="dreamomni2", guidance=1.0),
+                          remat="full", position_scheme="dreamomni2", guidance=1.0),
         lora=LoraConfig(rank=16, alpha=16.0, preset="attention", dtype="float32", init="gaussian"),
         data=DataConfig(batch_size=32, max_refs=3, target_max_area=1024 * 1024, batching="bucket", num_workers=8,
                         caption_dropout=0.05, synthetic_resolution=(1024, 1024),

@@ -94,7 +94,7 @@ class ModelConfig(_Section):
     path: str = ""  # converted model folder (convert/pipeline.py output) or a diffusers Flux Kontext folder
     param_dtype: str = "bfloat16"  # frozen base weights
     compute_dtype: str = "bfloat16"
-    attention: str = "auto"  # auto (blocked on CPU, JAX's choice elsewhere) | xla | cudnn | splash | blocked
+    attention: str = "auto"  # auto (splash on TPU, cudnn on NVIDIA, blocked on CPU) | xla | cudnn | splash | blocked
     # none | full | dots_saveable | dots_no_batch_saveable (saves weight matmuls only, not attention logits:
     # plain dots_saveable also keeps the [B, H, S, S] logits, 514 GiB at 1024^2 + 1 reference)
     remat: str = "dots_no_batch_saveable"
@@ -109,7 +109,7 @@ class ModelConfig(_Section):
     def _validate(self):
         _choice("model.param_dtype", self.param_dtype, ("bfloat16", "float32", "float16"))
         _choice("model.compute_dtype", self.compute_dtype, ("bfloat16", "float32", "float16"))
-        _choice("model.attention", self.attention, ("auto", "xla", "cudnn", "splash", "blocked"))
+        _choice("model.attention", self.attention, ("auto", "xla", "cudnn", "splash", "splash_interpret", "blocked"))
         _choice("model.remat", self.remat, ("none", "full", "dots_saveable", "dots_no_batch_saveable"))
         _choice("model.ids_dtype", self.ids_dtype, ("int32", "bfloat16"))
 

@@ -124,6 +124,14 @@ def empty_text(cfg: Config, stream) -> dict | None:
     return {"t5": jnp.asarray(t5), "pooled": jnp.asarray(pooled)}
 
 
+def make_state(cfg: Config, model, mesh, empty_text: dict | None = None) -> tuple[ts.StepStatics, ts.TrainState]:
+    """Optimizer, sharded train state and step statics of an adapted model (abstract model -> abstract state:
+    what ``scripts/aot.py`` compiles)."""
+    tx = ts.make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, state = ts.init_train_state(model, tx, mesh=mesh, empty_text=empty_text)
+    return ts.make_statics(graphdef, cfg, guidance_embeds=model.config.guidance_embeds, mesh=mesh), state
+
+
 def setup(cfg: Config, *, model=None, stream=None, mesh=None) -> LoopContext:
     """Mesh, model (+ LoRA), data stream, train state and statics; ``model`` / ``stream`` / ``mesh`` may be given
     (tests, benchmarks). The step is compiled lazily by :func:`train` on the first batch."""
@@ -138,9 +146,7 @@ def setup(cfg: Config, *, model=None, stream=None, mesh=None) -> LoopContext:
             log.info("LoRA rank %d alpha %g on %d modules", meta["rank"], meta["alpha"], len(paths))
     stream = stream if stream is not None else make_stream(cfg, model.config)
     dims = lora_dims(model)
-    tx = ts.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, state = ts.init_train_state(model, tx, mesh=mesh, empty_text=empty_text(cfg, stream))
-    statics = ts.make_statics(graphdef, cfg, guidance_embeds=model.config.guidance_embeds, mesh=mesh)
+    statics, state = make_state(cfg, model, mesh, empty_text(cfg, stream))
     ctx = LoopContext(cfg=cfg, mesh=mesh, statics=statics, state=state, stream=stream,
                       rng=jax.random.key(cfg.train.seed))
     ctx.extras["flux_config"], ctx.extras["lora_dims"] = model.config, dims

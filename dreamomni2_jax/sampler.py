@@ -121,8 +121,13 @@ def output_size(height: int | None, width: int | None, first_ref: tuple[int, int
 
 
 def _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidance, timesteps, sigmas,
-             cfg_scale, tick: Callable):
-    """All steps as one ``lax.scan``. ``embeds``/``pooled``/``guidance`` hold ``[pos; neg]`` (2B rows) with CFG."""
+             cfg_scale, tick: Callable, mesh=None):
+    """All steps as one ``lax.scan``. ``embeds``/``pooled``/``guidance`` hold ``[pos; neg]`` (2B rows) with CFG.
+    ``mesh``: the model's mesh, traced under as the context mesh (attention kernels per shard, ``auto``)."""
+    if mesh is not None and jax.sharding.get_abstract_mesh().empty:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidance, timesteps,
+                            sigmas, cfg_scale, tick)
     model = nnx.merge(graphdef, state)
     b, n = x.shape[0], x.shape[1]
     cfg = embeds.shape[0] == 2 * b
@@ -143,7 +148,7 @@ def _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidanc
     return lat
 
 
-_denoise_jit = jax.jit(_denoise, static_argnames=("graphdef", "tick"))
+_denoise_jit = jax.jit(_denoise, static_argnames=("graphdef", "tick", "mesh"))
 
 
 class _Progress:
@@ -313,7 +318,7 @@ class Pipeline:
         self._progress.bar = _tqdm(steps) if progress else None
         self._progress.count = 0
         try:
-            lat = _denoise_jit(graphdef, state, *inputs, tick=self._progress.tick)
+            lat = _denoise_jit(graphdef, state, *inputs, tick=self._progress.tick, mesh=mesh)
             if mesh is not None:
                 lat = shd.shard(lat, shd.replicated(mesh)).addressable_data(0)  # one full local copy
             lat = np.asarray(jax.block_until_ready(lat))

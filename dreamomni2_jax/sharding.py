@@ -255,12 +255,15 @@ def place(tree, shardings):
     """Put every leaf on its sharding, leaving already-placed leaves untouched (no copy of loaded weights).
 
     Host / single-device values are copied in with ``device_put`` (one process) or built shard by shard from the
-    (identical on every process) host value with ``make_array_from_callback`` (multi-process)."""
+    (identical on every process) host value with ``make_array_from_callback`` (multi-process). Abstract leaves
+    (``jax.ShapeDtypeStruct``, ahead-of-time compilation) get the sharding attached; nothing is allocated."""
     leaves, treedef = jax.tree.flatten(tree)
     targets = treedef.flatten_up_to(shardings)
     out = []
     for x, s in zip(leaves, targets):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
+        elif isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
             out.append(x)
         elif jax.process_count() == 1:
             out.append(jax.device_put(x, s))

@@ -198,7 +198,13 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, statics: StepStatics):
-    """One optimizer update (``grad_accum`` micro-batches) -> ``(new_state, metrics)``; pure."""
+    """One optimizer update (``grad_accum`` micro-batches) -> ``(new_state, metrics)``; pure.
+
+    Traced under ``statics.mesh`` (as the context abstract mesh), so attention kernels run per shard and
+    ``attention="auto"`` picks the kernel of the mesh's devices."""
+    if statics.mesh is not None and jax.sharding.get_abstract_mesh().empty:
+        with jax.sharding.use_abstract_mesh(statics.mesh.abstract_mesh):
+            return train_step(state, batch, rng, statics=statics)
     frozen = reseed_dropout(state.frozen, jax.random.fold_in(rng, 7)) if statics.cfg.lora_dropout else state.frozen
     (loss, aux), grads = loss_and_grads(state.lora, frozen, batch, rng, statics=statics,
                                         empty_text=state.empty_text)
@@ -228,7 +234,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, statics: StepS
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, mesh=None,
                      empty_text: dict | None = None) -> tuple[Any, TrainState]:
     """Split an adapted model into ``(graphdef, TrainState)``; with ``mesh``, place adapters / optimizer state by
-    the sharding rules (base weights already placed by ``load_flux(param_sharding=...)`` are not copied)."""
+    the sharding rules (base weights already placed by ``load_flux(param_sharding=...)`` are not copied).
+    An abstract model (``nnx.eval_shape``) gives an abstract state: ``ShapeDtypeStruct`` leaves with shardings."""
     model.train()  # LoRA dropout active inside the step
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
     if not jax.tree.leaves(lora):
@@ -238,18 +245,25 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, mes
         lora = shd.place(lora, lora_sh)
         frozen = shd.place(frozen, shd.model_state_shardings(frozen, mesh))
         opt_sh = shd.like_params(jax.eval_shape(tx.init, lora), lora, lora_sh, mesh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora)
+        if _abstract(lora):  # shapes only (ahead-of-time compilation): nothing allocated
+            opt_state = shd.place(jax.eval_shape(tx.init, lora), opt_sh)
+        else:
+            opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora)
         if empty_text is not None:
             empty_text = shd.place(empty_text, jax.tree.map(lambda _: shd.replicated(mesh), empty_text))
     else:
         opt_state = tx.init(lora)
     def zero():  # distinct buffers: the state is donated
-        z = jnp.zeros((), jnp.int32)
+        z = jax.ShapeDtypeStruct((), jnp.int32) if _abstract(lora) else jnp.zeros((), jnp.int32)
         return z if mesh is None else shd.place(z, shd.replicated(mesh))
 
     state = TrainState(step=zero(), lora=lora, opt_state=opt_state, nonfinite=zero(), skipped=zero(),
                        frozen=frozen, empty_text=empty_text)
     return graphdef, state
+
+
+def _abstract(tree) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
 def make_statics(graphdef, cfg: Config, *, guidance_embeds: bool, total_steps: int | None = None,

@@ -184,7 +184,7 @@ def test_config_and_constructor_errors(tmp_path):
         abstract_flux(tiny, remat="some")
     if jax.default_backend() != "tpu":
         q = jnp.ones((1, 128, 1, 16))
-        with pytest.raises(ValueError, match="needs a TPU"):
+        with pytest.raises(ValueError, match="needs a TPU target"):
             attention(q, q, q, None, "splash")
 
 

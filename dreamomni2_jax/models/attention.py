@@ -1,29 +1,42 @@
 """Attention kernel dispatch for the Flux transformer.
 
-``attention(q, k, v, mask, impl)`` takes ``[B, S, H, D]`` queries/keys/values (rope already applied; queries may
-be fewer, ``[B, Sq, H, D]``, except with splash) and an optional boolean key mask ``[B, S]`` (True = real token)
-and returns ``[B, Sq, H, D]``.
+``attention(q, k, v, mask, impl)`` takes ``[B, Sq, H, D]`` queries and ``[B, S, H, D]`` keys/values (rope already
+applied; ``Sq <= S``: the target-only last block asks for fewer query rows) and an optional boolean key mask
+``[B, S]`` (True = real token) and returns ``[B, Sq, H, D]``. Only keys are masked: a padded query row still
+attends to the real keys (its output is garbage but finite, as with every implementation here).
 
 Implementations:
-  ``"xla"``    ``jax.nn.dot_product_attention(implementation="xla")``; softmax in float32.
-  ``"cudnn"``  cuDNN flash attention (GPU only; bf16/fp16 inputs).
+  ``"xla"``     ``jax.nn.dot_product_attention(implementation="xla")``; softmax in float32.
+  ``"cudnn"``   cuDNN flash attention (NVIDIA GPU; bf16/fp16 inputs). cuDNN takes padding only as per-sample
+                lengths with the padding at the end, so the keys/values are reordered real-first (a stable gather;
+                attention does not depend on the order of keys) and ``key_value_seq_lengths`` = real keys.
+  ``"splash"``  TPU Pallas splash attention; padding as segment ids (queries 1, keys 1 = real / 0 = pad),
+                sequences padded to the kernel block inside.
+  ``"splash_interpret"`` the same kernel run by the Pallas interpreter on any backend (tests, debugging).
   ``"blocked"`` flash-style query blocks with a custom VJP that recomputes probabilities per block (no S x S
-               tensor kept for the backward); math in float32. 2x faster than ``"xla"`` on CPU and half the memory.
-  ``"auto"``   ``"blocked"`` on CPU, else ``implementation=None`` (JAX picks: cuDNN on GPU when eligible).
-  ``"splash"`` TPU Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``); padding is
-               expressed as segment ids (real=1, pad=0) so real tokens never see padded ones. Sequence length
-               must be a multiple of the splash block size (128). Only on TPU (``interpret=True`` for debugging).
+                tensor kept for the backward); math in float32. 2x faster than ``"xla"`` on CPU and half the memory.
+  ``"auto"``    from the devices the program is compiled for (the mesh in context, else the default devices; never
+                ``jax.default_backend()``, which is the host when compiling ahead of time for another target):
+                ``"splash"`` on TPU, ``"cudnn"`` on NVIDIA GPUs, ``"xla"`` on other GPUs, ``"blocked"`` on CPU.
+
+Pallas and cuDNN kernels cannot be partitioned by XLA, so under a mesh (``jax.sharding.use_abstract_mesh``, set by
+the train step and the sampler) they run inside ``shard_map``: batch over ``data`` x ``fsdp`` (the axes that divide
+it), heads over ``tensor`` (and over the batch axes the batch could not use, when the heads divide).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash", "blocked")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash", "splash_interpret", "blocked")
+KERNEL_IMPLS = ("cudnn", "splash", "splash_interpret")  # run per shard inside shard_map
 BLOCK_Q = 128  # best of 32/64/128/256 on CPU at S ~ 2k
+SPLASH_BLOCK = 512  # splash block for long sequences (128 below 1024 tokens); sequences are padded to it
 
 
 def check_impl(impl: str) -> str:
@@ -32,47 +45,140 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-def attention(q, k, v, mask=None, impl: str = "xla"):
-    """Scaled dot-product attention over ``[B, S, H, D]``; ``mask`` ``[B, S]`` bool masks keys."""
+def impl_for_device(platform: str, device_kind: str = "") -> str:
+    """What ``"auto"`` means for a device (``device.platform``, ``device.device_kind``)."""
+    platform = platform.lower()
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda"):
+        return "cudnn" if "nvidia" in device_kind.lower() or platform == "cuda" else "xla"
+    if platform in ("rocm",):
+        return "xla"
+    return "blocked"
+
+
+def _context_device():
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        dev = mesh.abstract_device
+        if dev is not None:
+            return dev.platform, dev.device_kind
+    dev = jax.devices()[0]
+    return dev.platform, dev.device_kind
+
+
+def resolve_impl(impl: str, devices=None) -> str:
+    """``impl`` with ``"auto"`` replaced by the choice for ``devices`` (a mesh's devices, or a list of devices;
+    default: the mesh in context, else ``jax.devices()``)."""
     check_impl(impl)
-    if impl == "auto" and jax.default_backend() == "cpu":
-        impl = "blocked"
-    if impl == "splash":
-        return splash_attention(q, k, v, mask)
+    if impl != "auto":
+        return impl
+    if devices is None:
+        return impl_for_device(*_context_device())
+    dev = np.asarray(getattr(devices, "devices", devices), dtype=object).flat[0]
+    return impl_for_device(dev.platform, dev.device_kind)
+
+
+def attention(q, k, v, mask=None, impl: str = "xla"):
+    """Scaled dot-product attention: ``q`` ``[B, Sq, H, D]``, ``k``/``v`` ``[B, S, H, D]``, ``mask`` ``[B, S]``."""
+    impl = resolve_impl(impl)
+    if impl == "splash" and _context_device()[0] != "tpu":
+        raise ValueError(f"attention_impl='splash' needs a TPU target, the program targets "
+                         f"{_context_device()[0]!r} (use 'splash_interpret' to run the kernel interpreted)")
+    if impl in KERNEL_IMPLS:
+        fn = cudnn_attention if impl == "cudnn" else functools.partial(
+            splash_attention, interpret=impl == "splash_interpret")
+        return sharded_kernel(fn, q, k, v, mask)
     if impl == "blocked":
         return blocked_attention(q, k, v, mask)
-    implementation = None if impl == "auto" else impl
     bias_mask = None if mask is None else mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="xla")
 
 
-@functools.lru_cache(maxsize=16)
-def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+# ----------------------------------------------------------------------------------- kernels under a mesh
+def kernel_specs(mesh, batch: int, heads: int) -> tuple[P, P]:
+    """``(qkv spec [B, S, H, D], mask spec [B, S])`` for running a kernel per shard on ``mesh``."""
+    names = set(mesh.axis_names)
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
+    batch_axes: tuple = ()
+    for cand in (("data", "fsdp"), ("fsdp",), ("data",)):
+        if set(cand) <= names and size(cand) > 1 and batch % size(cand) == 0:
+            batch_axes = cand
+            break
+    head_axes: tuple = ()
+    for cand in ("tensor", "fsdp", "data"):
+        if cand in names and cand not in batch_axes and mesh.shape[cand] > 1 and heads % (size(head_axes)
+                                                                                         * mesh.shape[cand]) == 0:
+            head_axes += (cand,)
+    b = batch_axes or None
+    h = head_axes or None
+    return P(b, None, h, None), P(b, None)
+
+
+def sharded_kernel(fn, q, k, v, mask):
+    """``fn(q, k, v, mask)`` per shard inside ``shard_map`` over the mesh in context (plain call without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, mask)
+    spec, mspec = kernel_specs(mesh, q.shape[0], q.shape[2])
+    if mask is None:
+        return jax.shard_map(lambda a, b, c: fn(a, b, c, None), mesh=mesh, in_specs=(spec, spec, spec),
+                             out_specs=spec, check_vma=False)(q, k, v)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, mspec), out_specs=spec,
+                         check_vma=False)(q, k, v, mask)
+
+
+def keys_real_first(k, v, mask):
+    """Reorder keys/values so each sample's real keys come first (stable) -> ``(k, v, lengths int32 [B])``."""
+    order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)  # noqa: E731
+    return take(k), take(v), jnp.sum(mask, axis=1, dtype=jnp.int32)
+
+
+def cudnn_attention(q, k, v, mask=None, *, implementation: str = "cudnn"):
+    """cuDNN flash attention with the key mask as lengths (see :func:`keys_real_first`).
+
+    ``implementation="xla"`` runs the same reordering and lengths through XLA (checks the layout on CPU)."""
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    k, v, lengths = keys_real_first(k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    mask = sa.MultiHeadMask([sa.FullMask((seq_len, seq_len)) for _ in range(num_heads)])
-    return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sa.MultiHeadMask([sa.FullMask((q_len, kv_len)) for _ in range(num_heads)])
+    with jax.ensure_compile_time_eval():  # its mask tables are constants, never tracers of the caller's trace
+        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q, k, v, mask=None, *, interpret: bool = False):
-    """TPU splash attention hook (same contract as :func:`attention`)."""
-    if not interpret and jax.default_backend() != "tpu":
-        raise ValueError(f"attention_impl='splash' needs a TPU backend, running on {jax.default_backend()!r}")
+    """Splash attention on one shard (same contract as :func:`attention`). Queries and keys are padded to the
+    block size; padded keys get segment id 0 (masked), every query id 1 (it sees all real keys)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    b, s, h, d = q.shape
-    kernel = _splash_kernel(h, s, interpret)
-    scale = 1.0 / jnp.sqrt(jnp.asarray(d, jnp.float32))
-    qh = (q.astype(jnp.float32) * scale).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, H, S, D]
+    b, sq, h, d = q.shape
+    s = k.shape[1]
+    block = SPLASH_BLOCK if min(sq, s) >= 2 * SPLASH_BLOCK else 128
+    pq, pk = (-sq) % block, (-s) % block
+    kv_seg = jnp.ones((b, s), jnp.int32) if mask is None else mask.astype(jnp.int32)
+    scale = 1.0 / np.sqrt(d)
+    qh = (q.astype(jnp.float32) * scale).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, H, Sq, D]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if mask is None:
-        out = jax.vmap(lambda a, b_, c: kernel(a, b_, c))(qh, kh, vh)
-    else:
-        seg = mask.astype(jnp.int32)
-        out = jax.vmap(lambda a, b_, c, sg: kernel(a, b_, c, segment_ids=sa.SegmentIds(q=sg, kv=sg)))(
-            qh, kh, vh, seg
-        )
-    return out.transpose(0, 2, 1, 3)
+    if pq:
+        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, pq), (0, 0)))
+    if pk:
+        kh, vh = (jnp.pad(x, ((0, 0), (0, 0), (0, pk), (0, 0))) for x in (kh, vh))
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pk)))
+    q_seg = jnp.ones((b, sq + pq), jnp.int32)
+    kernel = _splash_kernel(h, sq + pq, s + pk, block, interpret)
+    out = jax.vmap(lambda a, b_, c, qs, ks: kernel(a, b_, c, segment_ids=sa.SegmentIds(q=qs, kv=ks)))(
+        qh, kh, vh, q_seg, kv_seg)
+    return out[:, :, :sq].transpose(0, 2, 1, 3)
 
 
 # ----------------------------------------------------------------------------------- blocked (CPU) attention

@@ -137,7 +137,7 @@ def _as_batch(x, b: int, name: str):
 class FluxTransformer2DModel(nnx.Module):
     """Flux transformer. ``dtype`` = compute dtype, ``param_dtype`` = storage dtype (norm scales stay float32).
 
-    ``attention_impl``: "xla" | "cudnn" | "auto" | "splash" (see ``models.attention``).
+    ``attention_impl``: "xla" | "cudnn" | "auto" | "splash" | "splash_interpret" | "blocked" (see ``models.attention``).
     ``remat``: "none" | "full" | "dots_saveable" | "dots_no_batch_saveable" (jax.checkpoint policy per scanned
     layer; "dots_saveable" also saves attention logits when attention runs as XLA dots — prefer
     "dots_no_batch_saveable" or "full" with ``attention_impl="xla"``).

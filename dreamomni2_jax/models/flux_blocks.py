@@ -154,7 +154,7 @@ class FluxAttention(nnx.Module):
         """``x`` [B, S, dim] (single: txt+img stream); ``context`` [B, S_txt, dim] or None. Rope over txt+img.
 
         ``rows`` (self-attention only): compute the outputs of these query rows only (keys/values stay full)."""
-        if rows is not None and self.attention_impl != "splash":  # splash needs equal q / kv lengths
+        if rows is not None:
             k, v = self.norm_k(self._heads(self.to_k(x))), self._heads(self.to_v(x))
             q = self.norm_q(self._heads(self.to_q(x[:, rows])))
             q, k = apply_rope(q, cos[..., rows, :], sin[..., rows, :]), apply_rope(k, cos, sin)
