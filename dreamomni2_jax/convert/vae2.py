@@ -3,7 +3,7 @@
     python convert/vae2.py --src SRC --out OUT [--dtype fp32|bf16] [--overwrite]
 
 SRC: a diffusers folder (``config.json`` with ``_class_name`` ``AutoencoderKLFlux2`` + safetensors). The
-encoder / decoder / quant convs use the ``AutoencoderKL`` module table of :mod:`convert.vae` (our paths ==
+encoder / decoder / quant convs use the ``AutoencoderKL`` module table of :mod:`dreamomni2_jax.convert.vae` (our paths ==
 diffusers paths); the latent batch-norm statistics ``bn.running_mean`` / ``bn.running_var`` are kept in float32
 (``bn.num_batches_tracked`` is a training counter and is skipped). OUT: ``params/`` (Orbax) + ``config.json``.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.component import component_main, convert_component
-from convert.safetensors_io import open_checkpoint
-from convert.table import Plan, Rule, target_spec
-from convert.vae import _check_class, rules as vae_rules
+from dreamomni2_jax.convert.component import component_main, convert_component
+from dreamomni2_jax.weights.safetensors_io import open_checkpoint
+from dreamomni2_jax.convert.table import Plan, Rule, target_spec
+from dreamomni2_jax.convert.vae import _check_class, rules as vae_rules
 
 BN_STATS = ("bn.running_mean", "bn.running_var")
 IGNORE = (r"bn\.num_batches_tracked",)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from convert import table
+from dreamomni2_jax.weights import store
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -152,8 +152,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _want_dtype(c: Component, src: Path, dtype: str, small_dtype: str) -> str:
-    from convert.component import SOURCE, source_dtype
-    from convert.safetensors_io import open_checkpoint
+    from dreamomni2_jax.convert.component import SOURCE, source_dtype
+    from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 
     want = dtype if c.big else small_dtype
     return source_dtype(open_checkpoint(src / c.name)) if want == SOURCE else want
@@ -161,7 +161,7 @@ def _want_dtype(c: Component, src: Path, dtype: str, small_dtype: str) -> str:
 
 def _check_out(src: Path, out: Path) -> None:
     """``out`` is new, empty, or holds only what this converter writes (a previous or interrupted run)."""
-    from convert.component import check_disjoint
+    from dreamomni2_jax.convert.component import check_disjoint
 
     check_disjoint(src, out)
     if not out.exists():
@@ -191,10 +191,10 @@ def _check_existing(src: Path, out: Path, dtype: str, small_dtype: str, overwrit
             continue  # copied folders are recopied; converted ones are replaced only if recognisable (table)
         want = _want_dtype(c, src, dtype, small_dtype)
         try:
-            have = json.loads((dst / table.CONFIG_FILE).read_text()).get("_dtype") if table.is_converted(dst) \
+            have = json.loads((dst / store.CONFIG_FILE).read_text()).get("_dtype") if store.is_converted(dst) \
                 else None
         except (ValueError, OSError) as e:
-            problems.append(f"{dst / table.CONFIG_FILE}: unreadable ({e}); pass --overwrite to reconvert")
+            problems.append(f"{dst / store.CONFIG_FILE}: unreadable ({e}); pass --overwrite to reconvert")
             continue
         if have is None:
             problems.append(f"{dst}: exists but is not a converted component (remove it or pass --overwrite)")
@@ -203,7 +203,7 @@ def _check_existing(src: Path, out: Path, dtype: str, small_dtype: str, overwrit
         else:
             try:
                 _verify(c, src, dst, want)
-            except table.ConversionError as e:
+            except store.ConversionError as e:
                 problems.append(f"{e} (pass --overwrite to reconvert)")
     if problems:
         raise ValueError("cannot resume into an existing folder (pass --overwrite to reconvert):\n  "
@@ -212,20 +212,21 @@ def _check_existing(src: Path, out: Path, dtype: str, small_dtype: str, overwrit
 
 def _verify(c: Component, src: Path, dst: Path, dtype: str) -> None:
     """The converted ``dst`` has every key and shape the converter would write from ``src`` (metadata only)."""
-    from convert.component import DTYPES, verify_converted
+    from dreamomni2_jax.convert.component import DTYPES
+    from dreamomni2_jax.weights.store import verify_converted
 
-    plan, _ = importlib.import_module(f"convert.{c.converter}").build_plan(src / c.name, param_dtype=DTYPES[dtype])
+    plan, _ = importlib.import_module(f"dreamomni2_jax.convert.{c.converter}").build_plan(src / c.name, param_dtype=DTYPES[dtype])
     verify_converted(dst, plan.spec)
 
 
 def _converter(c: Component) -> Callable[..., Path]:
-    return importlib.import_module(f"convert.{c.converter}").convert
+    return importlib.import_module(f"dreamomni2_jax.convert.{c.converter}").convert
 
 
 def convert_pipeline(src: str | Path, out: str | Path, dtype: str = "source", small_dtype: str = "source",
                      overwrite: bool = False, progress: bool = True) -> Path:
     """Convert / copy every component of ``src`` into ``out`` (see module docstring); returns ``out``."""
-    from convert.component import DTYPE_CHOICES
+    from dreamomni2_jax.convert.component import DTYPE_CHOICES
 
     for name, v in (("dtype", dtype), ("small_dtype", small_dtype)):
         if v not in DTYPE_CHOICES:
@@ -254,7 +255,7 @@ def convert_pipeline(src: str | Path, out: str | Path, dtype: str = "source", sm
                 _copy_dir(src / c.name, dst)
             components[c.name] = {"class": index[c.name][1], "kind": "copied"}
             continue
-        if table.is_converted(dst) and not overwrite:
+        if store.is_converted(dst) and not overwrite:
             log.info("%s: already converted (%s), skipping", tag, want)
         else:
             t0 = time.time()
@@ -296,7 +297,7 @@ def read_family(path: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from convert.component import DTYPE_CHOICES
+    from dreamomni2_jax.convert.component import DTYPE_CHOICES
     from dreamomni2_jax import cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

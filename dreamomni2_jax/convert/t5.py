@@ -16,9 +16,9 @@ from pathlib import Path
 
 import ml_dtypes
 
-from convert.safetensors_io import open_checkpoint
-from convert.component import DTYPES, component_main, convert_component, read_transformers_config  # noqa: F401
-from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
+from dreamomni2_jax.weights.safetensors_io import open_checkpoint
+from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component, read_transformers_config  # noqa: F401
+from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")

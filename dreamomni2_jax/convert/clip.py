@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.safetensors_io import Reader, open_checkpoint
-from convert.component import DTYPES, component_main, convert_component, read_transformers_config  # noqa: F401
-from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
+from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
+from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component, read_transformers_config  # noqa: F401
+from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)
 PREFIX = "text_model."

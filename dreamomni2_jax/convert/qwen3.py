@@ -15,9 +15,9 @@ from pathlib import Path
 
 import ml_dtypes
 
-from convert.component import component_main, convert_component, read_transformers_config
-from convert.safetensors_io import Reader, open_checkpoint
-from convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
+from dreamomni2_jax.convert.component import component_main, convert_component, read_transformers_config
+from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
+from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3Model")

@@ -7,7 +7,7 @@ SRC: a diffusers ``transformer/`` folder of a ``Flux2Transformer2DModel`` (FLUX.
 layout; a ``model.diffusion_model.`` prefix is stripped). For a BFL file the config is inferred from tensor shapes
 (head_dim 128, rope axes (32, 32, 32, 32), θ 2000 unless ``--config``).
 OUT: ``params/`` (Orbax, per-layer slices) + ``config.json``; written to a temp folder and renamed.
-Mapping: one declarative rule table per layout (``diffusers_rules`` / ``bfl_rules``) run by ``convert.table``,
+Mapping: one declarative rule table per layout (``diffusers_rules`` / ``bfl_rules``) run by ``dreamomni2_jax.convert.table``,
 following diffusers' ``convert_flux2_transformer_checkpoint_to_diffusers``. FLUX.2 has no biases.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import ml_dtypes
 
-from convert.component import component_main, convert_component
-from convert.flux_transformer import BFL_PREFIX, _quiet_malloc
-from convert.safetensors_io import Reader, open_checkpoint
-from convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
+from dreamomni2_jax.convert.component import component_main, convert_component
+from dreamomni2_jax.convert.flux_transformer import BFL_PREFIX, _quiet_malloc
+from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
+from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
 
 log = logging.getLogger(__name__)
 

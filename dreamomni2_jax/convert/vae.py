@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.safetensors_io import Reader, open_checkpoint
-from convert.component import DTYPES, component_main, convert_component  # noqa: F401
-from convert.table import CONV, IDENTITY, LINEAR, Plan, Rule, chain, reshape, target_spec
+from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
+from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from dreamomni2_jax.convert.table import CONV, IDENTITY, LINEAR, Plan, Rule, chain, reshape, target_spec
 
 log = logging.getLogger(__name__)
 BFL_PREFIXES = ("first_stage_model.", "vae.")

@@ -6,7 +6,7 @@ SRC: a diffusers ``transformer/`` folder (sharded + ``*.index.json`` or one file
 single file (``flux1-dev`` / ``flux1-kontext-dev`` layout; a ``model.diffusion_model.`` prefix is stripped). For a
 BFL file the config is inferred from tensor shapes (head_dim 128 and rope axes (16, 56, 56) unless ``--config``).
 OUT: ``params/`` (Orbax, per-layer slices) + ``config.json``; written to a temp folder and renamed.
-Mapping: one declarative rule table per layout (``DIFFUSERS_RULES`` / ``BFL_RULES``) run by ``convert.table``;
+Mapping: one declarative rule table per layout (``DIFFUSERS_RULES`` / ``BFL_RULES``) run by ``dreamomni2_jax.convert.table``;
 mapping follows diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``.
 """
 from __future__ import annotations
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import ml_dtypes
 
-from convert.safetensors_io import Reader, limit_malloc_caching, open_checkpoint
-from convert.component import DTYPES, component_main, convert_component  # noqa: F401
-from convert.table import (
-    IDENTITY, LINEAR, Plan, Rule, chain, expand, is_converted, split, swap_halves, target_spec,
-)
+from dreamomni2_jax.weights.safetensors_io import Reader, limit_malloc_caching, open_checkpoint
+from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
+from dreamomni2_jax.weights.store import is_converted  # noqa: F401 - historical import site
 
 log = logging.getLogger(__name__)
 BFL_PREFIX = "model.diffusion_model."
