@@ -1,55 +1,10 @@
 """Export the LoRA of a training checkpoint as a diffusers (or kohya/ComfyUI) safetensors file.
 
-    python convert/lora_to_diffusers.py --ckpt RUN_OR_CKPT_DIR [--step N] --out pytorch_lora_weights.safetensors \
-        [--dtype bf16|fp16|fp32] [--format diffusers|kohya]
-
-``--ckpt``: a run directory, its ``checkpoints/`` folder or one step folder (latest complete step by default).
-diffusers output loads with ``FluxKontextPipeline.load_lora_weights`` (rank / alpha / targets in the file's
-``lora_adapter_metadata``); kohya output uses BFL module names with fused q/k/v (ComfyUI, sd-scripts).
-Only the adapters are read; the base model is not needed. Written to a temp file and renamed.
+Command line only; the code is :mod:`dreamomni2_jax.convert.lora_to_diffusers` (run ``--help`` for the options).
 """
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
-from pathlib import Path
 
-from dreamomni2_jax.checkpoint import load_lora
-from dreamomni2_jax.lora_io import DTYPES, FORMATS, save_lora_file
-
-
-def export(ckpt: str, out: str, step: int | None = None, dtype: str = "bf16", format: str = "diffusers") -> dict:
-    """Export and return a summary ``{"out", "step", "rank", "alpha", "modules", "format", "dtype"}``."""
-    flat, meta = load_lora(ckpt, step)
-    extra = {"dreamomni2_checkpoint": json.dumps({"step_dir": meta["step_dir"], "step": meta["step"]})}
-    path = save_lora_file(out, flat, meta["alpha"], format=format, dtype=dtype, extra_metadata=extra)
-    return {"out": str(path), "step": meta["step"], "rank": meta["rank"], "alpha": meta["alpha"],
-            "modules": len(meta["targets"]), "format": format, "dtype": dtype}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from dreamomni2_jax import cli
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="run directory, its checkpoints/ folder, or a step folder")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
-    ap.add_argument("--out", required=True, help="output .safetensors file (not a folder)")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="tensor dtype in the file")
-    ap.add_argument("--format", default="diffusers", choices=FORMATS, help="key layout")
-    args = ap.parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a run read-only are noise here
-
-    def run(_argv) -> int:
-        if Path(args.out).is_dir():
-            raise cli.UserError(f"--out {args.out} is a folder; give the .safetensors file to write")
-        print(json.dumps(export(args.ckpt, args.out, args.step, args.dtype, args.format)))
-        return 0
-
-    return cli.run(run)
-
+from dreamomni2_jax.convert.lora_to_diffusers import main
 
 if __name__ == "__main__":
     sys.exit(main())

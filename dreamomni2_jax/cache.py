@@ -141,7 +141,8 @@ class JaxEncoders:
                  image_batch: int = 8, text_batch: int = 16):
         import jax.numpy as jnp
 
-        from dreamomni2_jax.models.vae import load_vae, normalize_latents
+        from dreamomni2_jax.models.vae import normalize_latents
+        from dreamomni2_jax.loaders import load_vae
         from dreamomni2_jax.text import load_text_encoders
 
         root = Path(model_dir)

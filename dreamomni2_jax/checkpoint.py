@@ -13,9 +13,10 @@ Every save goes to ``<step>.orbax-checkpoint-tmp*`` and is renamed once all of i
 tmp-dir + finalize protocol), so a save killed at any point never leaves a directory that counts as a
 checkpoint. All processes call :meth:`RunCheckpointer.save` / ``restore``; Orbax coordinates the hosts.
 
-Preemption: :meth:`RunCheckpointer.install_sigterm_handler` (single process) turns SIGTERM into a flag; the loop
-asks :meth:`RunCheckpointer.should_stop` after each step, then saves (``force=True``), waits and exits 0. With
-several processes JAX's own preemption sync point is used instead (``jax.distributed`` registers SIGTERM).
+Preemption: the entry point turns SIGTERM into a flag (:class:`dreamomni2_jax.preemption.SigtermFlag`, single
+process); the loop asks :meth:`RunCheckpointer.should_stop` after each step, then saves (``force=True``), waits and
+exits 0. With several processes JAX's own preemption sync point is used instead (``jax.distributed`` registers
+SIGTERM).
 """
 from __future__ import annotations
 
@@ -225,8 +226,6 @@ class RunCheckpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only)
         self._mgr = ocp.CheckpointManager(epath.Path(self.root), item_names=ITEMS, options=options)
-        self._sigterm = False
-        self._prev_handler = None
         self._closed = False
 
     # -------------------------------------------------------------------------------------------- queries
@@ -341,26 +340,13 @@ class RunCheckpointer:
         return read_config(self.step_dir(step if step is not None else self.latest_step()))
 
     # ------------------------------------------------------------------------------------------ preemption
-    def install_sigterm_handler(self) -> None:
-        """SIGTERM sets a flag (checked by :meth:`should_stop`) instead of killing the process."""
-        if jax.process_count() > 1:
-            return  # jax.distributed's preemption service owns SIGTERM; see should_stop
-
-        def handler(signum, frame):
-            log.warning("SIGTERM received: finishing the current step, then checkpointing and exiting")
-            self._sigterm = True
-
-        self._prev_handler = signal.signal(signal.SIGTERM, handler)
-
-    @property
-    def preempted(self) -> bool:
-        return self._sigterm
-
-    def should_stop(self, step: int) -> bool:
-        """True once a preemption was signalled (same answer on every process at the same step)."""
+    def should_stop(self, step: int, signalled: bool = False) -> bool:
+        """True once a preemption was signalled (same answer on every process at the same step): with one process
+        ``signalled`` (e.g. :attr:`dreamomni2_jax.preemption.SigtermFlag.raised`), with several the multi-host sync
+        point of ``jax.distributed``'s preemption service."""
         if jax.process_count() > 1:
             return bool(self._mgr.reached_preemption(step))
-        return self._sigterm
+        return signalled
 
     # ------------------------------------------------------------------------------------------- teardown
     def wait(self) -> None:
@@ -378,9 +364,6 @@ class RunCheckpointer:
         self._closed = True
         self._mgr.wait_until_finished()
         self._mgr.close()
-        if self._prev_handler is not None:
-            signal.signal(signal.SIGTERM, self._prev_handler)
-            self._prev_handler = None
 
     def __enter__(self):
         return self

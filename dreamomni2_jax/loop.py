@@ -92,7 +92,7 @@ def transformer_path(model_path: str | Path) -> Path:
 def load_model(cfg: Config, mesh, seed: int | None = None):
     """``load_flux`` (base weights created sharded by :func:`sharding.param_sharding`) + LoRA from the config
     (fresh adapters, or ``lora.init_from``'s file via ``lora_io.init_lora``)."""
-    from dreamomni2_jax.models.flux import load_flux
+    from dreamomni2_jax.loaders import load_flux
 
     model = load_flux(transformer_path(cfg.model.path), dtype=_dtype(cfg.model.compute_dtype),
                       param_dtype=_dtype(cfg.model.param_dtype), param_sharding=shd.param_sharding(mesh),

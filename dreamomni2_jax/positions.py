@@ -12,8 +12,8 @@ Ids are ``[domain, row, col]``:
 ``w_offset_i`` comes from the scheme. ``"dreamomni2"``: cumulative token width of the
 previous references (the official pipeline also accumulates an ``h_offset`` but never
 applies it; neither do we). ``"kontext"``: no offset. With one reference both equal
-diffusers' ``FluxKontextPipeline`` image ids exactly. New schemes register with
-:func:`register_scheme` without touching callers.
+diffusers' ``FluxKontextPipeline`` image ids exactly. The built-in schemes are the read-only
+:data:`SCHEMES`; a caller with its own scheme passes its ``column_offsets`` function wherever a scheme name goes.
 
 Model input per sample is ``[target tokens | reference tokens]``. Batches of samples with
 different sizes are padded per section (see :func:`batch_layout`) so the target part is
@@ -22,15 +22,13 @@ always ``tokens[:, :target_len]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 LatentSize = tuple[int, int]
 SchemeFn = Callable[[Sequence[LatentSize]], list[int]]
-
-_SCHEMES: dict[str, SchemeFn] = {}
-
 
 IDS_DTYPES = ("int32", "bfloat16")
 
@@ -48,15 +46,6 @@ def round_ids(ids, ids_dtype: str = "int32"):
     raise ValueError(f"ids dtype {ids_dtype!r} is not one of {IDS_DTYPES}")
 
 
-def register_scheme(name: str, column_offsets: SchemeFn) -> None:
-    """Register an id scheme: ``column_offsets(latent_sizes) -> [w_offset_i]`` per reference."""
-    _SCHEMES[name] = column_offsets
-
-
-def schemes() -> tuple[str, ...]:
-    return tuple(_SCHEMES)
-
-
 def _dreamomni2_offsets(latent_sizes: Sequence[LatentSize]) -> list[int]:
     offsets, w_offset = [], 0
     for _, w in latent_sizes:
@@ -65,8 +54,24 @@ def _dreamomni2_offsets(latent_sizes: Sequence[LatentSize]) -> list[int]:
     return offsets
 
 
-register_scheme("dreamomni2", _dreamomni2_offsets)
-register_scheme("kontext", lambda latent_sizes: [0] * len(latent_sizes))
+# name -> ``column_offsets(latent_sizes) -> [w_offset_i]`` per reference (read-only: no process-wide registry)
+SCHEMES: Mapping[str, SchemeFn] = MappingProxyType({
+    "dreamomni2": _dreamomni2_offsets,
+    "kontext": lambda latent_sizes: [0] * len(latent_sizes),
+})
+
+
+def schemes() -> tuple[str, ...]:
+    return tuple(SCHEMES)
+
+
+def column_offsets(scheme: str | SchemeFn) -> SchemeFn:
+    """The offsets function of a built-in scheme name, or ``scheme`` itself when the caller passes its own."""
+    if callable(scheme):
+        return scheme
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown position scheme {scheme!r}; known: {sorted(SCHEMES)}")
+    return SCHEMES[scheme]
 
 
 def _check_size(h: int, w: int) -> None:
@@ -90,14 +95,14 @@ def target_ids(latent_h: int, latent_w: int) -> np.ndarray:
     return _grid_ids(0, latent_h, latent_w)
 
 
-def reference_ids(latent_sizes: Sequence[LatentSize], scheme: str = "dreamomni2") -> np.ndarray:
-    """All reference tokens' ids, concatenated in order; image ``i`` gets domain ``i + 1``."""
-    if scheme not in _SCHEMES:
-        raise ValueError(f"unknown position scheme {scheme!r}; known: {sorted(_SCHEMES)}")
+def reference_ids(latent_sizes: Sequence[LatentSize], scheme: str | SchemeFn = "dreamomni2") -> np.ndarray:
+    """All reference tokens' ids, concatenated in order; image ``i`` gets domain ``i + 1``; ``scheme``: a name in
+    :data:`SCHEMES` or a ``column_offsets`` function."""
+    offsets_fn = column_offsets(scheme)
     sizes = [tuple(int(v) for v in s) for s in latent_sizes]
     if not sizes:
         return np.zeros((0, 3), np.int32)
-    offsets = _SCHEMES[scheme](sizes)
+    offsets = offsets_fn(sizes)
     parts = [_grid_ids(i + 1, h, w, off) for i, ((h, w), off) in enumerate(zip(sizes, offsets))]
     return np.concatenate(parts, axis=0)
 
@@ -147,7 +152,7 @@ class SampleLayout:
     def reference_tokens(self) -> int:
         return sum(num_tokens(h, w) for h, w in self.references)
 
-    def ids(self, scheme: str = "dreamomni2") -> np.ndarray:
+    def ids(self, scheme: str | SchemeFn = "dreamomni2") -> np.ndarray:
         """``[target_tokens + reference_tokens, 3]``: target ids then reference ids."""
         return np.concatenate([target_ids(*self.target), reference_ids(self.references, scheme)], axis=0)
 
@@ -168,7 +173,7 @@ class BatchLayout:
 
 def batch_layout(
     samples: Sequence[SampleLayout],
-    scheme: str = "dreamomni2",
+    scheme: str | SchemeFn = "dreamomni2",
     target_len: int | None = None,
     reference_len: int | None = None,
 ) -> BatchLayout:

@@ -137,11 +137,12 @@ class CheckpointCallback:
     ``on_start`` applies the module's resume semantics, restores ``ctx.state`` (its ``trainable()`` part),
     ``ctx.step``, ``ctx.rng`` and the data stream, then writes ``run_dir/config.json``. ``on_step_end`` saves every
     ``checkpoint.every_steps`` and stops the loop after a forced save once SIGTERM (or the multi-host preemption
-    sync point) is seen; ``on_end`` saves the final step and waits for the writes.
+    sync point) is seen; ``on_end`` saves the final step and waits for the writes. ``sigterm``: the entry point's
+    :class:`~dreamomni2_jax.preemption.SigtermFlag` (None: only the multi-host sync point stops the loop).
     """
 
-    def __init__(self, cfg: Config, resume: str | Path | None = None, branch: bool = False):
-        self.cfg, self.resume, self.branch = cfg, resume, branch
+    def __init__(self, cfg: Config, resume: str | Path | None = None, branch: bool = False, sigterm=None):
+        self.cfg, self.resume, self.branch, self.sigterm = cfg, resume, branch, sigterm
         self.ckpt: RunCheckpointer | None = None
         self.preempted_at: int | None = None
 
@@ -158,7 +159,6 @@ class CheckpointCallback:
             raise
         if main:
             write_config(self.cfg, run_dir)
-        self.ckpt.install_sigterm_handler()
 
     def _resume(self, ctx, run_dir: Path, main: bool) -> None:
         if self.resume:
@@ -215,7 +215,7 @@ class CheckpointCallback:
 
     def on_step_end(self, ctx, metrics) -> bool:
         self._save(ctx, force=False)
-        if self.ckpt.should_stop(ctx.step):
+        if self.ckpt.should_stop(ctx.step, self.sigterm is not None and self.sigterm.raised):
             saved = self._save(ctx, force=True) or ctx.step in self.ckpt.all_steps()
             self.preempted_at = ctx.step
             if saved:

@@ -355,8 +355,8 @@ def load_pipeline(model_dir: str | Path, dtype=jnp.bfloat16, *, lora: str | Path
                   max_sequence_length: int = 512) -> Pipeline:
     """Load transformer, VAE, CLIP + T5 and the scheduler config from a converted folder (``convert/pipeline.py``
     output) or a diffusers Flux Kontext folder (converted on the fly), optionally with a LoRA at ``lora_scale``."""
-    from dreamomni2_jax.models.flux import load_flux
-    from dreamomni2_jax.models.vae import load_vae
+    from dreamomni2_jax.loaders import load_flux
+    from dreamomni2_jax.loaders import load_vae
     from dreamomni2_jax.text import load_text_encoders
 
     root = Path(model_dir)

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreamomni2_jax.models.clip import CLIPTextModel, load_clip
-from dreamomni2_jax.models.t5 import T5EncoderModel, load_t5
+from dreamomni2_jax.models.clip import CLIPTextModel
+from dreamomni2_jax.loaders import load_clip
+from dreamomni2_jax.models.t5 import T5EncoderModel
+from dreamomni2_jax.loaders import load_t5
 
 log = logging.getLogger(__name__)
 

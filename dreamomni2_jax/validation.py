@@ -135,7 +135,7 @@ class ValidationHook:
 
     def _pipeline(self):
         if self._pipe is None:
-            from dreamomni2_jax.models.vae import load_vae
+            from dreamomni2_jax.loaders import load_vae
             from dreamomni2_jax.sampler import Pipeline
             from dreamomni2_jax.scheduler import FlowMatchConfig
             from dreamomni2_jax.text import load_text_encoders

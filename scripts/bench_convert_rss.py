@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESTORE = """
 import resource, sys, time
 import jax.numpy as jnp
-from dreamomni2_jax.models.flux import load_flux
+from dreamomni2_jax.loaders import load_flux
 t0 = time.perf_counter()
 model = load_flux(sys.argv[1], dtype=jnp.bfloat16)
 print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 BASELINE = """
 import resource, sys
-from convert.flux_transformer import main
+from dreamomni2_jax.convert.flux_transformer import main
 main(["--src", sys.argv[1], "--out", sys.argv[2], "--no-progress"])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -68,7 +68,7 @@ def diffusers_shapes(d: int, n_double: int, n_single: int, in_ch=64, joint=4096,
 
 
 def write_folder(out: Path, d: int, n_double: int, n_single: int, shard_bytes: int = 2 << 30) -> dict:
-    from convert.safetensors_io import write_safetensors
+    from dreamomni2_jax.weights.safetensors_io import write_safetensors
 
     out.mkdir(parents=True, exist_ok=True)
     shapes = diffusers_shapes(d, n_double, n_single)

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from _fixtures_data import write_jsonl
 
-    from convert.pipeline import convert_pipeline
+    from dreamomni2_jax.convert.pipeline import convert_pipeline
     from dreamomni2_jax import tiny
     from dreamomni2_jax.cache import JaxEncoders
 

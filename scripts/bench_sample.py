@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from diffusers import FluxKontextPipeline
     from PIL import Image
 
-    from convert.pipeline import convert_pipeline
+    from dreamomni2_jax.convert.pipeline import convert_pipeline
     from dreamomni2_jax import sampler, tiny
 
     torch.set_num_threads(args.threads)

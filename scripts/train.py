@@ -62,6 +62,7 @@ def _main(args, callbacks) -> int:
     import jax
 
     from dreamomni2_jax import cli, loop
+    from dreamomni2_jax.preemption import SigtermFlag
     from dreamomni2_jax.run_dir import CheckpointCallback, RunLock
 
     main_process = jax.process_index() == 0
@@ -81,9 +82,11 @@ def _main(args, callbacks) -> int:
         if main_process:
             log.info("mesh %s; global batch %d (%d per process)", dict(ctx.mesh.shape), cfg.data.batch_size,
                      cfg.data.batch_size // jax.process_count())
-        ckpt = CheckpointCallback(cfg, resume=args.resume, branch=args.branch)
+        sigterm = SigtermFlag()  # SIGTERM -> save and exit 0 (this process only; installed here, not by the library)
+        ckpt = CheckpointCallback(cfg, resume=args.resume, branch=args.branch, sigterm=sigterm)
         try:
-            loop.train(ctx, [ckpt, *_validation(cfg), *callbacks], progress=not args.no_progress)
+            with sigterm:
+                loop.train(ctx, [ckpt, *_validation(cfg), *callbacks], progress=not args.no_progress)
         except loop.NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

@@ -32,7 +32,7 @@ def with_data(cfg: Config, **data) -> Config:
 @pytest.fixture(scope="session")
 def tiny_converted_dir(tiny_pipeline_dir, tmp_path_factory):
     """The tiny pipeline converted with convert/pipeline.py (fp32 everywhere)."""
-    from convert.pipeline import convert_pipeline
+    from dreamomni2_jax.convert.pipeline import convert_pipeline
 
     return convert_pipeline(tiny_pipeline_dir, tmp_path_factory.mktemp("conv") / "model", dtype="fp32",
                             small_dtype="fp32", progress=False)

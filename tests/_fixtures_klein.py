@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.safetensors_io import Reader, TensorInfo
+from dreamomni2_jax.weights.safetensors_io import Reader, TensorInfo
 
 
 def meta_reader(model) -> Reader:

@@ -104,7 +104,8 @@ def test_record_roundtrip_keeps_bfloat16():
 def test_cached_latents_equal_direct_vae_encode(tiny_cache, tiny_converted_dir):
     import jax.numpy as jnp
 
-    from dreamomni2_jax.models.vae import encode_images, load_vae, normalize_latents
+    from dreamomni2_jax.models.vae import encode_images, normalize_latents
+    from dreamomni2_jax.loaders import load_vae
 
     cfg, manifest, cache = tiny_cache
     index = load_index(cache)

@@ -18,6 +18,7 @@ from flax import nnx
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax.config import Config, apply_overrides
 from dreamomni2_jax.lora import LoRAParam, apply_lora
+from dreamomni2_jax.preemption import SigtermFlag
 
 
 class _Tiny(nnx.Module):
@@ -172,15 +173,16 @@ def test_missing_item_and_mismatched_state(tmp_path):
 
 
 def test_sigterm_sets_flag_instead_of_killing(tmp_path):
-    ck = C.open_run(tmp_path / "run", None, every_steps=100)
     before = signal.getsignal(signal.SIGTERM)
-    ck.install_sigterm_handler()
-    assert not ck.should_stop(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert ck.preempted and ck.should_stop(2)
+    ck = C.open_run(tmp_path / "run", None, every_steps=100)
+    assert signal.getsignal(signal.SIGTERM) is before  # the library installs no handler by itself
+    with SigtermFlag() as flag:
+        assert not ck.should_stop(1, flag.raised)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.raised and ck.should_stop(2, flag.raised)
+    assert signal.getsignal(signal.SIGTERM) is before
     assert ck.save(2, _state(2.0), {"pos": 2}, None, force=True)  # preemption save: not due, forced
     ck.close()
-    assert signal.getsignal(signal.SIGTERM) is before
     assert C.complete_steps(tmp_path / "run" / "checkpoints") == [2]
 
 

@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from convert import flux_transformer, pipeline, table, vae
-from convert.safetensors_io import open_checkpoint
+from dreamomni2_jax.convert import flux_transformer, pipeline, vae
+from dreamomni2_jax.weights import store
+from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_overwrite_replaces_only_a_previous_output(tiny_pipeline_dir, vae_out, t
         err = capsys.readouterr().err
         assert why in err and str(out) in err and "Traceback" not in err, err
     assert (unrelated / "holiday.jpg").read_bytes() == b"precious" and a_file.read_text() == "keep me"
-    assert _tree(src) == src_before and table.is_converted(other_converter)
+    assert _tree(src) == src_before and store.is_converted(other_converter)
     # a previous output of the same converter is replaced
     before = (vae_out / "params").stat().st_mtime_ns
     assert vae.main(["--src", str(src), "--out", str(vae_out), "--overwrite", "--dtype", "bf16",

@@ -8,10 +8,12 @@ import pytest
 import torch
 from flax import nnx
 
-from convert.flux_transformer import main as convert_main
+from dreamomni2_jax.convert.flux_transformer import main as convert_main
 from dreamomni2_jax import positions as P
 from dreamomni2_jax.models.attention import attention, splash_attention
-from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel, abstract_flux, load_flux
+from dreamomni2_jax.models.flux import FluxConfig, abstract_flux
+from dreamomni2_jax.models.stacked import joint_mask
+from dreamomni2_jax.loaders import load_flux
 
 TXT = 7
 # Target latent (h, w) and two references of different sizes.
@@ -116,7 +118,7 @@ def test_masked_padding_does_not_change_real_tokens(fp32_model):
     alone.update(hidden_states=x[b:b + 1, real], img_ids=samples[b].ids())
     np.testing.assert_allclose(np.asarray(_forward(fp32_model, alone))[0], out[b, real], atol=2e-5, rtol=1e-5)
     # An image-only mask [B, S_img] means "text all real".
-    full = FluxTransformer2DModel._mask(jnp.asarray(batch.mask), 2, TXT, n)
+    full = joint_mask(jnp.asarray(batch.mask), 2, TXT, n)
     np.testing.assert_array_equal(full, np.concatenate([np.ones((2, TXT), bool), batch.mask], axis=1))
 
 

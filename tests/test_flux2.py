@@ -10,10 +10,11 @@ import pytest
 import torch
 from flax import nnx
 
-from convert.flux2_transformer import main as convert_main
-from convert.table import ConversionError
+from dreamomni2_jax.convert.flux2_transformer import main as convert_main
+from dreamomni2_jax.weights.store import ConversionError
 from dreamomni2_jax import positions_flux2 as P2
-from dreamomni2_jax.models.flux2 import Flux2Config, load_flux2
+from dreamomni2_jax.models.flux2 import Flux2Config
+from dreamomni2_jax.loaders import load_flux2
 from dreamomni2_jax.positions import SampleLayout
 from dreamomni2_jax.tiny_klein import FLUX2_TINY, save_flux2_transformer
 from _fixtures_klein import meta_reader
@@ -208,7 +209,7 @@ def test_published_configs_match_diffusers_modules_at_full_size(name):
     """Every tensor of the full-size diffusers model (meta device) maps onto our model, shapes checked; BFL too."""
     from diffusers import Flux2Transformer2DModel as TorchFlux2
 
-    from convert.flux2_transformer import make_plan
+    from dreamomni2_jax.convert.flux2_transformer import make_plan
     from dreamomni2_jax.models.flux2 import FLUX2_PRESETS
 
     cfg = FLUX2_PRESETS[name]

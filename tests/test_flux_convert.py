@@ -16,12 +16,13 @@ import pytest
 import torch
 from flax import nnx
 
-from convert import flux_transformer as fc
-from convert.safetensors_io import SafetensorsError, open_checkpoint, save_arrays
-from convert.table import ConversionError, write_checkpoint
+from dreamomni2_jax.convert import flux_transformer as fc
+from dreamomni2_jax.weights.safetensors_io import SafetensorsError, open_checkpoint, save_arrays
+from dreamomni2_jax.weights.store import ConversionError, write_checkpoint
 from dreamomni2_jax import positions as P
 from dreamomni2_jax import tiny
-from dreamomni2_jax.models.flux import FluxConfig, load_flux
+from dreamomni2_jax.models.flux import FluxConfig
+from dreamomni2_jax.loaders import load_flux
 
 REPO = Path(__file__).resolve().parents[1]
 INNER, HEADS, HEAD_DIM, MLP = 32, 2, 16, 128  # tiny.FLUX_TINY
@@ -214,7 +215,7 @@ import json, sys
 import jax, numpy as np, jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
-from dreamomni2_jax.models.flux import load_flux
+from dreamomni2_jax.loaders import load_flux
 mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
 requested = {}
 def param_sharding(path, shape):
@@ -258,7 +259,7 @@ def test_restore_sharded_on_8_devices(cli_out, transformer_dir):
 
 def test_load_flux_accepts_relative_converted_path(tiny_converted_dir, monkeypatch):
     """Orbax refuses relative paths; users pass them (e.g. --model demo_out/model)."""
-    from dreamomni2_jax.models.flux import load_flux
+    from dreamomni2_jax.loaders import load_flux
 
     monkeypatch.chdir(tiny_converted_dir.parent)
     model = load_flux(os.path.join(tiny_converted_dir.name, "transformer"), dtype=jnp.float32)

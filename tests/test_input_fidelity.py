@@ -125,12 +125,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 model, tmp = Path(sys.argv[1]), Path(sys.argv[2])
-import convert.vae, convert.pipeline, convert.lora_to_diffusers  # noqa
+import dreamomni2_jax.convert.vae, dreamomni2_jax.convert.pipeline, dreamomni2_jax.convert.lora_to_diffusers  # noqa
 import dreamomni2_jax.loop, dreamomni2_jax.run_dir, dreamomni2_jax.cache, dreamomni2_jax.data  # noqa
 from dreamomni2_jax import integrity, lora_io, sampler, validation
 from dreamomni2_jax.text import load_text_encoders
 
-convert.vae.convert(model.parent / "src" / "vae", tmp / "vae", progress=False)
+dreamomni2_jax.convert.vae.convert(model.parent / "src" / "vae", tmp / "vae", progress=False)
 enc = load_text_encoders(model, jnp.float32)
 enc.encode_prompt(["a cat"], max_sequence_length=8)
 w = validation.summary_writer(tmp / "tb")

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from convert import pipeline as cpipe
-from convert import table
+from dreamomni2_jax.convert import pipeline as cpipe
+from dreamomni2_jax.weights import store
 from dreamomni2_jax import text_klein
-from dreamomni2_jax.models.flux2 import load_flux2
-from dreamomni2_jax.models.qwen3 import load_qwen3
-from dreamomni2_jax.models.vae2 import encode_tokens, load_vae2
+from dreamomni2_jax.loaders import load_flux2
+from dreamomni2_jax.loaders import load_qwen3
+from dreamomni2_jax.models.vae2 import encode_tokens
+from dreamomni2_jax.loaders import load_vae2
 from dreamomni2_jax.tiny_klein import QWEN3_TINY_LAYERS, build_klein_pipeline
 
 MODELS = ("transformer", "vae", "text_encoder")
@@ -41,7 +42,7 @@ def test_layout_family_and_weights(klein):
     assert {c: manifest["components"][c]["dtype"] for c in MODELS} == {c: "fp32" for c in MODELS}
     assert sorted(manifest["components"]) == sorted([*MODELS, "tokenizer", "scheduler"])
     for c in MODELS:
-        assert table.is_converted(out / c)
+        assert store.is_converted(out / c)
     for c in ("tokenizer", "scheduler"):
         for f in (src / c).rglob("*"):
             assert (out / c / f.relative_to(src / c)).read_bytes() == f.read_bytes()

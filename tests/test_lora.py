@@ -13,7 +13,7 @@ from flax import nnx
 from dreamomni2_jax import lora as L
 from dreamomni2_jax import positions as P
 from dreamomni2_jax.config import LORA_PRESETS, LoraConfig
-from dreamomni2_jax.models.flux import load_flux
+from dreamomni2_jax.loaders import load_flux
 from dreamomni2_jax.train_step import StepConfig, StepStatics, loss_and_grads, sample_draws, synthetic_batch
 
 ATTN_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]  # peft's spelling of the "attention" preset

@@ -12,14 +12,14 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from convert.flux_transformer import main as convert_main
-from convert.lora_to_diffusers import main as export_main
+from dreamomni2_jax.convert.flux_transformer import main as convert_main
+from dreamomni2_jax.convert.lora_to_diffusers import main as export_main
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax import lora_io as L
 from dreamomni2_jax import positions as P
 from dreamomni2_jax.config import LoraConfig
 from dreamomni2_jax.lora import LoRAParam, apply_lora, lora_metadata, lora_modules, lora_state, set_lora_state
-from dreamomni2_jax.models.flux import load_flux
+from dreamomni2_jax.loaders import load_flux
 
 WIDE = [r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0", r"attn\.add_k_proj", r"proj_mlp",
         r"norm_out\.linear", r"single_transformer_blocks\.proj_out", r"ff\.net\.2", r"x_embedder"]

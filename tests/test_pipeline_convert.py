@@ -9,12 +9,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert import pipeline as cpipe
-from convert import table
-from convert.safetensors_io import open_checkpoint
-from dreamomni2_jax.models.clip import load_clip
-from dreamomni2_jax.models.t5 import load_t5
-from dreamomni2_jax.models.vae import load_vae
+from dreamomni2_jax.convert import pipeline as cpipe
+from dreamomni2_jax.weights import store
+from dreamomni2_jax.weights.safetensors_io import open_checkpoint
+from dreamomni2_jax.loaders import load_clip
+from dreamomni2_jax.loaders import load_t5
+from dreamomni2_jax.loaders import load_vae
 
 MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 COPIED = ("tokenizer", "tokenizer_2", "scheduler")
@@ -39,7 +39,7 @@ def test_layout_manifest_and_weights(converted, tiny_pipeline_dir):
     assert {c: manifest["components"][c].get("dtype") for c in MODELS} == {
         "transformer": "fp32", "vae": "fp32", "text_encoder": "fp32", "text_encoder_2": "fp32"}  # the source's
     for c in MODELS:
-        assert table.is_converted(converted / c)
+        assert store.is_converted(converted / c)
     for c in COPIED:
         src_files = sorted(p.relative_to(tiny_pipeline_dir / c) for p in (tiny_pipeline_dir / c).rglob("*"))
         assert src_files == sorted(p.relative_to(converted / c) for p in (converted / c).rglob("*"))
@@ -99,9 +99,9 @@ def test_rerun_skips_resumes_and_checks_dtype(tiny_pipeline_dir, tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_partial_output(tiny_pipeline_dir, tmp_path, monkeypatch):
-    import convert.component
+    import dreamomni2_jax.convert.component
 
-    real_write = convert.component.write_checkpoint
+    real_write = dreamomni2_jax.convert.component.write_checkpoint
 
     def failing_write(out, items, config, **kw):
         if "text_encoder_2" not in str(out):  # only T5, converted after text_encoder/transformer/vae
@@ -114,7 +114,7 @@ def test_interrupted_conversion_leaves_no_partial_output(tiny_pipeline_dir, tmp_
                 yield item
         return real_write(out, items_then_fail(), config, **kw)
 
-    monkeypatch.setattr(convert.component, "write_checkpoint", failing_write)
+    monkeypatch.setattr(dreamomni2_jax.convert.component, "write_checkpoint", failing_write)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         cpipe.convert_pipeline(tiny_pipeline_dir, out, progress=False)
@@ -122,7 +122,7 @@ def test_interrupted_conversion_leaves_no_partial_output(tiny_pipeline_dir, tmp_
     assert not cpipe.is_converted_pipeline(out)
     monkeypatch.undo()
     cpipe.convert_pipeline(tiny_pipeline_dir, out, progress=False)
-    assert cpipe.is_converted_pipeline(out) and table.is_converted(out / "text_encoder_2")
+    assert cpipe.is_converted_pipeline(out) and store.is_converted(out / "text_encoder_2")
 
 
 def test_bad_source_names_each_problem(tiny_pipeline_dir, tmp_path):

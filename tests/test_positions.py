@@ -76,13 +76,12 @@ def test_text_ids_and_unknown_scheme():
         P.target_ids(5, 4)
 
 
-def test_scheme_registry_allows_new_scheme():
-    P.register_scheme("test_double", lambda sizes: [7 * i for i in range(len(sizes))])
-    try:
-        ids = P.reference_ids([(4, 4), (4, 4)], "test_double")
-        assert ids[4:, 2].min() == 7
-    finally:
-        P._SCHEMES.pop("test_double")
+def test_caller_scheme_without_a_registry():
+    ids = P.reference_ids([(4, 4), (4, 4)], lambda sizes: [7 * i for i in range(len(sizes))])
+    assert ids[4:, 2].min() == 7
+    assert "test_double" not in P.SCHEMES and sorted(P.schemes()) == ["dreamomni2", "kontext"]
+    with pytest.raises(TypeError):
+        P.SCHEMES["test_double"] = lambda sizes: [0] * len(sizes)  # read-only: no process-wide edits
 
 
 def test_pack_matches_diffusers_and_round_trips():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from flax import nnx
 
-from convert.qwen3 import main as convert_main
-from dreamomni2_jax.models.qwen3 import Qwen3Config, load_qwen3, prompt_embeds
+from dreamomni2_jax.convert.qwen3 import main as convert_main
+from dreamomni2_jax.models.qwen3 import Qwen3Config, prompt_embeds
+from dreamomni2_jax.loaders import load_qwen3
 from dreamomni2_jax.tiny_klein import QWEN3_TINY, QWEN3_TINY_LAYERS, save_qwen3
 from _fixtures_klein import meta_reader
 
@@ -93,7 +94,7 @@ def test_prompt_embeds_match_klein_pipeline(qwen):
 def test_untied_lm_head_is_skipped_and_stray_keys_fail(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from convert.table import ConversionError
+    from dreamomni2_jax.weights.store import ConversionError
 
     src = save_qwen3(tmp_path / "te", seed=3, tie_word_embeddings=False, max_shard_size="10MB")
     (f,) = src.glob("*.safetensors")
@@ -124,7 +125,7 @@ def test_klein_text_encoder_configs_match_transformers_at_full_size(name):
     from transformers import Qwen3Config as TorchQwen3Config
     from transformers import Qwen3Model as TorchQwen3
 
-    from convert.qwen3 import make_plan
+    from dreamomni2_jax.convert.qwen3 import make_plan
     from dreamomni2_jax.models.qwen3 import QWEN3_PRESETS
 
     cfg = QWEN3_PRESETS[name]

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from convert.flux_transformer import main as convert_main
-from convert.lora_to_diffusers import main as export_main
+from dreamomni2_jax.convert.flux_transformer import main as convert_main
+from dreamomni2_jax.convert.lora_to_diffusers import main as export_main
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax.lora_io import load_lora_file
 

@@ -37,7 +37,7 @@ def src_dir(tiny_pipeline_dir):
 @pytest.fixture(scope="module")
 def model_dir(src_dir, tmp_path_factory):
     """The tiny pipeline converted by convert/pipeline.py (float32)."""
-    from convert.pipeline import convert_pipeline
+    from dreamomni2_jax.convert.pipeline import convert_pipeline
 
     return convert_pipeline(src_dir, tmp_path_factory.mktemp("conv") / "model", dtype="fp32", small_dtype="fp32",
                             progress=False)

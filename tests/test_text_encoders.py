@@ -10,13 +10,13 @@ import pytest
 import torch
 from flax import nnx
 
-from convert import clip as cclip
-from convert import t5 as ct5
-from convert.safetensors_io import open_checkpoint, save_arrays
-from convert.table import ConversionError
+from dreamomni2_jax.convert import clip as cclip
+from dreamomni2_jax.convert import t5 as ct5
+from dreamomni2_jax.weights.safetensors_io import open_checkpoint, save_arrays
+from dreamomni2_jax.weights.store import ConversionError
 from dreamomni2_jax import tiny
-from dreamomni2_jax.models.clip import load_clip
-from dreamomni2_jax.models.t5 import load_t5
+from dreamomni2_jax.loaders import load_clip
+from dreamomni2_jax.loaders import load_t5
 
 TOL = 1e-4
 

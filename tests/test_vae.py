@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from convert import vae as cvae
-from convert.safetensors_io import open_checkpoint, save_arrays
-from convert.table import ConversionError
+from dreamomni2_jax.convert import vae as cvae
+from dreamomni2_jax.weights.safetensors_io import open_checkpoint, save_arrays
+from dreamomni2_jax.weights.store import ConversionError
+from dreamomni2_jax.loaders import load_vae
 from dreamomni2_jax.models.vae import (
-    VAEConfig, decode_latents, denormalize_latents, encode_images, load_vae, normalize_latents,
+    VAEConfig, decode_latents, denormalize_latents, encode_images, normalize_latents,
 )
 
 TOL = 1e-4

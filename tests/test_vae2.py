@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from convert.table import ConversionError
-from convert.vae2 import main as convert_main
+from dreamomni2_jax.weights.store import ConversionError
+from dreamomni2_jax.convert.vae2 import main as convert_main
 from dreamomni2_jax import positions_flux2 as P2
-from dreamomni2_jax.models.vae2 import Flux2VAEConfig, encode_tokens, load_vae2
+from dreamomni2_jax.models.vae2 import Flux2VAEConfig, encode_tokens
+from dreamomni2_jax.loaders import load_vae2
 from dreamomni2_jax.tiny_klein import save_flux2_vae
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from dreamomni2_jax.config import Config, DataConfig, ModelConfig, SampleConfig, ValidationSample
 from dreamomni2_jax.images import BadInput
 from dreamomni2_jax.lora import apply_lora
-from dreamomni2_jax.models.flux import load_flux
+from dreamomni2_jax.loaders import load_flux
 from dreamomni2_jax.validation import make_grid, make_validation_hook
 
 

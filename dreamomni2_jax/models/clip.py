@@ -167,18 +167,3 @@ class CLIPTextModel(nnx.Module):
             pos = jnp.argmax((ids == self.config.eos_token_id).astype(jnp.int32), axis=-1)
         pooled = jnp.take_along_axis(h, pos[:, None, None], axis=1)[:, 0]
         return h, pooled
-
-
-def load_clip(path: str | Path, dtype=jnp.float32, *, param_sharding=None) -> CLIPTextModel:
-    """Load the CLIP text encoder with params and matmuls in ``dtype``.
-
-    ``path``: a converted folder (``convert/clip.py`` OUT: ``config.json`` + Orbax ``params/``) or a source
-    transformers ``text_encoder/`` folder converted on the fly in memory.
-    ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
-    """
-    from convert.clip import build_plan
-    from convert.component import load_component
-
-    return load_component(path, config_cls=CLIPConfig, build_plan=build_plan, param_dtype=dtype,
-                          param_sharding=param_sharding,
-                          make_model=lambda cfg: CLIPTextModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))

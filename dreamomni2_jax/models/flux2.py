@@ -11,14 +11,13 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dreamomni2_jax.models.attention import check_impl
-from dreamomni2_jax.models.flux import REMAT_POLICIES, FluxTransformer2DModel, _as_batch, _scan_blocks, _stacked
+from dreamomni2_jax.models.stacked import REMAT_POLICIES, as_batch, joint_ids, joint_mask, scan_blocks, stacked
 from dreamomni2_jax.models.flux2_blocks import (
     Flux2Modulation,
     Flux2SingleTransformerBlock,
@@ -122,8 +121,8 @@ class Flux2Transformer2DModel(nnx.Module):
         self.context_embedder = make_linear(c.joint_attention_dim, dim, rngs, use_bias=False, **kw)
         blk = dict(attention_impl=attention_impl, **kw)
         args = (dim, c.num_attention_heads, c.attention_head_dim, c.mlp_ratio, c.eps)
-        self.transformer_blocks = _stacked(lambda r: Flux2TransformerBlock(*args, rngs=r, **blk), c.num_layers, rngs)
-        self.single_transformer_blocks = _stacked(
+        self.transformer_blocks = stacked(lambda r: Flux2TransformerBlock(*args, rngs=r, **blk), c.num_layers, rngs)
+        self.single_transformer_blocks = stacked(
             lambda r: Flux2SingleTransformerBlock(*args, rngs=r, **blk), c.num_single_layers, rngs)
         self.norm_out = Flux2Modulation(dim, 2, rngs=rngs, **kw)  # AdaLayerNormContinuous(bias=False): `linear`
         self.proj_out = make_linear(dim, c.out_dim, rngs, use_bias=False, **kw)
@@ -145,28 +144,28 @@ class Flux2Transformer2DModel(nnx.Module):
             raise ValueError("this FLUX.2 model has guidance_embeds=False: `guidance` must be None")
         if n_out is not None and not 0 < n_out <= n_img:
             raise ValueError(f"n_out must be in [1, {n_img}] (image tokens), got {n_out}")
-        t = _as_batch(timestep, b, "timestep") * 1000.0
-        g = None if guidance is None else _as_batch(guidance, b, "guidance") * 1000.0
+        t = as_batch(timestep, b, "timestep") * 1000.0
+        g = None if guidance is None else as_batch(guidance, b, "guidance") * 1000.0
         temb = self.time_guidance_embed(t, g)
         mod_img = self.double_stream_modulation_img(temb)
         mod_txt = self.double_stream_modulation_txt(temb)
         mod_single = self.single_stream_modulation(temb)
         x = self.x_embedder(hidden_states.astype(self.dtype))
         ctx = self.context_embedder(encoder_hidden_states.astype(self.dtype))
-        ids = FluxTransformer2DModel._ids(txt_ids, img_ids, b, n_txt, n_img)
+        ids = joint_ids(txt_ids, img_ids, b, n_txt, n_img)
         cos, sin = rope_cos_sin(ids, c.axes_dims_rope, float(c.rope_theta))
-        mask = FluxTransformer2DModel._mask(attention_mask, b, n_txt, n_img)
+        mask = joint_mask(attention_mask, b, n_txt, n_img)
 
         def double(block, carry):
             return block(carry[1], carry[0], mod_img, mod_txt, cos, sin, mask)
 
-        ctx, x = _scan_blocks(self.transformer_blocks, double, (ctx, x), self.remat)
+        ctx, x = scan_blocks(self.transformer_blocks, double, (ctx, x), self.remat)
         rows = slice(n_txt, n_txt + (n_img if n_out is None else n_out))
         stream = jnp.concatenate([ctx, x], axis=1)
         if self.single_transformer_blocks is None:
             x = stream[:, rows]
         else:
-            x = _scan_blocks(self.single_transformer_blocks, lambda blk, s: blk(s, mod_single, cos, sin, mask),
+            x = scan_blocks(self.single_transformer_blocks, lambda blk, s: blk(s, mod_single, cos, sin, mask),
                              stream, self.remat,
                              last=lambda blk, s: blk(s, mod_single, cos, sin, mask, rows=rows))
         scale, shift = self.norm_out(temb)
@@ -179,26 +178,5 @@ def abstract_flux2(config: Flux2Config, **kwargs) -> Flux2Transformer2DModel:
 
 
 def stacked_counts(config: Flux2Config) -> dict[str, int]:
-    """Leading-axis length of each stacked module (for ``convert.table``)."""
+    """Leading-axis length of each stacked module (for ``dreamomni2_jax.weights.store``)."""
     return {"transformer_blocks": config.num_layers, "single_transformer_blocks": config.num_single_layers}
-
-
-def load_flux2(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
-               param_sharding: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
-               attention_impl: str = "xla", remat: str = "none", config: Flux2Config | None = None
-               ) -> Flux2Transformer2DModel:
-    """Load a FLUX.2 transformer, each param created directly with its sharding (see ``models.flux.load_flux``).
-
-    ``path``: a converted folder (``convert/flux2_transformer.py`` OUT) or a diffusers ``transformer/`` folder /
-    BFL single ``.safetensors`` converted on the fly in memory.
-    """
-    from convert import table
-    from convert.component import load_component
-    from convert.flux2_transformer import build_plan
-
-    param_dtype = dtype if param_dtype is None else param_dtype
-    return load_component(
-        path, config_cls=Flux2Config, build_plan=build_plan, param_dtype=param_dtype, stacked=stacked_counts,
-        param_sharding=param_sharding or table.replicated(mesh), config=config,
-        make_model=lambda cfg: Flux2Transformer2DModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                                       attention_impl=attention_impl, remat=remat))

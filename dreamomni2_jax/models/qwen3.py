@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreamomni2_jax.models.flux import _stacked
+from dreamomni2_jax.models.stacked import stacked
 from dreamomni2_jax.models.flux_blocks import RMSNorm
 
 KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline text_encoder_out_layers
@@ -168,7 +168,7 @@ class Qwen3Model(nnx.Module):
         self.config, self.dtype = config, dtype
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs)
-        self.layers = _stacked(lambda r: Qwen3DecoderLayer(config, rngs=r, **kw), config.num_hidden_layers, rngs)
+        self.layers = stacked(lambda r: Qwen3DecoderLayer(config, rngs=r, **kw), config.num_hidden_layers, rngs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def hidden_states(self, input_ids, attention_mask=None, layers: Sequence[int] | None = None):
@@ -217,17 +217,3 @@ def prompt_embeds(model: Qwen3Model, input_ids, attention_mask, layers: Sequence
 
 def stacked_counts(config: Qwen3Config) -> dict[str, int]:
     return {"layers": config.num_hidden_layers}
-
-
-def load_qwen3(path: str | Path, dtype=jnp.bfloat16, *, param_sharding=None) -> Qwen3Model:
-    """Load the Qwen3 encoder with params and matmuls in ``dtype`` (norm scales float32).
-
-    ``path``: a converted folder (``convert/qwen3.py`` OUT) or a transformers ``Qwen3ForCausalLM`` /
-    ``Qwen3Model`` folder (klein ``text_encoder/``) converted on the fly in memory.
-    """
-    from convert.component import load_component
-    from convert.qwen3 import build_plan
-
-    return load_component(path, config_cls=Qwen3Config, build_plan=build_plan, param_dtype=dtype,
-                          param_sharding=param_sharding, stacked=stacked_counts,
-                          make_model=lambda cfg: Qwen3Model(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))

@@ -232,18 +232,3 @@ def _to_compute(x, dtype):
         big = jnp.finfo(jnp.float16).max - 1000
         x = jnp.clip(x, -big, big)
     return x.astype(dtype)
-
-
-def load_t5(path: str | Path, dtype=jnp.bfloat16, *, param_sharding=None) -> T5EncoderModel:
-    """Load the T5 encoder with params and matmuls in ``dtype`` (``wo`` and norms stay float32).
-
-    ``path``: a converted folder (``convert/t5.py`` OUT: ``config.json`` + Orbax ``params/``) or a source
-    transformers ``text_encoder_2/`` folder converted on the fly in memory.
-    ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
-    """
-    from convert.component import load_component
-    from convert.t5 import build_plan
-
-    return load_component(path, config_cls=T5Config, build_plan=build_plan, param_dtype=dtype,
-                          param_sharding=param_sharding,
-                          make_model=lambda cfg: T5EncoderModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))

@@ -322,19 +322,3 @@ def encode_images(vae: VAE, images, batch_chunk: int = 1):
 def decode_latents(vae: VAE, latents, batch_chunk: int = 1):
     """Jitted ``vae.decode`` over the batch in chunks of ``batch_chunk`` latents (exact)."""
     return _chunked(_decode_jit, vae, latents, batch_chunk)
-
-
-def load_vae(path: str | Path, dtype=jnp.float32, *, param_sharding=None, attn_chunk: int = 4096) -> VAE:
-    """Load a VAE with params and compute in ``dtype``.
-
-    ``path``: a converted folder (``convert/vae.py`` OUT: ``config.json`` + Orbax ``params/``), or a source
-    checkpoint (diffusers ``vae/`` folder or BFL ``ae.safetensors``) converted on the fly in memory.
-    ``param_sharding(path, shape) -> Sharding`` places each param (default: replicated on the first device).
-    """
-    from convert.component import load_component
-    from convert.vae import build_plan
-
-    return load_component(path, config_cls=VAEConfig, build_plan=build_plan, param_dtype=dtype,
-                          param_sharding=param_sharding,
-                          make_model=lambda cfg: VAE(cfg, dtype=dtype, param_dtype=dtype, attn_chunk=attn_chunk,
-                                                     rngs=nnx.Rngs(0)))

@@ -150,20 +150,4 @@ def encode_tokens(vae: AutoencoderKLFlux2, images, batch_chunk: int = 1):
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
-def load_vae2(path: str | Path, dtype=jnp.float32, *, param_sharding=None, attn_chunk: int = 4096
-              ) -> AutoencoderKLFlux2:
-    """Load a FLUX.2 VAE (params in ``dtype``; batch-norm statistics float32).
-
-    ``path``: a converted folder (``convert/vae2.py`` OUT) or a diffusers ``AutoencoderKLFlux2`` ``vae/`` folder
-    converted on the fly in memory.
-    """
-    from convert.component import load_component
-    from convert.vae2 import build_plan
-
-    return load_component(
-        path, config_cls=Flux2VAEConfig, build_plan=build_plan, param_dtype=dtype, param_sharding=param_sharding,
-        make_model=lambda cfg: AutoencoderKLFlux2(cfg, dtype=dtype, param_dtype=dtype, attn_chunk=attn_chunk,
-                                                  rngs=nnx.Rngs(0)))
-
-
-__all__ = ["AutoencoderKLFlux2", "Flux2VAEConfig", "LatentBatchNorm", "encode_tokens", "load_vae2"]
+__all__ = ["AutoencoderKLFlux2", "Flux2VAEConfig", "LatentBatchNorm", "encode_tokens"]

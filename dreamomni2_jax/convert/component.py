@@ -12,15 +12,13 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
 
-from convert.safetensors_io import open_checkpoint
-from convert.table import (
-    PARAMS_DIR, ConversionError, TargetSpec, is_converted, load_params_from_items, restore_params, write_checkpoint,
-)
+from dreamomni2_jax.weights.safetensors_io import open_checkpoint
+from dreamomni2_jax.weights.store import write_checkpoint
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 SOURCE = "source"  # keep the source checkpoint's dtype (the default: a converter is lossless unless asked)
@@ -75,7 +73,7 @@ def convert_component(build_plan: Callable, src: str | Path, out: str | Path, dt
         dtype = source_dtype(open_checkpoint(src))
     plan, cfg = build_plan(src, param_dtype=DTYPES[dtype], **plan_kwargs)
     meta = {**cfg.to_dict(), "_converted_from": str(Path(src).absolute()), "_dtype": dtype,
-            "_converter": build_plan.__module__}
+            "_converter": build_plan.__module__.removeprefix("dreamomni2_jax.")}
     return write_checkpoint(out, plan.items(progress=progress), meta, overwrite=overwrite)
 
 
@@ -111,67 +109,3 @@ def component_main(convert: Callable, *, description: str, src_help: str, defaul
         return 0
 
     return cli.run(run, None, extra=(ValueError,))
-
-
-def converted_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """``{param path: shape}`` saved in a ``write_checkpoint`` folder (from Orbax metadata; no data read).
-    Raises ``ConversionError`` naming the folder when the metadata is missing or unreadable."""
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    params = Path(path).absolute() / PARAMS_DIR
-    try:
-        tree = ocp.pytree_metadata(params).metadata
-    except Exception as e:  # noqa: BLE001 - any failure means the folder is damaged
-        raise ConversionError(f"{params}: unreadable Orbax metadata ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0][:300]})") from None
-    out: dict[str, tuple[int, ...]] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
-            out[prefix] = tuple(getattr(node, "shape", ()))
-
-    walk(tree, "")
-    return out
-
-
-def verify_converted(path: str | Path, spec: TargetSpec) -> None:
-    """A converted folder holds exactly the params of ``spec`` with their shapes, else ``ConversionError``."""
-    path = Path(path)
-    if not (path / PARAMS_DIR / "commit_success.txt").is_file():
-        raise ConversionError(f"{path / PARAMS_DIR}: incomplete save (no commit_success.txt)")
-    saved = converted_shapes(path)
-    problems = [f"missing {k}" for k in sorted(set(spec) - set(saved))]
-    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(spec))]
-    problems += [f"{k}: shape {list(saved[k])}, expected {list(spec[k][0])}" for k in sorted(set(spec) & set(saved))
-                 if tuple(saved[k]) != tuple(spec[k][0])]
-    if problems:
-        raise ConversionError(f"{path}: damaged converted component ({len(problems)} problem(s)): "
-                              + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
-
-
-def load_component(path: str | Path, *, config_cls, build_plan: Callable, make_model: Callable,
-                   param_dtype, stacked: Callable = lambda cfg: {}, param_sharding=None, config=None):
-    """Restore a converted folder (``config.json`` + Orbax ``params/``) or convert a source in memory.
-
-    ``make_model(cfg)`` builds the module (called under ``nnx.eval_shape``); ``stacked(cfg)`` gives the
-    leading-axis length of each scanned module; ``param_sharding(path, shape)`` places each param.
-    """
-    from flax import nnx
-
-    path = Path(path)
-    if is_converted(path):
-        cfg = config or config_cls.from_json(path / "config.json")
-        items = None
-    else:
-        kwargs = {"config": config} if config is not None else {}
-        plan, cfg = build_plan(path, param_dtype=param_dtype, **kwargs)
-        items = plan.items(progress=False)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: make_model(cfg)))
-    if items is None:
-        state = restore_params(path, state, stacked(cfg), param_sharding)
-    else:
-        state = load_params_from_items(items, state, stacked(cfg), param_sharding)
-    return nnx.merge(graphdef, state)

@@ -1,0 +1,179 @@
+"""Convert a FLUX.2 transformer checkpoint (diffusers or BFL layout, safetensors only) to our Orbax format.
+
+    python convert/flux2_transformer.py --src SRC --out OUT [--dtype bf16|fp32] [--config config.json]
+
+SRC: a diffusers ``transformer/`` folder of a ``Flux2Transformer2DModel`` (FLUX.2 [dev] or [klein]; sharded +
+``*.index.json`` or one file, with ``config.json``) or a BFL single file (``flux2-dev`` / ``flux-2-klein-*``
+layout; a ``model.diffusion_model.`` prefix is stripped). For a BFL file the config is inferred from tensor shapes
+(head_dim 128, rope axes (32, 32, 32, 32), θ 2000 unless ``--config``).
+OUT: ``params/`` (Orbax, per-layer slices) + ``config.json``; written to a temp folder and renamed.
+Mapping: one declarative rule table per layout (``diffusers_rules`` / ``bfl_rules``) run by ``dreamomni2_jax.convert.table``,
+following diffusers' ``convert_flux2_transformer_checkpoint_to_diffusers``. FLUX.2 has no biases.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import ml_dtypes
+
+from dreamomni2_jax.convert.component import component_main, convert_component
+from dreamomni2_jax.convert.flux_transformer import BFL_PREFIX, _quiet_malloc
+from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
+from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
+
+log = logging.getLogger(__name__)
+
+# Module paths (identical in diffusers and in our NNX model); {i} = double block, {j} = single block.
+_TOP = ("x_embedder", "context_embedder", "norm_out.linear", "proj_out",
+        "time_guidance_embed.timestep_embedder.linear_1", "time_guidance_embed.timestep_embedder.linear_2",
+        "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+        "single_stream_modulation.linear")
+_GUIDANCE = ("time_guidance_embed.guidance_embedder.linear_1", "time_guidance_embed.guidance_embedder.linear_2")
+_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+           "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+           "ff_context.linear_out")
+_DOUBLE_NORMS = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
+_SINGLE = ("attn.to_qkv_mlp_proj", "attn.to_out")
+_SINGLE_NORMS = ("attn.norm_q", "attn.norm_k")
+_D, _S = "transformer_blocks.{i}.", "single_transformer_blocks.{j}."
+
+
+def _linear(target: str, source: str, hook=LINEAR) -> Rule:
+    return Rule(f"{target}.kernel", f"{source}.weight", hook)
+
+
+def diffusers_rules(guidance: bool) -> list[Rule]:
+    rules = [_linear(m, m) for m in _TOP + (_GUIDANCE if guidance else ())]
+    rules += [_linear(_D + m, _D + m) for m in _DOUBLE] + [_linear(_S + m, _S + m) for m in _SINGLE]
+    rules += [Rule(f"{p}{m}.scale", f"{p}{m}.weight") for p, ms in ((_D, _DOUBLE_NORMS), (_S, _SINGLE_NORMS))
+              for m in ms]
+    return rules
+
+
+def bfl_rules(guidance: bool) -> list[Rule]:
+    t, D, S = "time_guidance_embed.", "double_blocks.{i}.", "single_blocks.{j}."
+    pairs = [("x_embedder", "img_in"), ("context_embedder", "txt_in"), ("proj_out", "final_layer.linear"),
+             (t + "timestep_embedder.linear_1", "time_in.in_layer"),
+             (t + "timestep_embedder.linear_2", "time_in.out_layer"),
+             ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin"),
+             ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin"),
+             ("single_stream_modulation.linear", "single_stream_modulation.lin"),
+             (_D + "attn.to_out.0", D + "img_attn.proj"), (_D + "attn.to_add_out", D + "txt_attn.proj"),
+             (_D + "ff.linear_in", D + "img_mlp.0"), (_D + "ff.linear_out", D + "img_mlp.2"),
+             (_D + "ff_context.linear_in", D + "txt_mlp.0"), (_D + "ff_context.linear_out", D + "txt_mlp.2"),
+             (_S + "attn.to_qkv_mlp_proj", S + "linear1"), (_S + "attn.to_out", S + "linear2")]
+    if guidance:
+        pairs += [(t + "guidance_embedder.linear_1", "guidance_in.in_layer"),
+                  (t + "guidance_embedder.linear_2", "guidance_in.out_layer")]
+    norms = [(_D + "attn.norm_q", D + "img_attn.norm.query_norm"), (_D + "attn.norm_k", D + "img_attn.norm.key_norm"),
+             (_D + "attn.norm_added_q", D + "txt_attn.norm.query_norm"),
+             (_D + "attn.norm_added_k", D + "txt_attn.norm.key_norm"),
+             (_S + "attn.norm_q", S + "norm.query_norm"), (_S + "attn.norm_k", S + "norm.key_norm")]
+    rules = [_linear(tgt, src) for tgt, src in pairs]
+    rules += [Rule(f"{tgt}.scale", f"{src}.scale", IDENTITY) for tgt, src in norms]
+    for names, src in (((_D + "attn.to_q", _D + "attn.to_k", _D + "attn.to_v"), D + "img_attn.qkv"),
+                       ((_D + "attn.add_q_proj", _D + "attn.add_k_proj", _D + "attn.add_v_proj"), D + "txt_attn.qkv")):
+        rules.append(Rule(tuple(f"{n}.kernel" for n in names), f"{src}.weight", chain(split(0), LINEAR)))
+    # BFL final layer modulation is (shift, scale); diffusers AdaLayerNormContinuous is (scale, shift).
+    rules.append(_linear("norm_out.linear", "final_layer.adaLN_modulation.1", chain(swap_halves(0), LINEAR)))
+    return rules
+
+
+def detect_layout(reader: Reader) -> str:
+    if "single_stream_modulation.lin.weight" in reader:
+        return "bfl"
+    if "single_stream_modulation.linear.weight" in reader:
+        return "diffusers"
+    raise ValueError(f"{reader.source}: not a FLUX.2 transformer checkpoint in diffusers or BFL layout "
+                     f"(first keys: {reader.keys()[:5]})")
+
+
+def _count(reader: Reader, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in reader.keys() if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(reader: Reader, layout: str, base=None):
+    """Flux2Config from tensor shapes; ``base`` (a Flux2Config) supplies head_dim / rope axes / θ / eps."""
+    from dreamomni2_jax.models.flux2 import Flux2Config
+
+    base = base or Flux2Config()
+    img, txt, final, guid, ffin, dbl, sgl = {
+        "bfl": ("img_in", "txt_in", "final_layer.linear", "guidance_in.in_layer", "double_blocks.0.img_mlp.0",
+                "double_blocks.", "single_blocks."),
+        "diffusers": ("x_embedder", "context_embedder", "proj_out", "time_guidance_embed.guidance_embedder.linear_1",
+                      "transformer_blocks.0.ff.linear_in", "transformer_blocks.", "single_transformer_blocks.")}[layout]
+    for k in (img, txt, final):
+        if f"{k}.weight" not in reader:
+            raise ValueError(f"{reader.source}: missing key {k}.weight, cannot infer the FLUX.2 config")
+    inner, in_ch = reader.shape(f"{img}.weight")
+    if inner % base.attention_head_dim:
+        raise ValueError(f"{reader.source}: hidden size {inner} is not a multiple of head_dim "
+                         f"{base.attention_head_dim}; pass --config")
+    out_ch = reader.shape(f"{final}.weight")[0] // base.patch_size**2
+    mlp_ratio = reader.shape(f"{ffin}.weight")[0] / 2 / inner if f"{ffin}.weight" in reader else base.mlp_ratio
+    return Flux2Config(
+        patch_size=base.patch_size, in_channels=in_ch, out_channels=None if out_ch == in_ch else out_ch,
+        num_layers=_count(reader, dbl), num_single_layers=_count(reader, sgl),
+        attention_head_dim=base.attention_head_dim, num_attention_heads=inner // base.attention_head_dim,
+        joint_attention_dim=reader.shape(f"{txt}.weight")[1],
+        timestep_guidance_channels=reader.shape(("time_in.in_layer" if layout == "bfl" else
+                                                 "time_guidance_embed.timestep_embedder.linear_1") + ".weight")[1],
+        mlp_ratio=mlp_ratio, axes_dims_rope=base.axes_dims_rope, rope_theta=base.rope_theta, eps=base.eps,
+        guidance_embeds=f"{guid}.weight" in reader)
+
+
+def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
+    """Open ``src``, pick the layout, settle the config and validate everything -> ``(Plan, Flux2Config)``.
+
+    ``config``: Flux2Config or path to a config.json; by default the folder's config.json (diffusers) or the
+    shape-inferred one (BFL). Raises ``ConversionError`` listing every missing / unused / mis-shaped tensor.
+    """
+    from dreamomni2_jax.models.flux2 import Flux2Config
+
+    src = Path(src)
+    reader = open_checkpoint(src).under_prefix((BFL_PREFIX,))
+    layout = detect_layout(reader)
+    if isinstance(config, (str, Path)):
+        config = Flux2Config.from_json(config)
+    if config is None:
+        folder = src if src.is_dir() else src.parent
+        if layout == "diffusers" and (folder / "config.json").is_file():
+            config = Flux2Config.from_json(folder / "config.json")
+        else:
+            config = infer_config(reader, layout)
+    return make_plan(reader, layout, config, param_dtype), config
+
+
+def make_plan(reader: Reader, layout: str, config, param_dtype=ml_dtypes.bfloat16) -> Plan:
+    """The validated plan for ``reader`` (``layout`` "diffusers" | "bfl") into a model of ``config``."""
+    from flax import nnx
+
+    from dreamomni2_jax.models.flux2 import abstract_flux2, stacked_counts
+
+    model = abstract_flux2(config, dtype=param_dtype, param_dtype=param_dtype)
+    spec = target_spec(nnx.state(model, nnx.Param), stacked_counts(config))
+    rules = (bfl_rules if layout == "bfl" else diffusers_rules)(config.guidance_embeds)
+    counts = {"i": config.num_layers, "j": config.num_single_layers}
+    return Plan(reader, expand(rules, counts), spec)
+
+
+def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Convert ``src`` into the folder ``out`` (see module docstring)."""
+    return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return component_main(
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv, before=_quiet_malloc,
+        src_help="diffusers Flux2Transformer2DModel transformer/ folder or BFL .safetensors file",
+        config_help="Flux2Transformer2DModel config.json overriding the inferred one")
+
+
+__all__ = ["build_plan", "make_plan", "convert", "main", "diffusers_rules", "bfl_rules", "infer_config"]
+
+if __name__ == "__main__":
+    sys.exit(main())

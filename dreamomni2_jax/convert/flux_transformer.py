@@ -1,0 +1,182 @@
+"""Convert a Flux transformer checkpoint (diffusers or BFL layout, safetensors only) to our Orbax format.
+
+    python convert/flux_transformer.py --src SRC --out OUT [--dtype source|bf16|fp16|fp32] [--config config.json]
+
+SRC: a diffusers ``transformer/`` folder (sharded + ``*.index.json`` or one file, with ``config.json``) or a BFL
+single file (``flux1-dev`` / ``flux1-kontext-dev`` layout; a ``model.diffusion_model.`` prefix is stripped). For a
+BFL file the config is inferred from tensor shapes (head_dim 128 and rope axes (16, 56, 56) unless ``--config``).
+OUT: ``params/`` (Orbax, per-layer slices) + ``config.json``; written to a temp folder and renamed.
+Mapping: one declarative rule table per layout (``DIFFUSERS_RULES`` / ``BFL_RULES``) run by ``dreamomni2_jax.convert.table``;
+mapping follows diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import ml_dtypes
+
+from dreamomni2_jax.weights.safetensors_io import Reader, limit_malloc_caching, open_checkpoint
+from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
+from dreamomni2_jax.weights.store import is_converted  # noqa: F401 - historical import site
+
+log = logging.getLogger(__name__)
+BFL_PREFIX = "model.diffusion_model."
+
+# Module paths (identical in diffusers and in our NNX model); {i} = double block, {j} = single block.
+_TOP_LINEARS = ("x_embedder", "context_embedder", "norm_out.linear", "proj_out",
+                "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+                "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")
+_GUIDANCE_LINEARS = ("time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2")
+_DOUBLE_LINEARS = ("norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+                   "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+_DOUBLE_NORMS = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
+_SINGLE_LINEARS = ("norm.linear", "proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v")
+_SINGLE_NORMS = ("attn.norm_q", "attn.norm_k")
+
+
+def _linear(target: str, source: str, hook_w=LINEAR, hook_b=IDENTITY) -> list[Rule]:
+    return [Rule(f"{target}.kernel", f"{source}.weight", hook_w), Rule(f"{target}.bias", f"{source}.bias", hook_b)]
+
+
+def _fused(targets: tuple[str, ...], source: str) -> list[Rule]:
+    """One fused torch Linear (rows concatenated) -> several of our Linears."""
+    return [Rule(tuple(f"{t}.kernel" for t in targets), f"{source}.weight", chain(split(0), LINEAR)),
+            Rule(tuple(f"{t}.bias" for t in targets), f"{source}.bias", split(0))]
+
+
+def diffusers_rules(guidance: bool) -> list[Rule]:
+    rules = [r for m in _TOP_LINEARS + (_GUIDANCE_LINEARS if guidance else ()) for r in _linear(m, m)]
+    d, s = "transformer_blocks.{i}.", "single_transformer_blocks.{j}."
+    rules += [r for m in _DOUBLE_LINEARS for r in _linear(d + m, d + m)]
+    rules += [Rule(f"{d}{m}.scale", f"{d}{m}.weight") for m in _DOUBLE_NORMS]
+    rules += [r for m in _SINGLE_LINEARS for r in _linear(s + m, s + m)]
+    rules += [Rule(f"{s}{m}.scale", f"{s}{m}.weight") for m in _SINGLE_NORMS]
+    return rules
+
+
+def bfl_rules(guidance: bool) -> list[Rule]:
+    t, d, s = "time_text_embed.", "transformer_blocks.{i}.", "single_transformer_blocks.{j}."
+    D, S = "double_blocks.{i}.", "single_blocks.{j}."
+    pairs = [("x_embedder", "img_in"), ("context_embedder", "txt_in"), ("proj_out", "final_layer.linear"),
+             (t + "timestep_embedder.linear_1", "time_in.in_layer"),
+             (t + "timestep_embedder.linear_2", "time_in.out_layer"),
+             (t + "text_embedder.linear_1", "vector_in.in_layer"),
+             (t + "text_embedder.linear_2", "vector_in.out_layer"),
+             (d + "norm1.linear", D + "img_mod.lin"), (d + "norm1_context.linear", D + "txt_mod.lin"),
+             (d + "attn.to_out.0", D + "img_attn.proj"), (d + "attn.to_add_out", D + "txt_attn.proj"),
+             (d + "ff.net.0.proj", D + "img_mlp.0"), (d + "ff.net.2", D + "img_mlp.2"),
+             (d + "ff_context.net.0.proj", D + "txt_mlp.0"), (d + "ff_context.net.2", D + "txt_mlp.2"),
+             (s + "norm.linear", S + "modulation.lin"), (s + "proj_out", S + "linear2")]
+    if guidance:
+        pairs += [(t + "guidance_embedder.linear_1", "guidance_in.in_layer"),
+                  (t + "guidance_embedder.linear_2", "guidance_in.out_layer")]
+    norms = [(d + "attn.norm_q", D + "img_attn.norm.query_norm"), (d + "attn.norm_k", D + "img_attn.norm.key_norm"),
+             (d + "attn.norm_added_q", D + "txt_attn.norm.query_norm"),
+             (d + "attn.norm_added_k", D + "txt_attn.norm.key_norm"),
+             (s + "attn.norm_q", S + "norm.query_norm"), (s + "attn.norm_k", S + "norm.key_norm")]
+    rules = [r for tgt, src in pairs for r in _linear(tgt, src)]
+    rules += [Rule(f"{tgt}.scale", f"{src}.scale") for tgt, src in norms]
+    rules += _fused((d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"), D + "img_attn.qkv")
+    rules += _fused((d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"), D + "txt_attn.qkv")
+    rules += _fused((s + "attn.to_q", s + "attn.to_k", s + "attn.to_v", s + "proj_mlp"), S + "linear1")
+    # BFL final layer modulation is (shift, scale); diffusers AdaLayerNormContinuous is (scale, shift).
+    rules += _linear("norm_out.linear", "final_layer.adaLN_modulation.1",
+                     chain(swap_halves(0), LINEAR), swap_halves(0))
+    return rules
+
+
+def detect_layout(reader: Reader) -> str:
+    if "double_blocks.0.img_attn.qkv.weight" in reader or "img_in.weight" in reader:
+        return "bfl"
+    if "x_embedder.weight" in reader:
+        return "diffusers"
+    raise ValueError(f"{reader.source}: not a Flux transformer checkpoint in diffusers or BFL layout "
+                     f"(first keys: {reader.keys()[:5]})")
+
+
+def _count(reader: Reader, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in reader.keys() if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(reader: Reader, layout: str, base=None):
+    """FluxConfig from tensor shapes; ``base`` (a FluxConfig) supplies head_dim / rope axes (defaults: Kontext)."""
+    from dreamomni2_jax.models.flux import FluxConfig
+
+    base = base or FluxConfig()
+    names = {"bfl": ("img_in", "txt_in", "vector_in.in_layer", "guidance_in.in_layer", "final_layer.linear",
+                     "double_blocks.", "single_blocks."),
+             "diffusers": ("x_embedder", "context_embedder", "time_text_embed.text_embedder.linear_1",
+                           "time_text_embed.guidance_embedder.linear_1", "proj_out",
+                           "transformer_blocks.", "single_transformer_blocks.")}[layout]
+    img, txt, vec, guid, final, dbl, sgl = names
+    for k in (img, txt, vec, final):
+        if f"{k}.weight" not in reader:
+            raise ValueError(f"{reader.source}: missing key {k}.weight, cannot infer the Flux config")
+    inner, in_ch = reader.shape(f"{img}.weight")
+    if inner % base.attention_head_dim:
+        raise ValueError(f"{reader.source}: hidden size {inner} is not a multiple of head_dim "
+                         f"{base.attention_head_dim}; pass --config")
+    out_ch = reader.shape(f"{final}.weight")[0] // base.patch_size**2
+    return FluxConfig(
+        patch_size=base.patch_size, in_channels=in_ch, out_channels=None if out_ch == in_ch else out_ch,
+        num_layers=_count(reader, dbl), num_single_layers=_count(reader, sgl),
+        attention_head_dim=base.attention_head_dim, num_attention_heads=inner // base.attention_head_dim,
+        joint_attention_dim=reader.shape(f"{txt}.weight")[1], pooled_projection_dim=reader.shape(f"{vec}.weight")[1],
+        guidance_embeds=f"{guid}.weight" in reader, axes_dims_rope=base.axes_dims_rope)
+
+
+def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
+    """Open ``src``, pick the layout, settle the config and validate everything -> ``(Plan, FluxConfig)``.
+
+    ``config``: FluxConfig or path to a config.json; by default the folder's config.json (diffusers) or the
+    shape-inferred one (BFL). Raises ``ConversionError`` listing every missing / unused / mis-shaped tensor.
+    """
+    from flax import nnx
+
+    from dreamomni2_jax.models.flux import FluxConfig, abstract_flux, stacked_counts
+
+    src = Path(src)
+    reader = open_checkpoint(src).under_prefix((BFL_PREFIX,))
+    layout = detect_layout(reader)
+    if isinstance(config, (str, Path)):
+        config = FluxConfig.from_json(config)
+    if config is None:
+        folder = src if src.is_dir() else src.parent
+        if layout == "diffusers" and (folder / "config.json").is_file():
+            config = FluxConfig.from_json(folder / "config.json")
+        else:
+            config = infer_config(reader, layout)
+    model = abstract_flux(config, dtype=param_dtype, param_dtype=param_dtype)
+    spec = target_spec(nnx.state(model, nnx.Param), stacked_counts(config))
+    rules = (bfl_rules if layout == "bfl" else diffusers_rules)(config.guidance_embeds)
+    counts = {"i": config.num_layers, "j": config.num_single_layers}
+    return Plan(reader, expand(rules, counts), spec), config
+
+
+def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Convert ``src`` into the folder ``out`` (see module docstring)."""
+    return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
+
+
+def _quiet_malloc() -> None:
+    limit_malloc_caching()
+    log.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return component_main(
+        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv, before=_quiet_malloc,
+        src_help='diffusers transformer/ folder or BFL .safetensors file',
+        config_help='FluxTransformer2DModel config.json overriding the inferred one')
+
+
+__all__ = ["build_plan", "convert", "main", "is_converted", "diffusers_rules", "bfl_rules", "infer_config"]
+
+if __name__ == "__main__":
+    sys.exit(main())
