@@ -225,9 +225,12 @@ def lower_sample(cfg, devices, fc, batch: int = 1):
     rep = shd.replicated(mesh)
     shapes, n_tokens = sample_input_shapes(cfg, fc, batch)
     inputs = tuple(None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep) for x in shapes)
-    lowered = _denoise_jit.lower(graphdef, state, *inputs, tick=_no_tick, mesh=mesh)
+    # The progress callback needs the GPU runtime to lower; without a GPU the CUDA program is compiled without it.
+    tick = None if devices[0].platform in ("gpu", "cuda") else _no_tick
+    lowered = _denoise_jit.lower(graphdef, state, *inputs, tick=tick, mesh=mesh)
     info = {"mesh": dict(mesh.shape), "images": batch, "steps": cfg.sample.steps, "tokens_per_sample": n_tokens,
-            "references": len(cfg.data.synthetic_refs), "state_bytes_per_chip": _per_chip_bytes(state)}
+            "references": len(cfg.data.synthetic_refs), "state_bytes_per_chip": _per_chip_bytes(state),
+            "progress_callback": tick is not None}
     return lowered, info
 
 

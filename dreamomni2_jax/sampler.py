@@ -140,7 +140,8 @@ def _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidanc
         out = model(inp, embeds, pooled, t / 1000.0, img_ids, txt_ids, guidance, n_out=n).astype(jnp.float32)
         if cfg:
             out = out[b:] + cfg_scale * (out[:b] - out[b:])
-        jax.debug.callback(tick, i)
+        if tick is not None:  # None: no progress callback (compiling for a GPU without one: scripts/aot.py)
+            jax.debug.callback(tick, i)
         return euler_step(lat, out, sigma, sigma_next), None
 
     steps = (jnp.arange(timesteps.shape[0]), timesteps, sigmas[:-1], sigmas[1:])
