@@ -85,7 +85,7 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (if ``grad_clip`` > 0) then AdamW with :func:`lr_schedule`."""
-    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+    """Global-norm clipping (if ``grad_clip`` > 0) then ``optim.name``'s optimizer (:mod:`optimizers`)."""
+    from dreamomni2_jax.optimizers import make_optimizer as make
+
+    return make(cfg, total_steps)

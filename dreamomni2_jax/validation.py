@@ -19,6 +19,8 @@ T5/CLIP embeddings are computed once and the text encoders are dropped right aft
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import time
 from pathlib import Path
@@ -220,10 +222,11 @@ def summary_writer(logdir: Path):
     return SummaryWriter(logdir=str(logdir))
 
 
-def _default_transformer(obj):
-    """The loop's ``LoopContext`` -> ``ctx.model()`` (current adapted model, eval mode); a model -> itself."""
+def _default_transformer(obj, ema: bool = False):
+    """The loop's ``LoopContext`` -> ``ctx.model(ema=...)`` (current adapted model, eval mode; the EMA adapters
+    with ``sample.use_ema``); a model -> itself."""
     model = getattr(obj, "model", None)
-    return model() if callable(model) else obj
+    return model(ema=ema) if callable(model) else obj
 
 
 def make_validation_hook(cfg: Config, transformer_getter: Callable[[Any], Any] | None, model_dir: str | Path,
@@ -233,4 +236,6 @@ def make_validation_hook(cfg: Config, transformer_getter: Callable[[Any], Any] |
 
     ``transformer_getter(model)`` returns the Flux transformer (with its LoRA adapters) from whatever is passed as
     ``model``; ``None``: ``model.model()`` when it has that method (a ``LoopContext``), else ``model`` itself."""
+    if transformer_getter is None and cfg.sample.use_ema:
+        transformer_getter = functools.partial(_default_transformer, ema=True)
     return ValidationHook(cfg, transformer_getter, model_dir, run_dir)
