@@ -74,3 +74,18 @@ def eval_params(cfg: OptimConfig, opt_state: Any, params: Any) -> Any:
 
     state = opt_state[1] if cfg.grad_clip > 0 else opt_state  # chain(clip, schedule_free)
     return contrib.schedule_free_eval_params(state, params)
+
+
+def saved_eval_params(opt_state: Any, params: Any) -> Any:
+    """:func:`eval_params` for a checkpoint restored without its types (``checkpoint.load_state``: named tuples
+    come back as dicts / lists): schedule-free AdamW's ``x`` when the state holds its ``z`` and ``b1``, else
+    ``params``."""
+    from types import SimpleNamespace
+
+    from optax import contrib
+
+    parts = opt_state if isinstance(opt_state, (list, tuple)) else [opt_state]
+    sf = [p for p in parts if isinstance(p, dict) and "z" in p and "b1" in p]
+    if not sf:
+        return params
+    return contrib.schedule_free_eval_params(SimpleNamespace(b1=sf[0]["b1"], z=sf[0]["z"]), params)
