@@ -180,6 +180,7 @@ class DataConfig(_Section):
     # per sample, each reference after the first is dropped with this probability (deterministic per global
     # sample index; see dreamomni2_jax.ref_dropout)
     reference_dropout: float = 0.0
+    eval_cache_dir: str = ""  # a second cache (scripts/cache.py) for the held-out loss (train.eval_every)
 
     def _validate(self):
         _positive("data.batch_size", self.batch_size)
@@ -320,6 +321,8 @@ class TrainConfig(_Section):
     mask_threshold: float = 0.1  # difference: mean |target - source| over latent channels above this is "changed"
     mask_dilate: int = 1  # difference: grow the changed region by this many latent pixels
     ema_decay: float = 0.0  # EMA of the adapters (dreamomni2_jax.ema); 0 = off
+    eval_every: int = 0  # held-out loss over data.eval_cache_dir every this many steps; 0 = off
+    eval_sigmas: int = 8  # noise levels of the held-out loss (quantiles of the training σ distribution)
     ema_warmup: bool = False  # diffusers EMAModel's schedule: 0, then min(ema_decay, (1 + n) / (10 + n)) at update n
 
     def _validate(self):
@@ -329,6 +332,8 @@ class TrainConfig(_Section):
         _positive("train.mask_threshold", self.mask_threshold, allow_zero=True)
         _positive("train.mask_dilate", self.mask_dilate, allow_zero=True)
         _in_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        _positive("train.eval_every", self.eval_every, allow_zero=True)
+        _positive("train.eval_sigmas", self.eval_sigmas)
         _choice("train.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal", "mode", "sigmoid_shift"))
         _choice("train.weighting", self.weighting, ("none", "sigma_sqrt", "cosmap"))
         _positive("train.log_every", self.log_every)
@@ -361,6 +366,8 @@ class Config:
                                   f"{typing.get_type_hints(Config)[f.name].__name__}")
             section._check_finite()
             section._validate()
+        if self.train.eval_every > 0 and not self.data.eval_cache_dir:
+            raise ConfigError("train.eval_every > 0 needs data.eval_cache_dir (a cache of held-out records)")
         if self.sample.use_ema and self.train.ema_decay <= 0:
             raise ConfigError("sample.use_ema=true needs train.ema_decay > 0 (no EMA adapters are kept)")
 

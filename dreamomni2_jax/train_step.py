@@ -136,11 +136,19 @@ def flow_matching_loss(model, batch: dict, rng: jax.Array, sample_index: jax.Arr
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"batch is missing {missing}; expected keys {BATCH_KEYS}")
+    b, t, c = batch["target"].shape
+    draws = sample_draws(rng, sample_index, t, c, batch["img_mask"][:, :t].astype(jnp.float32).sum(1), cfg)
+    weighted, per_sample = per_sample_losses(model, batch, draws, cfg, empty_text)
+    return jnp.mean(weighted), {"sigma_mean": jnp.mean(draws["sigma"]), "loss_unweighted": jnp.mean(per_sample)}
+
+
+def per_sample_losses(model, batch: dict, draws: dict, cfg: StepConfig, empty_text: dict | None = None):
+    """``(σ-weighted, unweighted)`` per-sample losses [B] of ``batch`` for the given ``draws`` (``sigma`` [B],
+    ``noise`` [B, T, C], ``drop_caption`` [B]; :func:`sample_draws`, or fixed ones for the held-out loss)."""
     x0 = batch["target"].astype(jnp.float32)
     b, t, c = x0.shape
     mask = batch["img_mask"]
     tmask = mask[:, :t].astype(jnp.float32)
-    draws = sample_draws(rng, sample_index, t, c, tmask.sum(1), cfg)
     sigmas, noise = draws["sigma"], draws["noise"]
     s = sigmas[:, None, None]
     x_t = (1.0 - s) * x0 + s * noise
@@ -158,8 +166,7 @@ def flow_matching_loss(model, batch: dict, rng: jax.Array, sample_index: jax.Arr
                  attention_mask=mask, n_out=t)  # target tokens only: the reference outputs are unused
     err = jnp.square(pred.astype(jnp.float32) - (noise - x0))
     per_sample = per_sample_loss(err, tmask, batch.get("loss_weight"), cfg.mask_floor)
-    w = loss_weighting(sigmas, cfg.weighting)
-    return jnp.mean(w * per_sample), {"sigma_mean": jnp.mean(sigmas), "loss_unweighted": jnp.mean(per_sample)}
+    return loss_weighting(sigmas, cfg.weighting) * per_sample, per_sample
 
 
 def loss_and_grads(lora: nnx.State, frozen: nnx.State, batch: dict, rng: jax.Array, *, statics: "StepStatics",
