@@ -232,3 +232,30 @@ def test_feature_config_errors():
         Config(train=TrainConfig(mask_floor=1.5))
     with pytest.raises(ConfigError, match="data.reference_dropout"):
         Config(data=dataclasses.replace(Config().data, reference_dropout=-0.1))
+
+
+def test_validation_and_export_model_use_ema_or_schedule_free_point(tmp_path):
+    from dreamomni2_jax import loop
+    from dreamomni2_jax.validation import make_validation_hook
+
+    cfg = dataclasses.replace(CFG, optim=OptimConfig(name="schedule_free_adamw", lr=3e-2),
+                              train=dataclasses.replace(CFG.train, ema_decay=0.5),
+                              sample=SampleConfig(use_ema=True, every_steps=1))
+    b = batch()
+    graphdef, state, statics, step = _setup(cfg, b, ema=True)
+    for k in range(2):
+        state, _ = step(state, b, jax.random.key(k))
+    ctx = loop.LoopContext(cfg=cfg, mesh=None, statics=statics, state=state, stream=None, rng=jax.random.key(0))
+    flat = lambda m: jax.tree.leaves(nnx.state(m, ts.LoRAParam))  # noqa: E731
+    hook = make_validation_hook(cfg, None, tmp_path, tmp_path / "run")
+    for got, want in zip(flat(hook.transformer_getter(ctx)), jax.tree.leaves(state.ema)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    x = optimizers.eval_params(cfg.optim, state.opt_state, state.lora)
+    for got, want in zip(flat(ctx.model()), jax.tree.leaves(x)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=0.0),
+                                sample=SampleConfig())
+    _, st0, statics0, _ = _setup(plain, b)
+    with pytest.raises(ValueError, match="train.ema_decay is 0"):
+        loop.LoopContext(cfg=plain, mesh=None, statics=statics0, state=st0, stream=None,
+                         rng=jax.random.key(0)).model(ema=True)
