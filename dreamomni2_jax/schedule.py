@@ -82,10 +82,3 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     if warm == 0:
         return cosine
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), cosine], [warm])
-
-
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (if ``grad_clip`` > 0) then ``optim.name``'s optimizer (:mod:`optimizers`)."""
-    from dreamomni2_jax.optimizers import make_optimizer as make
-
-    return make(cfg, total_steps)

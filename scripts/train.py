@@ -95,7 +95,8 @@ def _main(args, callbacks) -> int:
         ckpt = CheckpointCallback(cfg, resume=args.resume, branch=args.branch, sigterm=sigterm)
         try:
             with sigterm:
-                loop.train(ctx, [ckpt, *_validation(cfg), *_held_out(cfg), *callbacks], progress=not args.no_progress)
+                loop.train(ctx, [ckpt, *_validation(cfg), *_held_out(cfg), *callbacks],
+                           progress=not args.no_progress)
         except loop.NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
