@@ -220,7 +220,8 @@ def shard_name(k: int) -> str:
 def _digest(records: Sequence[Record]) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r.where, r.instruction, r.target, list(r.references), r.task]).encode())
+        h.update(json.dumps([r.where, r.instruction, r.target, list(r.references), r.task]
+                            + ([r.mask] if r.mask else [])).encode())
     return h.hexdigest()[:16]
 
 
@@ -238,6 +239,7 @@ class _Prepared:
     instruction: str
     task: str
     pixels: list[np.ndarray]  # uint8 [H, W, 3]: target then references
+    mask: np.ndarray | None = None  # float32 [H, W] in [0, 1]: the loss mask at the target's pixel size
 
 
 def _resized(img, size: tuple[int, int]) -> np.ndarray:
@@ -269,7 +271,15 @@ def _prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared:
                    for r in refs[len(pixels) - 1:]]
     except ValueError as e:  # an extreme aspect ratio or area: a bad input like any other (skippable)
         raise BadInput(rec.where, str(e), rec.target) from None
-    return _Prepared(rec, rec.instruction.strip(), task, pixels)
+    mask = None
+    if rec.mask:
+        m = open_image(rec.mask, rec.where)
+        if m.size != tgt.size:
+            raise BadInput(rec.where, f"mask {m.size[0]}x{m.size[1]} is not the target's size "
+                                      f"{tgt.size[0]}x{tgt.size[1]}", rec.mask)
+        h, w = pixels[0].shape[:2]
+        mask = _resized(m.convert("L"), (w, h)).astype(np.float32) / 255.0
+    return _Prepared(rec, rec.instruction.strip(), task, pixels, mask)
 
 
 def _try_prepare(rec: Record, s: CacheSettings, multiple: int) -> _Prepared | BadInput:
@@ -294,6 +304,11 @@ def _encode_group(items: list[_Prepared], enc: Encoders) -> list[dict[str, np.nd
             z = np.asarray(enc.encode_images(x))
             for (i, j), zi in zip(part, z):
                 out[i]["target" if j == 0 else f"ref{j - 1}"] = zi
+    f = int(getattr(enc, "downscale", 8))
+    for i, it in enumerate(items):  # loss mask at latent resolution: the average of each f x f pixel block
+        if it.mask is not None:
+            h, w = it.mask.shape
+            out[i]["loss_mask"] = it.mask.reshape(h // f, f, w // f, f).mean(axis=(1, 3)).astype(np.float32)
     t5, pooled = enc.encode_text([it.instruction for it in items])
     for i in range(len(items)):
         out[i]["t5"], out[i]["pooled"] = np.asarray(t5[i]), np.asarray(pooled[i])
@@ -416,13 +431,14 @@ def _write_shard(out: Path, k: int, chunk: list[Record], s: CacheSettings, enc: 
                 lat = [arr["target"].shape[:2]] + [arr[f"ref{j}"].shape[:2] for j in range(len(it.pixels) - 1)]
                 meta = {"instruction": it.instruction, "instruction_original": it.rec.instruction, "task": it.task,
                         "where": it.rec.where, "line": it.rec.line, "target": it.rec.target,
-                        "references": list(it.rec.references),
+                        "references": list(it.rec.references), "mask": it.rec.mask,
                         "pixels": [[int(p.shape[1]), int(p.shape[0])] for p in it.pixels]}
                 writer.write(encode_record(arr, meta))
                 entries.append({"shard": k, "target_latent": list(lat[0]),
                                 "reference_latents": [list(x) for x in lat[1:]],
                                 "num_references": len(lat) - 1, "task": it.task, "where": it.rec.where,
-                                "line": it.rec.line, "target": it.rec.target, "references": list(it.rec.references)})
+                                "line": it.rec.line, "target": it.rec.target, "references": list(it.rec.references),
+                                "mask": it.rec.mask})
                 bar.update(len(it.pixels))
                 if hook:
                     hook("record", k)

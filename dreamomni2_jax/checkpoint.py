@@ -441,8 +441,10 @@ def _lora_key(path) -> str:
     return ".".join(parts[:-1] if parts[-1] in ("value", "raw_value") else parts)
 
 
-def load_lora(path: str | Path, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """The LoRA adapters of a checkpoint (``state["lora"]``) -> (flat ``{module.lora_A|B: array}``, metadata).
+def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """The LoRA adapters of a checkpoint (``state["lora"]``; ``ema``: their EMA, ``state["ema"]``) -> (flat
+    ``{module.lora_A|B: array}``, metadata). A schedule-free run's adapters are its evaluation point
+    (``optimizers.saved_eval_params``).
 
     metadata: ``{"rank", "alpha", "targets", "step", "step_dir"}``; alpha comes from the adapter metadata saved
     with the checkpoint, else from the saved config (``lora.alpha``).
@@ -451,7 +453,14 @@ def load_lora(path: str | Path, step: int | None = None) -> tuple[dict[str, np.n
     if not isinstance(state, dict) or "lora" not in state:
         raise CheckpointError(f"{step_dir / 'state'} has no 'lora' entry (top-level keys: "
                               f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
-    flat = {_lora_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state["lora"])[0]}
+    if ema and "ema" not in state:
+        raise CheckpointError(f"{step_dir}: no EMA adapters in this checkpoint (trained with train.ema_decay=0)")
+    adapters = state["ema"] if ema else state["lora"]
+    if not ema:
+        from dreamomni2_jax.optimizers import saved_eval_params
+
+        adapters = saved_eval_params(state.get("opt_state"), adapters)
+    flat = {_lora_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(adapters)[0]}
     bad = sorted(k for k in flat if not k.endswith((".lora_A", ".lora_B")))
     if bad or not flat:
         raise CheckpointError(f"{step_dir / 'state'}: 'lora' entry has non-adapter leaves {bad[:20]} "

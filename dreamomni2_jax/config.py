@@ -177,6 +177,10 @@ class DataConfig(_Section):
     max_sequence_length: int = 512  # T5 tokens
     synthetic_resolution: tuple[int, int] = (1024, 1024)  # target pixels for synthetic batches
     synthetic_refs: tuple[tuple[int, int], ...] = ((1024, 1024),)  # reference pixels for synthetic batches
+    # per sample, each reference after the first is dropped with this probability (deterministic per global
+    # sample index; see dreamomni2_jax.ref_dropout)
+    reference_dropout: float = 0.0
+    eval_cache_dir: str = ""  # a second cache (scripts/cache.py) for the held-out loss (train.eval_every)
 
     def _validate(self):
         _positive("data.batch_size", self.batch_size)
@@ -197,11 +201,14 @@ class DataConfig(_Section):
                     raise ConfigError(f"{name}: {size!r} is not a (height, width) pair of positive sizes")
         if not 0 <= self.caption_dropout <= 1:
             raise ConfigError(f"data.caption_dropout={self.caption_dropout} must be in [0, 1]")
+        _in_range("data.reference_dropout", self.reference_dropout, 0.0, 1.0, hi_open=False)
 
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    lr: float = 1e-4
+    # adamw | prodigy | schedule_free_adamw | muon | adafactor (optax / optax.contrib; see dreamomni2_jax.optimizers)
+    name: str = "adamw"
+    lr: float = 1e-4  # prodigy: a multiplier of its own step-size estimate (use 1.0)
     schedule: str = "constant"  # constant | cosine (after warmup)
     warmup_steps: int = 0
     b1: float = 0.9
@@ -211,8 +218,20 @@ class OptimConfig(_Section):
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # micro-batches per update (equal to one k-times larger batch)
     max_nonfinite: int = 5  # consecutive NaN/inf steps (skipped) before training stops
+    prodigy_d_coef: float = 1.0  # prodigy: scale of the estimated step size
+    schedule_free_warmup: int = 0  # schedule_free_adamw: its own warm-up steps (use with optim.schedule=constant)
+    muon_ns_steps: int = 5  # muon: Newton-Schulz iterations
+    adafactor_min_dim_size_to_factor: int = 128  # adafactor: smaller dimensions keep full second moments
+    # adafactor: scale steps by each parameter's RMS (Adafactor's relative steps). Off by default: LoRA's B starts at
+    # zero, so relative steps would start ~1000x smaller than optim.lr
+    adafactor_parameter_scale: bool = False
 
     def _validate(self):
+        _choice("optim.name", self.name, ("adamw", "prodigy", "schedule_free_adamw", "muon", "adafactor"))
+        _positive("optim.prodigy_d_coef", self.prodigy_d_coef)
+        _positive("optim.schedule_free_warmup", self.schedule_free_warmup, allow_zero=True)
+        _positive("optim.muon_ns_steps", self.muon_ns_steps)
+        _positive("optim.adafactor_min_dim_size_to_factor", self.adafactor_min_dim_size_to_factor)
         _positive("optim.lr", self.lr)
         if self.lr > 1:
             raise ConfigError(f"optim.lr={self.lr!r} must be <= 1 (Adam moves each adapter weight by about lr per "
@@ -223,6 +242,9 @@ class OptimConfig(_Section):
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _choice("optim.schedule", self.schedule, ("constant", "cosine"))
         _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.name == "schedule_free_adamw" and (self.schedule != "constant" or self.warmup_steps):
+            raise ConfigError("optim.name='schedule_free_adamw' replaces the learning-rate schedule: keep "
+                              "optim.schedule='constant' and optim.warmup_steps=0, use optim.schedule_free_warmup")
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
         _positive("optim.grad_accum", self.grad_accum)
         _positive("optim.max_nonfinite", self.max_nonfinite)
@@ -273,6 +295,7 @@ class SampleConfig(_Section):
     negative_prompt: str = ""
     every_steps: int = 0  # validation sampling during training; 0 disables
     validation: tuple[ValidationSample, ...] = ()
+    use_ema: bool = False  # validation samples with the EMA adapters (needs train.ema_decay > 0)
 
     def _validate(self):
         _positive("sample.steps", self.steps)
@@ -291,9 +314,26 @@ class TrainConfig(_Section):
     mode_scale: float = 1.29
     weighting: str = "none"  # none | sigma_sqrt | cosmap
     log_every: int = 1
+    # masked loss (dreamomni2_jax.loss_mask): none | manifest (a record's "mask" image) | difference (where an
+    # editing target differs from its source, in latent space)
+    loss_mask: str = "none"
+    mask_floor: float = 0.0  # loss weight outside the mask (1.0 = unmasked)
+    mask_threshold: float = 0.1  # difference: mean |target - source| over latent channels above this is "changed"
+    mask_dilate: int = 1  # difference: grow the changed region by this many latent pixels
+    ema_decay: float = 0.0  # EMA of the adapters (dreamomni2_jax.ema); 0 = off
+    eval_every: int = 0  # held-out loss over data.eval_cache_dir every this many steps; 0 = off
+    eval_sigmas: int = 8  # noise levels of the held-out loss (quantiles of the training σ distribution)
+    ema_warmup: bool = False  # diffusers EMAModel's schedule: 0, then min(ema_decay, (1 + n) / (10 + n)) at update n
 
     def _validate(self):
         _positive("train.steps", self.steps)
+        _choice("train.loss_mask", self.loss_mask, ("none", "manifest", "difference"))
+        _in_range("train.mask_floor", self.mask_floor, 0.0, 1.0, hi_open=False)
+        _positive("train.mask_threshold", self.mask_threshold, allow_zero=True)
+        _positive("train.mask_dilate", self.mask_dilate, allow_zero=True)
+        _in_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        _positive("train.eval_every", self.eval_every, allow_zero=True)
+        _positive("train.eval_sigmas", self.eval_sigmas)
         _choice("train.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal", "mode", "sigmoid_shift"))
         _choice("train.weighting", self.weighting, ("none", "sigma_sqrt", "cosmap"))
         _positive("train.log_every", self.log_every)
@@ -326,6 +366,10 @@ class Config:
                                   f"{typing.get_type_hints(Config)[f.name].__name__}")
             section._check_finite()
             section._validate()
+        if self.train.eval_every > 0 and not self.data.eval_cache_dir:
+            raise ConfigError("train.eval_every > 0 needs data.eval_cache_dir (a cache of held-out records)")
+        if self.sample.use_ema and self.train.ema_decay <= 0:
+            raise ConfigError("sample.use_ema=true needs train.ema_decay > 0 (no EMA adapters are kept)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,7 +14,11 @@ Batch (batch-first numpy; ``B = data.batch_size // process_count``; ``4C`` = pac
 * ``references`` [B, R, 4C] every reference's packed tokens, concatenated in order;
 * ``img_ids`` int32 [B, T + R, 3] and ``img_mask`` bool [B, T + R]: :func:`positions.batch_layout`
   with ``model.position_scheme`` (target section first, then references; padding has id 0, mask False);
-* ``t5`` [B, L, D], ``pooled`` [B, Dp] cached prompt embeddings.
+* ``t5`` [B, L, D], ``pooled`` [B, Dp] cached prompt embeddings;
+* ``loss_weight`` float32 [B, T] per-token loss weights, only with ``train.loss_mask`` != "none"
+  (:mod:`dreamomni2_jax.loss_mask`; padding 0).
+
+``data.reference_dropout`` drops references per sample before assembly (:mod:`dreamomni2_jax.ref_dropout`).
 
 Batch plan (identical on every process, so all processes see the same shapes at every step):
 each epoch the records are shuffled with ``(data.shuffle_seed, epoch)`` and cut into global
@@ -42,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dreamomni2_jax import positions
+from dreamomni2_jax import loss_mask, positions, ref_dropout
 from dreamomni2_jax.cache import CacheError, decode_record, load_index
 
 LatentKey = tuple[tuple[int, int], tuple[tuple[int, int], ...]]
@@ -107,11 +111,13 @@ class BatchPlan:
 
 
 def assemble_batch(samples: Sequence[dict[str, np.ndarray]], scheme: str, target_len: int | None = None,
-                   reference_len: int | None = None) -> dict[str, np.ndarray]:
-    """Records (``target`` [h, w, C], ``ref0``.. latents, ``t5``, ``pooled``) -> a padded batch dict."""
+                   reference_len: int | None = None,
+                   weights: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Records (``target`` [h, w, C], ``ref0``.. latents, ``t5``, ``pooled``) -> a padded batch dict; ``weights``
+    (per-token loss weights of each sample) adds ``loss_weight`` [B, T] (padding 0)."""
     layouts, packed_t, packed_r = [], [], []
     for s in samples:
-        refs = [s[f"ref{j}"] for j in range(sum(k.startswith("ref") for k in s))]
+        refs = [s[f"ref{j}"] for j in range(sum(k.startswith("ref") and k[3:].isdigit() for k in s))]
         layouts.append(positions.SampleLayout(tuple(s["target"].shape[:2]), tuple(tuple(r.shape[:2]) for r in refs)))
         packed_t.append(positions.pack_latents(s["target"][None])[0])
         packed_r.append([positions.pack_latents(r[None])[0] for r in refs])
@@ -124,10 +130,55 @@ def assemble_batch(samples: Sequence[dict[str, np.ndarray]], scheme: str, target
         if rs:
             r = np.concatenate(rs)
             references[i, : len(r)] = r
-    return {
+    out = {
         "target": target, "references": references, "img_ids": lay.ids, "img_mask": lay.mask,
         "t5": np.stack([s["t5"] for s in samples]), "pooled": np.stack([s["pooled"] for s in samples]),
     }
+    if weights is not None:
+        lw = np.zeros((b, lay.target_len), np.float32)
+        for i, w in enumerate(weights):
+            lw[i, : len(w)] = w
+        out["loss_weight"] = lw
+    return out
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """Per-sample processing of the loader: reference dropout and loss-mask weights (from the config)."""
+
+    reference_dropout: float = 0.0
+    seed: int = 0
+    loss_mask: str = "none"
+    mask_threshold: float = 0.1
+    mask_dilate: int = 1
+
+    @classmethod
+    def from_config(cls, cfg) -> "SampleOptions":
+        t = cfg.train
+        return cls(cfg.data.reference_dropout, cfg.data.shuffle_seed, t.loss_mask, t.mask_threshold, t.mask_dilate)
+
+
+def process_samples(records: Sequence[tuple[dict, dict]], first_index: int, opts: SampleOptions,
+                    scheme: str, target_len: int | None, reference_len: int | None) -> dict[str, np.ndarray]:
+    """Decoded records ``(arrays, meta)`` of global sample indices ``first_index, first_index + 1, ...`` -> batch:
+    loss weights from the full record, then reference dropout, then :func:`assemble_batch`. With dropout the
+    reference section keeps its undropped length (same shapes at every step)."""
+    weights = None
+    if opts.loss_mask != "none":
+        weights = [loss_mask.sample_weights(a, m, opts.loss_mask, opts.mask_threshold, opts.mask_dilate)
+                   for a, m in records]
+    samples = [a for a, _ in records]
+    if opts.reference_dropout > 0:
+        if reference_len is None:
+            reference_len = max(_tokens(_key(a))[1] for a in samples)
+        samples = [ref_dropout.apply(a, opts.reference_dropout, opts.seed, first_index + i)
+                   for i, a in enumerate(samples)]
+    return assemble_batch(samples, scheme, target_len, reference_len, weights)
+
+
+def _key(arrays: dict) -> LatentKey:
+    n = sum(k.startswith("ref") and k[3:].isdigit() for k in arrays)
+    return tuple(arrays["target"].shape[:2]), tuple(tuple(arrays[f"ref{j}"].shape[:2]) for j in range(n))
 
 
 def _tokens(key: LatentKey) -> tuple[int, int]:
@@ -139,8 +190,10 @@ class _LoadBatch:
     """Grain map: step -> this process's batch (picklable for worker processes)."""
 
     def __init__(self, shard_paths: list[str], keys: list[LatentKey], plan: BatchPlan, scheme: str,
-                 batching: str, pad_multiple: int, process_index: int, local_batch: int):
+                 batching: str, pad_multiple: int, process_index: int, local_batch: int,
+                 options: SampleOptions = SampleOptions()):
         self.shard_paths, self.keys, self.plan, self.scheme = shard_paths, keys, plan, scheme
+        self.options = options
         self.batching, self.pad_multiple = batching, pad_multiple
         self.process_index, self.local_batch = process_index, local_batch
         self._source = None
@@ -160,13 +213,13 @@ class _LoadBatch:
         lo = self.process_index * self.local_batch
         mine = glob[lo:lo + self.local_batch]
         src = self.source()
-        samples = [decode_record(b)[0] for b in src.__getitems__([int(i) for i in mine])]
+        records = [decode_record(b) for b in src.__getitems__([int(i) for i in mine])]
         t_len = r_len = None
         if self.batching == "pad":  # pad to the global batch's maxima: every process gets the same shapes
             toks = [_tokens(self.keys[int(i)]) for i in glob]
             t_len = _round_up(max(t for t, _ in toks), self.pad_multiple)
             r_len = _round_up(max(r for _, r in toks), self.pad_multiple)
-        batch = assemble_batch(samples, self.scheme, t_len, r_len)
+        batch = process_samples(records, step * self.plan.batch_size + lo, self.options, self.scheme, t_len, r_len)
         batch["step"] = np.asarray(step, np.int64)
         return batch
 
@@ -257,13 +310,17 @@ class CacheStream(_StepStream):
         for s in index["shards"]:
             check_shard(cache_dir / s["file"], s.get("num_records"))
         keys = [(tuple(r["target_latent"]), tuple(tuple(x) for x in r["reference_latents"])) for r in index["records"]]
+        if cfg.train.loss_mask == "manifest" and not any(r.get("mask") for r in index["records"]):
+            raise ValueError(f"train.loss_mask='manifest' but no record of the cache {cache_dir} has a mask (add "
+                             "\"mask\" to the manifest lines / NAME_mask.png files and re-run scripts/cache.py)")
         d = cfg.data
         plan = BatchPlan(keys, d.batch_size, d.batching, d.shuffle_seed)
         local = _local_batch(cfg, process_count)
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         fn = _LoadBatch([str(cache_dir / s["file"]) for s in index["shards"]], keys, plan, cfg.model.position_scheme,
-                        d.batching, int(pad_multiple or d.pad_multiple), process_index, local)
+                        d.batching, int(pad_multiple or d.pad_multiple), process_index, local,
+                        SampleOptions.from_config(cfg))
         self.plan = plan
         arrays, _ = decode_record((cache_dir / index["empty_prompt"]).read_bytes())
         self.empty_prompt = (np.array(arrays["t5"]), np.array(arrays["pooled"]))
@@ -306,7 +363,7 @@ class ModelDims:
 class _SyntheticBatch:
     """Grain map: step -> one of ``pool`` fixed random batches (cheap; same shapes every step)."""
 
-    def __init__(self, cfg, dims: ModelDims, local_batch: int, pool: int = 2):
+    def __init__(self, cfg, dims: ModelDims, local_batch: int, pool: int = 2, process_index: int = 0):
         import ml_dtypes  # noqa: F401  (registers bfloat16)
 
         d, f = cfg.data, dims.downscale
@@ -323,10 +380,21 @@ class _SyntheticBatch:
                 "t5": rng.standard_normal((d.max_sequence_length, dims.t5_dim), np.float32).astype(dtype),
                 "pooled": rng.standard_normal((dims.pooled_dim,), np.float32).astype(dtype),
             } for _ in range(local_batch)]
-            self.pool.append(assemble_batch(samples, cfg.model.position_scheme))
+            self.pool.append(samples)
+        self.options, self.scheme, self.local_batch = SampleOptions.from_config(cfg), cfg.model.position_scheme, \
+            local_batch
+        self.process_index, self.batch_size = process_index, d.batch_size
+        self._plain = None if self.options.reference_dropout > 0 else [
+            process_samples([(s, {}) for s in p], 0, self.options, self.scheme, None, None) for p in self.pool]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        return {**self.pool[step % len(self.pool)], "step": np.asarray(step, np.int64)}
+        if self._plain is not None:
+            batch = self._plain[step % len(self.pool)]
+        else:  # reference dropout: per global sample index
+            first = step * self.batch_size + self.process_index * self.local_batch
+            batch = process_samples([(s, {}) for s in self.pool[step % len(self.pool)]], first, self.options,
+                                    self.scheme, None, None)
+        return {**batch, "step": np.asarray(step, np.int64)}
 
 
 class SyntheticSource(_StepStream):
@@ -339,9 +407,9 @@ class SyntheticSource(_StepStream):
             if w % f2 or h % f2:
                 raise ValueError(f"synthetic size {(w, h)} must be multiples of {f2} pixels")
         self.dims = dims
-        fn = _SyntheticBatch(cfg, dims, _local_batch(cfg, process_count))
+        fn = _SyntheticBatch(cfg, dims, _local_batch(cfg, process_count), process_index=process_index)
         rng = np.random.default_rng([cfg.data.shuffle_seed, 2**32 - 1])  # not a pool index
-        dtype = fn.pool[0]["t5"].dtype
+        dtype = fn.pool[0][0]["t5"].dtype
         self.empty_prompt = (rng.standard_normal((cfg.data.max_sequence_length, dims.t5_dim), np.float32).astype(dtype),
                              rng.standard_normal((dims.pooled_dim,), np.float32).astype(dtype))
         fp = {"source": "synthetic", "batch_size": cfg.data.batch_size, "process_count": process_count}

@@ -3,8 +3,9 @@
 Three input formats (all give a list of :class:`Record`):
 
 * JSONL manifest, one record per line ``{"instruction": str, "target": path, "references": [path, ...]}``
-  plus an optional ``"task": "editing" | "generation"``. Relative paths resolve against the
-  manifest's folder. For editing the source image is the first reference.
+  plus an optional ``"task": "editing" | "generation"`` and an optional ``"mask": path`` (a loss mask for
+  ``train.loss_mask="manifest"``: white = the edited region, same size as the target). Relative paths resolve
+  against the manifest's folder. For editing the source image is the first reference.
 * qflux dataset folder (:func:`read_qflux`): ``training_images/NAME.png`` target + ``NAME.txt``,
   ``control_images/NAME.png`` first reference, ``control_images/NAME_control_1.png``, ... the others.
 * flat folder: ``name.png`` target, ``name.txt`` instruction, ``name_control.png``,
@@ -88,6 +89,7 @@ class Record:
     where: str  # "manifest.jsonl:3" or "folder/name" (for error messages and the index)
     line: int | None = None  # 1-based manifest line (None for folders)
     task: str | None = None  # "editing" | "generation" | None (use the default)
+    mask: str | None = None  # loss-mask image (white = weight 1), same size as the target
     raw: dict = field(default_factory=dict, compare=False)  # what was read (for the skipped report)
 
     def resolved_task(self, default: str = "editing") -> str:
@@ -211,9 +213,13 @@ def to_pixels(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
 def _manifest_record(obj, base: Path, where: str, line: int) -> Record:
     if not isinstance(obj, dict):
         raise BadInput(where, f"expected a JSON object, got {type(obj).__name__}")
-    unknown = set(obj) - {"instruction", "target", "references", "task"}
+    unknown = set(obj) - {"instruction", "target", "references", "task", "mask"}
     if unknown:
-        raise BadInput(where, f"unknown keys {sorted(unknown)} (expected instruction, target, references, task)")
+        raise BadInput(where, f"unknown keys {sorted(unknown)} (expected instruction, target, references, task, "
+                              "mask)")
+    mask = obj.get("mask")
+    if mask is not None and (not isinstance(mask, str) or not mask):
+        raise BadInput(where, "'mask' must be a non-empty path string")
     instruction = obj.get("instruction")
     if not isinstance(instruction, str):
         raise BadInput(where, "'instruction' must be a string")
@@ -227,7 +233,7 @@ def _manifest_record(obj, base: Path, where: str, line: int) -> Record:
     if task is not None and task not in TASKS:
         raise BadInput(where, f"'task'={task!r} is not one of {list(TASKS)}")
     return Record(instruction=instruction, target=str(base / target), references=tuple(str(base / r) for r in refs),
-                  where=where, line=line, task=task, raw=obj)
+                  where=where, line=line, task=task, mask=str(base / mask) if mask else None, raw=obj)
 
 
 def read_manifest(path: str | Path) -> tuple[list[Record], list[BadInput]]:
@@ -344,8 +350,8 @@ def read_qflux(path: str | Path) -> tuple[list[Record], list[BadInput]]:
     ``training_images/NAME.{png,jpg,...}`` target, ``NAME.txt`` instruction (in ``training_images/``, else in
     ``control_images/``), ``control_images/NAME.{png,jpg,...}`` first reference (the source for editing), then
     ``control_images/NAME_control_1.png``, ``NAME_control_2.png``, ... (folder aliases: :data:`QFLUX_IMAGE_DIRS`,
-    :data:`QFLUX_CONTROL_DIRS`). A target without controls is a generation record. ``NAME_mask.png`` files (qflux's
-    optional loss masks) are not used. Unlike qflux, which skips them silently, a target without an instruction,
+    :data:`QFLUX_CONTROL_DIRS`). A target without controls is a generation record. ``NAME_mask.png`` (qflux's
+    optional loss mask, next to the target, else in the controls folder) is the record's loss mask. Unlike qflux, which skips them silently, a target without an instruction,
     numbered controls without a first control or with gaps, and controls without a target are reported as
     :class:`BadInput`."""
     dirs = qflux_dirs(path)
@@ -356,6 +362,8 @@ def read_qflux(path: str | Path) -> tuple[list[Record], list[BadInput]]:
     is_mask = lambda stem: stem.endswith("_mask")  # noqa: E731
     targets = _by_stem(img_dir, bad, lambda stem: is_mask(stem) or _QFLUX_EXTRA.match(stem) is not None)
     controls = _by_stem(ctl_dir, bad, is_mask)
+    masks = {**_by_stem(ctl_dir, [], lambda stem: not is_mask(stem)),
+             **_by_stem(img_dir, [], lambda stem: not is_mask(stem))}  # the target's folder wins
     extras: dict[str, dict[int, Path]] = {}
     firsts: dict[str, Path] = {}
     for stem, f in controls.items():
@@ -380,7 +388,8 @@ def read_qflux(path: str | Path) -> tuple[list[Record], list[BadInput]]:
             bad.append(BadInput(where, "instruction file missing", str(img_dir / f"{name}.txt")))
             continue
         records.append(Record(instruction=text.read_text(encoding="utf-8").strip(), target=str(img),
-                              references=tuple(str(r) for r in refs), where=where, raw={"name": name}))
+                              references=tuple(str(r) for r in refs), where=where, raw={"name": name},
+                              mask=str(masks[f"{name}_mask"]) if f"{name}_mask" in masks else None))
     for name in sorted((set(firsts) | set(extras)) - set(targets)):
         f = firsts.get(name) or next(iter(extras[name].values()))
         bad.append(BadInput(str(ctl_dir / name), "control images without a target image", str(f)))

@@ -60,11 +60,17 @@ class LoopContext:
     step_fn: Callable | None = None  # jitted train step (built from ``statics`` on the first batch)
     extras: dict = field(default_factory=dict)  # flux_config, lora_dims (for FLOPs); free for callbacks
 
-    def model(self):
-        """The current adapted model (eval mode; shares arrays with ``state``) for sampling / export."""
+    def model(self, ema: bool = False):
+        """The current adapted model (eval mode; shares arrays with ``state``) for sampling / export: the adapters
+        to evaluate (:func:`optimizers.eval_params`), or their EMA with ``ema``."""
         from flax import nnx
 
-        m = nnx.merge(self.statics.graphdef, self.state.lora, self.state.frozen)
+        from dreamomni2_jax.optimizers import eval_params
+
+        if ema and self.state.ema is None:
+            raise ValueError("the EMA adapters were asked for but train.ema_decay is 0")
+        lora = self.state.ema if ema else eval_params(self.cfg.optim, self.state.opt_state, self.state.lora)
+        m = nnx.merge(self.statics.graphdef, lora, self.state.frozen)
         m.eval()
         return m
 
@@ -128,7 +134,7 @@ def make_state(cfg: Config, model, mesh, empty_text: dict | None = None) -> tupl
     """Optimizer, sharded train state and step statics of an adapted model (abstract model -> abstract state:
     what ``scripts/aot.py`` compiles)."""
     tx = ts.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, state = ts.init_train_state(model, tx, mesh=mesh, empty_text=empty_text)
+    graphdef, state = ts.init_train_state(model, tx, mesh=mesh, empty_text=empty_text, ema=cfg.train.ema_decay > 0)
     return ts.make_statics(graphdef, cfg, guidance_embeds=model.config.guidance_embeds, mesh=mesh), state
 
 
@@ -245,7 +251,7 @@ def train(ctx: LoopContext, callbacks: Sequence[Callback] = (), *, progress: boo
         stop = False
         while ctx.step < cfg.train.steps and not stop:
             local = next(ctx.stream)
-            batch = shd.put_batch({k: local[k] for k in ts.BATCH_KEYS}, ctx.mesh)
+            batch = shd.put_batch({k: local[k] for k in ts.batch_keys(local)}, ctx.mesh)
             shapes = tuple((k, v.shape, str(v.dtype)) for k, v in batch.items())
             if shapes not in compiled:
                 t0 = time.perf_counter()

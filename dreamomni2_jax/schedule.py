@@ -82,10 +82,3 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     if warm == 0:
         return cosine
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), cosine], [warm])
-
-
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (if ``grad_clip`` > 0) then AdamW with :func:`lr_schedule`."""
-    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw

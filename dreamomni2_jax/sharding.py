@@ -240,12 +240,17 @@ def put_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 def like_params(tree, params, param_shardings, mesh: Mesh):
     """Shardings for a pytree that embeds copies of ``params``' structure (e.g. optimizer state: Adam ``mu`` /
-    ``nu``): those subtrees get ``param_shardings``, every other leaf is replicated."""
+    ``nu``): in those subtrees a leaf of its parameter's shape gets the parameter's sharding (a factored moment
+    of another shape, e.g. Adafactor's ``v_row``, is replicated); every other leaf is replicated."""
     target = jax.tree.structure(params)
+    shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
+    specs = target.flatten_up_to(param_shardings)
 
     def one(sub):
         if jax.tree.structure(sub) == target:
-            return param_shardings
+            leaves = [s if tuple(x.shape) == shape else replicated(mesh)
+                      for x, shape, s in zip(jax.tree.leaves(sub), shapes, specs)]
+            return target.unflatten(leaves)
         return replicated(mesh)
 
     return jax.tree.map(one, tree, is_leaf=lambda x: jax.tree.structure(x) == target)

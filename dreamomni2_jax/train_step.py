@@ -26,13 +26,22 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from dreamomni2_jax import ema as ema_lib
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.config import Config
 from dreamomni2_jax.lora import LoRAParam, reseed_dropout
+from dreamomni2_jax.loss_mask import per_sample_loss
 from dreamomni2_jax.positions import SampleLayout, batch_layout, round_ids
-from dreamomni2_jax.schedule import loss_weighting, make_optimizer, lr_schedule, sample_sigmas
+from dreamomni2_jax.optimizers import logged_lr, make_optimizer
+from dreamomni2_jax.schedule import loss_weighting, sample_sigmas
 
 BATCH_KEYS = ("target", "references", "img_ids", "img_mask", "t5", "pooled")
+OPTIONAL_KEYS = ("loss_weight",)  # [B, T] float per-token loss weight (train.loss_mask; dreamomni2_jax.loss_mask)
+
+
+def batch_keys(batch: dict) -> tuple[str, ...]:
+    """The keys of ``batch`` the step takes: :data:`BATCH_KEYS` plus the optional ones present."""
+    return BATCH_KEYS + tuple(k for k in OPTIONAL_KEYS if k in batch)
 
 
 @struct.dataclass
@@ -47,14 +56,17 @@ class TrainState:
     skipped: jax.Array  # int32: total skipped steps
     frozen: nnx.State  # base params and other non-trainable model variables
     empty_text: dict | None = None  # {"t5": [L, D], "pooled": [Dp]} for caption dropout
+    ema: nnx.State | None = None  # EMA of the adapters (train.ema_decay > 0; dreamomni2_jax.ema)
 
     def trainable(self) -> dict:
         """The part a checkpoint must save (everything but ``frozen`` / ``empty_text``)."""
-        return {"step": self.step, "lora": self.lora, "opt_state": self.opt_state, "nonfinite": self.nonfinite,
-                "skipped": self.skipped}
+        d = {"step": self.step, "lora": self.lora, "opt_state": self.opt_state, "nonfinite": self.nonfinite,
+             "skipped": self.skipped}
+        return d if self.ema is None else {**d, "ema": self.ema}
 
     def replace_trainable(self, d: dict) -> "TrainState":
-        return self.replace(**{k: d[k] for k in ("step", "lora", "opt_state", "nonfinite", "skipped")})
+        keys = ("step", "lora", "opt_state", "nonfinite", "skipped") + (("ema",) if self.ema is not None else ())
+        return self.replace(**{k: d[k] for k in keys})
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,9 @@ class StepConfig:
     grad_accum: int = 1
     lora_dropout: bool = False
     ids_dtype: str = "int32"  # model.ids_dtype (positions.round_ids)
+    mask_floor: float = 0.0  # train.mask_floor (used when the batch has "loss_weight")
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, guidance_embeds: bool = True) -> "StepConfig":
@@ -78,7 +93,8 @@ class StepConfig:
                    logit_std=cfg.train.logit_std, mode_scale=cfg.train.mode_scale, weighting=cfg.train.weighting,
                    guidance=cfg.model.guidance if guidance_embeds else None,
                    caption_dropout=cfg.data.caption_dropout, grad_accum=cfg.optim.grad_accum,
-                   lora_dropout=cfg.lora.dropout > 0, ids_dtype=cfg.model.ids_dtype)
+                   lora_dropout=cfg.lora.dropout > 0, ids_dtype=cfg.model.ids_dtype, mask_floor=cfg.train.mask_floor,
+                   ema_decay=cfg.train.ema_decay, ema_warmup=cfg.train.ema_warmup)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,11 +136,19 @@ def flow_matching_loss(model, batch: dict, rng: jax.Array, sample_index: jax.Arr
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"batch is missing {missing}; expected keys {BATCH_KEYS}")
+    b, t, c = batch["target"].shape
+    draws = sample_draws(rng, sample_index, t, c, batch["img_mask"][:, :t].astype(jnp.float32).sum(1), cfg)
+    weighted, per_sample = per_sample_losses(model, batch, draws, cfg, empty_text)
+    return jnp.mean(weighted), {"sigma_mean": jnp.mean(draws["sigma"]), "loss_unweighted": jnp.mean(per_sample)}
+
+
+def per_sample_losses(model, batch: dict, draws: dict, cfg: StepConfig, empty_text: dict | None = None):
+    """``(σ-weighted, unweighted)`` per-sample losses [B] of ``batch`` for the given ``draws`` (``sigma`` [B],
+    ``noise`` [B, T, C], ``drop_caption`` [B]; :func:`sample_draws`, or fixed ones for the held-out loss)."""
     x0 = batch["target"].astype(jnp.float32)
     b, t, c = x0.shape
     mask = batch["img_mask"]
     tmask = mask[:, :t].astype(jnp.float32)
-    draws = sample_draws(rng, sample_index, t, c, tmask.sum(1), cfg)
     sigmas, noise = draws["sigma"], draws["noise"]
     s = sigmas[:, None, None]
     x_t = (1.0 - s) * x0 + s * noise
@@ -141,9 +165,8 @@ def flow_matching_loss(model, batch: dict, rng: jax.Array, sample_index: jax.Arr
     pred = model(hidden, t5, pooled, sigmas, img_ids, txt_ids, guidance=cfg.guidance,
                  attention_mask=mask, n_out=t)  # target tokens only: the reference outputs are unused
     err = jnp.square(pred.astype(jnp.float32) - (noise - x0))
-    per_sample = jnp.sum(err * tmask[:, :, None], axis=(1, 2)) / jnp.maximum(tmask.sum(1) * c, 1.0)
-    w = loss_weighting(sigmas, cfg.weighting)
-    return jnp.mean(w * per_sample), {"sigma_mean": jnp.mean(sigmas), "loss_unweighted": jnp.mean(per_sample)}
+    per_sample = per_sample_loss(err, tmask, batch.get("loss_weight"), cfg.mask_floor)
+    return loss_weighting(sigmas, cfg.weighting) * per_sample, per_sample
 
 
 def loss_and_grads(lora: nnx.State, frozen: nnx.State, batch: dict, rng: jax.Array, *, statics: "StepStatics",
@@ -151,7 +174,7 @@ def loss_and_grads(lora: nnx.State, frozen: nnx.State, batch: dict, rng: jax.Arr
     """``((loss, aux), grads)`` of :func:`flow_matching_loss` w.r.t. the adapters, averaged over
     ``grad_accum`` micro-batches (micro-batch ``j`` = samples ``i * k + j``; each keeps its global index)."""
     cfg = statics.cfg
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    batch = {k: batch[k] for k in batch_keys(batch)}
     b, k = batch["target"].shape[0], cfg.grad_accum
     if b % k:
         raise ValueError(f"batch of {b} samples does not split into grad_accum={k} micro-batches")
@@ -216,6 +239,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, statics: StepS
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(lora) & _all_finite(opt_state)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     applied = state.step - state.skipped
+    if state.ema is not None:
+        new_ema = ema_lib.update(state.ema, lora, ema_lib.decay_at(applied, statics.cfg.ema_decay,
+                                                                   statics.cfg.ema_warmup))
+        state = state.replace(ema=keep(new_ema, state.ema))
     new_state = state.replace(
         step=state.step + 1,
         lora=keep(lora, state.lora),
@@ -232,10 +259,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, statics: StepS
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, mesh=None,
-                     empty_text: dict | None = None) -> tuple[Any, TrainState]:
+                     empty_text: dict | None = None, ema: bool = False) -> tuple[Any, TrainState]:
     """Split an adapted model into ``(graphdef, TrainState)``; with ``mesh``, place adapters / optimizer state by
     the sharding rules (base weights already placed by ``load_flux(param_sharding=...)`` are not copied).
-    An abstract model (``nnx.eval_shape``) gives an abstract state: ``ShapeDtypeStruct`` leaves with shardings."""
+    An abstract model (``nnx.eval_shape``) gives an abstract state: ``ShapeDtypeStruct`` leaves with shardings.
+    ``ema``: keep an EMA of the adapters (a copy of them, same shardings)."""
     model.train()  # LoRA dropout active inside the step
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
     if not jax.tree.leaves(lora):
@@ -258,7 +286,7 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, mes
         return z if mesh is None else shd.place(z, shd.replicated(mesh))
 
     state = TrainState(step=zero(), lora=lora, opt_state=opt_state, nonfinite=zero(), skipped=zero(),
-                       frozen=frozen, empty_text=empty_text)
+                       frozen=frozen, empty_text=empty_text, ema=ema_lib.init(lora) if ema else None)
     return graphdef, state
 
 
@@ -269,7 +297,7 @@ def _abstract(tree) -> bool:
 def make_statics(graphdef, cfg: Config, *, guidance_embeds: bool, total_steps: int | None = None,
                  mesh=None) -> StepStatics:
     total = cfg.train.steps if total_steps is None else total_steps
-    return StepStatics(graphdef=graphdef, tx=make_optimizer(cfg.optim, total), lr_fn=lr_schedule(cfg.optim, total),
+    return StepStatics(graphdef=graphdef, tx=make_optimizer(cfg.optim, total), lr_fn=logged_lr(cfg.optim, total),
                        cfg=StepConfig.from_config(cfg, guidance_embeds), mesh=mesh)
 
 
@@ -283,7 +311,7 @@ def compile_train_step(statics: StepStatics, state: TrainState, batch_example: d
         return jax.jit(step, donate_argnums=(0,))
     mesh = statics.mesh
     state_sh = shd.shardings_of(state)
-    batch_sh = {k: shd.batch_sharding(mesh, len(batch_example[k].shape)) for k in BATCH_KEYS}
+    batch_sh = {k: shd.batch_sharding(mesh, len(batch_example[k].shape)) for k in batch_keys(batch_example)}
     rep = shd.replicated(mesh)
     return jax.jit(step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                    donate_argnums=(0,))

@@ -10,7 +10,8 @@ Each ``cfg.sample.validation`` entry (prompt, reference paths, seed, size) is sa
 (LoRA-patched) transformer ``transformer_getter(model)`` through :class:`dreamomni2_jax.sampler.Pipeline`, with
 ``cfg.sample`` steps / guidance / true CFG, ``cfg.model.position_scheme`` ids, the entry's height x width (floored
 to 16, no area refit; :func:`preview_size` when 0: an editing entry at its source's size as cached, a generation
-entry square) and references sized like the cache stage does (Kontext resolutions at the reference area budget). The grid has one row per entry: its references, then the output, all scaled to one row height.
+entry square) and references sized like the cache stage does (Kontext resolutions at the reference area budget). The grid has one row per entry: its prompt on a line above, then its references and the output side by side, all
+scaled to one row height.
 Written to ``run_dir/samples/step_XXXXXX.png`` (temp + rename) and ``run_dir/tb`` (tensorboardX, tag
 ``validation``) by process 0; every process runs the sampling (it is SPMD when the model is sharded).
 
@@ -18,6 +19,8 @@ Memory: VAE and text encoders are loaded at the first validation, not before. Th
 T5/CLIP embeddings are computed once and the text encoders are dropped right after.
 """
 from __future__ import annotations
+
+import functools
 
 import logging
 import time
@@ -63,15 +66,39 @@ def _fit_height(img: np.ndarray, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.LANCZOS))
 
 
-def make_grid(rows: list[list[np.ndarray]], row_height: int = ROW_HEIGHT, pad: int = 4) -> np.ndarray:
-    """uint8 grid: one row per list of uint8 ``[H, W, 3]`` images (scaled to ``row_height``), white padding."""
+CAPTION_HEIGHT = 16  # pixels of the prompt line above each grid row
+
+
+def _caption(text: str, width: int) -> np.ndarray:
+    """uint8 ``[CAPTION_HEIGHT, width, 3]``: ``text`` in black on white (PIL's default font), cut with "..." to fit."""
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.new("RGB", (width, CAPTION_HEIGHT), (255, 255, 255))
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    line = " ".join(text.split())
+    while line and draw.textlength(line, font=font) > width - 4:
+        line = line[:-4] + "..." if len(line) > 4 else ""
+    draw.text((2, 2), line, fill=(0, 0, 0), font=font)
+    return np.asarray(img)
+
+
+def make_grid(rows: list[list[np.ndarray]], row_height: int = ROW_HEIGHT, pad: int = 4,
+              captions: list[str] | None = None) -> np.ndarray:
+    """uint8 grid: one row per list of uint8 ``[H, W, 3]`` images (scaled to ``row_height``), white padding;
+    ``captions`` (one per row, e.g. the prompt) are written on a :data:`CAPTION_HEIGHT` line above each row."""
     if not rows or not all(rows):
         raise ValueError("make_grid needs at least one non-empty row")
+    if captions is not None and len(captions) != len(rows):
+        raise ValueError(f"make_grid: {len(captions)} captions for {len(rows)} rows")
+    cap = CAPTION_HEIGHT if captions is not None else 0
     scaled = [[_fit_height(im, row_height) for im in row] for row in rows]
     widths = [sum(im.shape[1] for im in row) + pad * (len(row) + 1) for row in scaled]
-    grid = np.full((len(rows) * (row_height + pad) + pad, max(widths), 3), 255, np.uint8)
+    grid = np.full((len(rows) * (cap + row_height + pad) + pad, max(widths), 3), 255, np.uint8)
     y = pad
-    for row in scaled:
+    for r, row in enumerate(scaled):
+        if cap:
+            grid[y:y + cap] = _caption(captions[r], max(widths))
+            y += cap
         x = pad
         for im in row:
             grid[y:y + row_height, x:x + im.shape[1]] = im
@@ -177,7 +204,8 @@ class ValidationHook:
         results = self.sample(model)
         if jax.process_index() != 0:
             return None
-        grid = make_grid([refs + [img] for refs, img in results], self.row_height)
+        grid = make_grid([refs + [img] for refs, img in results], self.row_height,
+                         captions=[s.prompt for s in self.samples])
         path = save_png(self.run_dir / "samples" / f"step_{step:06d}.png", grid)
         if self._writer is None:
             self._writer = summary_writer(self.run_dir / "tb")
@@ -220,10 +248,11 @@ def summary_writer(logdir: Path):
     return SummaryWriter(logdir=str(logdir))
 
 
-def _default_transformer(obj):
-    """The loop's ``LoopContext`` -> ``ctx.model()`` (current adapted model, eval mode); a model -> itself."""
+def _default_transformer(obj, ema: bool = False):
+    """The loop's ``LoopContext`` -> ``ctx.model(ema=...)`` (current adapted model, eval mode; the EMA adapters
+    with ``sample.use_ema``); a model -> itself."""
     model = getattr(obj, "model", None)
-    return model() if callable(model) else obj
+    return model(ema=ema) if callable(model) else obj
 
 
 def make_validation_hook(cfg: Config, transformer_getter: Callable[[Any], Any] | None, model_dir: str | Path,
@@ -233,4 +262,6 @@ def make_validation_hook(cfg: Config, transformer_getter: Callable[[Any], Any] |
 
     ``transformer_getter(model)`` returns the Flux transformer (with its LoRA adapters) from whatever is passed as
     ``model``; ``None``: ``model.model()`` when it has that method (a ``LoopContext``), else ``model`` itself."""
+    if transformer_getter is None and cfg.sample.use_ema:
+        transformer_getter = functools.partial(_default_transformer, ema=True)
     return ValidationHook(cfg, transformer_getter, model_dir, run_dir)

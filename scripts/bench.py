@@ -129,7 +129,11 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
     if cfg.data.caption_dropout > 0:
         empty = {"t5": jnp.zeros(batch["t5"].shape[1:]), "pooled": jnp.zeros(batch["pooled"].shape[1:])}
     graphdef, state = ts.init_train_state(model, ts.make_optimizer(cfg.optim, cfg.train.steps), mesh=mesh,
-                                          empty_text=empty)
+                                          empty_text=empty, ema=cfg.train.ema_decay > 0)
+    if cfg.train.loss_mask != "none":  # a random half of the real target tokens in the mask
+        tm = batch["img_mask"][:, :batch["target"].shape[1]]
+        batch = {**batch, "loss_weight": (np.random.default_rng(0).uniform(size=tm.shape) < 0.5) * tm
+                 .astype(np.float32)}
     del model
     statics = ts.make_statics(graphdef, cfg, guidance_embeds=fc.guidance_embeds, mesh=mesh)
     gbatch = shd.put_batch(batch, mesh)

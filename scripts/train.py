@@ -39,6 +39,15 @@ def _validation(cfg) -> list:
     return [make_validation_hook(cfg, None, cfg.model.path, cfg.train.run_dir)]
 
 
+def _held_out(cfg) -> list:
+    """The held-out loss callback when ``train.eval_every`` > 0."""
+    if cfg.train.eval_every <= 0:
+        return []
+    from dreamomni2_jax.eval_loss import EvalCallback
+
+    return [EvalCallback(cfg)]
+
+
 def main(argv=None, callbacks=()) -> int:
     """Entry point; extra ``loop.Callback`` objects run after checkpointing and validation. User errors (bad
     config, data or checkpoint, refused resume, busy run dir): one line on stderr, exit code 2."""
@@ -86,7 +95,8 @@ def _main(args, callbacks) -> int:
         ckpt = CheckpointCallback(cfg, resume=args.resume, branch=args.branch, sigterm=sigterm)
         try:
             with sigterm:
-                loop.train(ctx, [ckpt, *_validation(cfg), *callbacks], progress=not args.no_progress)
+                loop.train(ctx, [ckpt, *_validation(cfg), *_held_out(cfg), *callbacks],
+                           progress=not args.no_progress)
         except loop.NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

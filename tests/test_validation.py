@@ -60,8 +60,12 @@ def test_hook_writes_grid_png_and_tensorboard_image(tiny_pipeline_dir, ref_png, 
     hook.close()
     png = run / "samples" / "step_000002.png"
     grid = np.asarray(Image.open(png))
-    assert grid.shape == (2 * (256 + 4) + 4, 4 + 341 + 4 + 384 + 4, 3)  # rows: ref 64x48 and output 48x32 at 256
-    out_a, out_b = grid[4:260, 349:733], grid[264:520, 349:733]
+    # rows: prompt line, then ref 64x48 and output 48x32 at 256
+    assert grid.shape == (2 * (16 + 256 + 4) + 4, 4 + 341 + 4 + 384 + 4, 3)
+    out_a, out_b = grid[20:276, 349:733], grid[296:552, 349:733]
+    for y in (4, 280):  # the prompt is written on each row's caption line
+        np.testing.assert_array_equal(grid[y:y + 16], _caption_of(hook, y // 276, grid.shape[1]))
+        assert (grid[y:y + 16] < 128).any()
     assert out_a.std() > 5 and np.abs(out_a.astype(int) - out_b.astype(int)).max() > 20
     files = list((run / "tb").glob("events.out.tfevents.*"))
     assert len(files) == 1
@@ -96,6 +100,12 @@ def test_preview_sizes_follow_dreamomni2():
     assert preview_size(ValidationSample("p", ("src.png",), height=32, width=48), (1920, 1080), area) == (32, 48)
 
 
+def _caption_of(hook, row, width):
+    from dreamomni2_jax.validation import _caption
+
+    return _caption(hook.samples[row].prompt, width)
+
+
 def test_make_grid_layout():
     a = np.zeros((10, 20, 3), np.uint8)
     b = np.full((20, 10, 3), 7, np.uint8)
@@ -104,3 +114,6 @@ def test_make_grid_layout():
     assert (g[1:11, 1:21] == 0).all() and (g[1:11, 22:27] == 7).all() and (g[0] == 255).all()
     with pytest.raises(ValueError):
         make_grid([])
+    c = make_grid([[a, b], [b]], row_height=10, pad=1, captions=["x" * 500, ""])
+    assert c.shape == (2 * (16 + 11) + 1, 28, 3) and (c[17:27, 1:21] == 0).all()
+    assert (c[1:17] < 128).any() and (c[28:44] == 255).all()  # a long prompt is cut to fit; an empty one is blank

@@ -1,12 +1,13 @@
 """Export the LoRA of a training checkpoint as a diffusers (or kohya/ComfyUI) safetensors file.
 
     python convert/lora_to_diffusers.py --ckpt RUN_OR_CKPT_DIR [--step N] --out pytorch_lora_weights.safetensors \
-        [--dtype bf16|fp16|fp32] [--format diffusers|kohya]
+        [--dtype bf16|fp16|fp32] [--format diffusers|kohya] [--ema]
 
 ``--ckpt``: a run directory, its ``checkpoints/`` folder or one step folder (latest complete step by default).
 diffusers output loads with ``FluxKontextPipeline.load_lora_weights`` (rank / alpha / targets in the file's
 ``lora_adapter_metadata``); kohya output uses BFL module names with fused q/k/v (ComfyUI, sd-scripts).
-Only the adapters are read; the base model is not needed. Written to a temp file and renamed.
+``--ema``: the EMA of the adapters (``train.ema_decay`` > 0) instead of the adapters; a ``schedule_free_adamw`` run
+exports its evaluation point. Only the adapters are read; the base model is not needed. Written to a temp file and renamed.
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from dreamomni2_jax.checkpoint import load_lora
 from dreamomni2_jax.lora_io import DTYPES, FORMATS, save_lora_file
 
 
-def export(ckpt: str, out: str, step: int | None = None, dtype: str = "bf16", format: str = "diffusers") -> dict:
-    """Export and return a summary ``{"out", "step", "rank", "alpha", "modules", "format", "dtype"}``."""
-    flat, meta = load_lora(ckpt, step)
-    extra = {"dreamomni2_checkpoint": json.dumps({"step_dir": meta["step_dir"], "step": meta["step"]})}
+def export(ckpt: str, out: str, step: int | None = None, dtype: str = "bf16", format: str = "diffusers",
+           ema: bool = False) -> dict:
+    """Export and return a summary ``{"out", "step", "rank", "alpha", "modules", "format", "dtype", "ema"}``."""
+    flat, meta = load_lora(ckpt, step, ema=ema)
+    extra = {"dreamomni2_checkpoint": json.dumps({"step_dir": meta["step_dir"], "step": meta["step"], "ema": ema})}
     path = save_lora_file(out, flat, meta["alpha"], format=format, dtype=dtype, extra_metadata=extra)
     return {"out": str(path), "step": meta["step"], "rank": meta["rank"], "alpha": meta["alpha"],
-            "modules": len(meta["targets"]), "format": format, "dtype": dtype}
+            "modules": len(meta["targets"]), "format": format, "dtype": dtype, "ema": ema}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,13 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output .safetensors file (not a folder)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="tensor dtype in the file")
     ap.add_argument("--format", default="diffusers", choices=FORMATS, help="key layout")
+    ap.add_argument("--ema", action="store_true", help="export the EMA of the adapters (train.ema_decay > 0)")
     args = ap.parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a run read-only are noise here
 
     def run(_argv) -> int:
         if Path(args.out).is_dir():
             raise cli.UserError(f"--out {args.out} is a folder; give the .safetensors file to write")
-        print(json.dumps(export(args.ckpt, args.out, args.step, args.dtype, args.format)))
+        print(json.dumps(export(args.ckpt, args.out, args.step, args.dtype, args.format, args.ema)))
         return 0
 
     return cli.run(run)
