@@ -12,6 +12,10 @@ PYTEST_ARGS ?=
 
 .PHONY: install test demo bench clean
 
+# The demo and the tests run on the CPU. The `aot` extra installs the CUDA compiler plugin, whose start-up on a
+# machine without a GPU prints a long "Unable to load CUDA" traceback unless JAX is told to use the CPU.
+test demo: export JAX_PLATFORMS ?= cpu
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
