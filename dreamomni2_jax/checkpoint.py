@@ -174,15 +174,7 @@ def _tmp_note(root: Path) -> str:
 
 
 def _key_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
+    return ".".join(integrity.path_parts(path))
 
 
 def _shapes(tree) -> dict[str, tuple]:

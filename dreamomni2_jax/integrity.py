@@ -17,8 +17,8 @@ ALGORITHM = "wsum32-v1"
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
-def key_of(path) -> str:
-    """Dotted key of a pytree path, without the trailing ``value`` of NNX variables (same for saved / restored)."""
+def path_parts(path) -> list[str]:
+    """Names of a pytree path's entries (dict keys, attribute names, sequence indices)."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -27,6 +27,12 @@ def key_of(path) -> str:
                 break
         else:
             parts.append(str(k))
+    return parts
+
+
+def key_of(path) -> str:
+    """Dotted key of a pytree path, without the trailing ``value`` of NNX variables (same for saved / restored)."""
+    parts = path_parts(path)
     while parts and parts[-1] in ("value", "raw_value"):
         parts.pop()
     return ".".join(parts)
@@ -90,4 +96,4 @@ def nonfinite_leaves(flat: dict[str, Any]) -> list[str]:
 
 
 __all__ = ["ALGORITHM", "tree_digest", "digest_record", "digest_mismatches", "tree_finite", "nonfinite_leaves",
-           "key_of"]
+           "key_of", "path_parts"]
