@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dreamomni2_jax.models.schemas import SCHEMAS, schema_for
+
 
 class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
@@ -114,24 +116,26 @@ class ModelConfig(_Section):
         _choice("model.ids_dtype", self.ids_dtype, ("int32", "bfloat16"))
 
 
-LORA_PRESETS: dict[str, tuple[str, ...]] = {
-    # DreamOmni2 release config: every attention's q/k/v/out projections.
-    "attention": (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0"),
-    # diffusers' train_dreambooth_lora_flux_kontext.py default target_modules (no --lora_layers), exactly.
-    "kontext_wide": (
-        r"attn\.to_k", r"attn\.to_q", r"attn\.to_v", r"attn\.to_out\.0",
-        r"attn\.add_k_proj", r"attn\.add_q_proj", r"attn\.add_v_proj", r"attn\.to_add_out",
-        r"ff\.net\.0\.proj", r"ff\.net\.2", r"ff_context\.net\.0\.proj", r"ff_context\.net\.2",
-        r"proj_mlp",
-    ),
-}
+def lora_presets(model: str = "flux") -> dict[str, tuple[str, ...]]:
+    """``{preset name: target patterns}`` of a model schema (``"flux"`` | ``"flux2"``), derived from its module
+    roles (``models/<model>_schema.py``): FLUX.1 ``attention`` (the release config) / ``kontext_wide`` (diffusers'
+    Kontext script default); FLUX.2 ``attention`` / ``klein_wide`` (diffusers' klein script default)."""
+    schema = schema_for(model)
+    return {name: schema.preset_patterns(name) for name in schema.presets}
+
+
+LORA_PRESETS: dict[str, tuple[str, ...]] = lora_presets("flux")
+
+
+def _all_preset_names() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(n for s in SCHEMAS.values() for n in s.presets))
 
 
 @dataclass(frozen=True)
 class LoraConfig(_Section):
     rank: int = 16
     alpha: float = 16.0
-    preset: str = "attention"  # a key of LORA_PRESETS, or "custom" to use `targets` only
+    preset: str = "attention"  # a preset of the model's schema (config.lora_presets), or "custom": `targets` only
     targets: tuple[str, ...] = ()  # extra regexes over module paths (searched, not fully matched)
     dropout: float = 0.0
     dtype: str = "float32"  # adapter parameter dtype
@@ -143,7 +147,7 @@ class LoraConfig(_Section):
     def _validate(self):
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
-        _choice("lora.preset", self.preset, (*LORA_PRESETS, "custom"))
+        _choice("lora.preset", self.preset, (*_all_preset_names(), "custom"))
         _choice("lora.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("lora.init", self.init, ("gaussian", "kaiming"))
         if not 0 <= self.dropout < 1:
@@ -153,7 +157,18 @@ class LoraConfig(_Section):
 
     @property
     def target_patterns(self) -> tuple[str, ...]:
-        return (() if self.preset == "custom" else LORA_PRESETS[self.preset]) + tuple(self.targets)
+        """Patterns for the FLUX.1 transformer; :meth:`patterns_for` for another model."""
+        return self.patterns_for("flux")
+
+    def patterns_for(self, model="flux") -> tuple[str, ...]:
+        """Target patterns for ``model`` (a schema name, schema, config or model): the preset's plus ``targets``."""
+        if self.preset == "custom":
+            return tuple(self.targets)
+        presets = lora_presets(model)
+        if self.preset not in presets:
+            raise ConfigError(f"lora.preset={self.preset!r} is not a preset of this model; choose one of "
+                              f"{sorted(presets)} or 'custom'")
+        return presets[self.preset] + tuple(self.targets)
 
 
 @dataclass(frozen=True)

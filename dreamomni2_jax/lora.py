@@ -171,8 +171,12 @@ def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: 
 
 
 def apply_lora_config(model: nnx.Module, cfg: LoraConfig, seed: int | jax.Array = 0) -> tuple[str, ...]:
-    """:func:`apply_lora` with rank / alpha / dropout / dtype / targets from a :class:`LoraConfig`."""
-    return apply_lora(model, cfg.target_patterns, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+    """:func:`apply_lora` with rank / alpha / dropout / dtype / targets from a :class:`LoraConfig`; the preset is
+    the model's (its schema's), restricted to the modules this model has (e.g. no single blocks)."""
+    have = {_dotted(p) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
+    patterns = cfg.patterns_for(model)
+    preset = [p for p in patterns[:len(patterns) - len(cfg.targets)] if any(re.search(p, h) for h in have)]
+    return apply_lora(model, preset + list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                       dtype=jnp.dtype(cfg.dtype), seed=seed, init=cfg.init)
 
 

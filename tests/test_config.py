@@ -1,9 +1,11 @@
 """Config files load, overrides parse by type, and bad keys/values give errors naming the key."""
+import re
 from pathlib import Path
 
 import pytest
 
 from dreamomni2_jax.config import ConfigError, from_dict, load_config
+from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +27,11 @@ def test_dreamomni2_recipe_is_the_documented_one():
     """configs/dreamomni2.py: the qflux DreamOmni2 / Kontext example config values its docstring cites."""
     cfg = load_config(ROOT / "configs" / "dreamomni2.py")
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.preset) == (16, 16.0, "gaussian", "attention")
-    assert cfg.lora.target_patterns == (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0")
+    # the preset (derived from the FLUX.1 schema) adapts exactly the modules the documented regexes select
+    documented = (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0")
+    modules = [lin.module for lin in FLUX_SCHEMA.linears]
+    select = lambda patterns: [m for m in modules if any(re.search(p, m) for p in patterns)]  # noqa: E731
+    assert select(cfg.lora.target_patterns) == select(documented) and len(select(documented)) == 7
     o = cfg.optim
     assert (o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.schedule, o.warmup_steps, o.grad_clip) == \
         (1e-4, 0.9, 0.999, 1e-8, 0.01, "cosine", 100, 1.0)
