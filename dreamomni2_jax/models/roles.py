@@ -144,16 +144,27 @@ class ModelSchema:
         """``re.search`` patterns selecting exactly the preset's modules (anchored full paths)."""
         return tuple(f"^{re.escape(m)}$" for m in self.preset_modules(name))
 
-    def bfl_module(self, lin: Linear) -> str:
-        """BFL module path with ``{i}`` for the layer index (``double_blocks.{i}.img_attn.qkv``)."""
-        return f"{self.groups[lin.group][1]}.{{i}}.{lin.bfl}" if lin.group else lin.bfl
+    def placeholder(self, group: str, per_group: bool) -> str:
+        """Layer-index placeholder of a stacked group in name templates: ``{i}``, or with ``per_group`` one letter
+        per group in declaration order (``{i}`` double, ``{j}`` single blocks: the converters' rule tables)."""
+        return "{" + ("ij"[list(self.groups).index(group)] if per_group else "i") + "}"
 
-    def bfl_fused(self) -> list[tuple[str, str | None, tuple[Linear, ...]]]:
+    def template(self, lin: Linear, per_group: bool = True) -> str:
+        """Our (= diffusers') module path with a layer placeholder (``transformer_blocks.{i}.attn.to_q``)."""
+        return f"{lin.group}.{self.placeholder(lin.group, per_group)}.{lin.path}" if lin.group else lin.path
+
+    def bfl_module(self, lin: Linear, per_group: bool = False) -> str:
+        """BFL module path with a layer placeholder (``double_blocks.{i}.img_attn.qkv``)."""
+        if not lin.group:
+            return lin.bfl
+        return f"{self.groups[lin.group][1]}.{self.placeholder(lin.group, per_group)}.{lin.bfl}"
+
+    def bfl_fused(self, per_group: bool = False) -> list[tuple[str, str | None, tuple[Linear, ...]]]:
         """``[(bfl module template, group, parts in order)]``: Linears grouped by their BFL module."""
         out: dict[tuple[str | None, str], list[Linear]] = {}
         for lin in self.linears:
             out.setdefault((lin.group, lin.bfl), []).append(lin)
-        return [(self.bfl_module(parts[0]), g, tuple(sorted(parts, key=lambda p: p.part)))
+        return [(self.bfl_module(parts[0], per_group), g, tuple(sorted(parts, key=lambda p: p.part)))
                 for (g, _), parts in out.items()]
 
 
