@@ -262,6 +262,11 @@ class RunCheckpointer:
         return saved
 
     # -------------------------------------------------------------------------------------------- restore
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """Only the ``state`` item of ``step``, onto ``abstract_state``'s shardings (no data / RNG / checks)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self._mgr.restore(step, args=args)["state"]
+
     def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, Any, Any, int]:
         """-> ``(state, data_state, rng, step)``; latest step when ``step`` is None.
 
@@ -416,7 +421,7 @@ def load_state(path: str | Path, step: int | None = None) -> tuple[Any, int, Pat
         tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir / "state")).tree
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
-        state = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        state = ckpt.restore_state(step, abstract)
         verify_digest(step_dir, _read_meta(step_dir), state)
     except CheckpointError:
         raise

@@ -1,4 +1,5 @@
-"""LoRA files: export/import in diffusers/PEFT and kohya/ComfyUI safetensors (numpy only, no torch).
+"""LoRA files: export/import in diffusers/PEFT and kohya/ComfyUI safetensors (numpy only, no torch, no jax).
+Attaching adapters to a model is :mod:`dreamomni2_jax.attach`.
 
 Three layouts of the same adapters:
 
@@ -478,85 +479,6 @@ def load_lora_file(path: str | Path, layer_counts: Mapping[str, int] | None = No
     return flat, {"rank": rank, "alpha": alpha, "targets": targets, "format": info["format"], "source": str(path)}
 
 
-# ----------------------------------------------------------------------------------------------- model side
-def layer_counts(model) -> dict[str, int]:
-    """``{stacked block name: layer count}`` of an NNX Flux model (leading axis of its params)."""
-    import jax
-    from flax import nnx
-
-    out = {}
-    for name in STACKED:
-        block = getattr(model, name, None)
-        if block is not None:
-            leaves = jax.tree.leaves(nnx.state(block, nnx.Param))
-            out[name] = int(leaves[0].shape[0])
-    return out
-
-
-def apply_lora_file(model, path: str | Path, scale: float = 1.0, *, dtype=None, dropout: float = 0.0) -> dict:
-    """Attach the adapters of a LoRA file to ``model`` with strength ``scale``; see :func:`apply_adapters`.
-    Returns :func:`load_lora_file`'s metadata."""
-    flat, meta = load_lora_file(path, layer_counts(model), schema=schema_for(model))
-    return apply_adapters(model, flat, meta, scale, dtype=dtype, dropout=dropout)
-
-
-def apply_adapters(model, flat: Mapping[str, np.ndarray], meta: Mapping, scale: float = 1.0, *, dtype=None,
-                   dropout: float = 0.0) -> dict:
-    """Attach adapters in our flat layout (``meta``: ``rank``, ``alpha``, ``targets``, optional ``source``) with
-    strength ``scale`` (folded into ``lora_B``). A model without adapters gets exactly these targets, rank and
-    alpha; a model that already has adapters must have the same modules and rank (alpha is folded in). Any
-    mismatch raises :class:`LoraFileError` listing the keys. Works for :func:`load_lora_file` output and for
-    ``dreamomni2_jax.checkpoint.load_lora`` output."""
-    import jax.numpy as jnp
-
-    from dreamomni2_jax.lora import LoraError, apply_lora, linear_paths, lora_metadata, lora_modules, set_lora_state
-
-    src = meta.get("source") or meta.get("step_dir") or "LoRA"
-    check_finite(flat, src)
-    existing = lora_modules(model)
-    factor = float(scale)
-    if existing:
-        have = set(existing)
-        missing, unknown = sorted(have - set(meta["targets"])), sorted(set(meta["targets"]) - have)
-        if missing or unknown:
-            raise LoraFileError(f"{src}: LoRA modules differ from the model's adapters: not in the file {missing}, "
-                                f"not adapted in the model {unknown}")
-        mm = lora_metadata(model)
-        if mm["rank"] != meta["rank"]:
-            raise LoraFileError(f"{src}: rank {meta['rank']} != the model adapters' rank {mm['rank']}")
-        factor *= (meta["alpha"] / meta["rank"]) / (mm["alpha"] / mm["rank"])
-    else:
-        available = set(linear_paths(model))
-        unknown = [t for t in meta["targets"] if t not in available]
-        if unknown:
-            raise LoraFileError(f"{src}: LoRA targets that are not Linear modules of the model: {unknown}; model "
-                                f"Linear paths: {sorted(available)}")
-        apply_lora(model, [f"^{re.escape(t)}$" for t in meta["targets"]], rank=meta["rank"], alpha=meta["alpha"],
-                   dropout=dropout, dtype=jnp.dtype(dtype or jnp.float32))
-    if factor != 1.0:
-        flat = {k: v * np.float32(factor) if k.endswith(".lora_B") else v for k, v in flat.items()}
-    try:
-        set_lora_state(model, flat)
-    except LoraError as e:
-        raise LoraFileError(f"{src}: {e}") from None
-    return dict(meta)
-
-
-def init_lora(model, lora_cfg, seed: int = 0) -> tuple[str, ...]:
-    """Training entry point: fresh adapters from ``lora_cfg`` or, with ``lora_cfg.init_from``, the file's."""
-    import jax.numpy as jnp
-
-    from dreamomni2_jax.lora import apply_lora_config, lora_modules
-
-    if not lora_cfg.init_from:
-        return apply_lora_config(model, lora_cfg, seed=seed)
-    meta = apply_lora_file(model, lora_cfg.init_from, dtype=jnp.dtype(lora_cfg.dtype), dropout=lora_cfg.dropout)
-    if (meta["rank"], meta["alpha"]) != (lora_cfg.rank, lora_cfg.alpha):
-        log.warning("lora.init_from=%s: using the file's rank %d / alpha %g (config: %d / %g)", lora_cfg.init_from,
-                    meta["rank"], meta["alpha"], lora_cfg.rank, lora_cfg.alpha)
-    return tuple(lora_modules(model))
-
-
 __all__ = ["Adapter", "LoraFileError", "unstack", "stack", "to_diffusers", "from_diffusers", "to_kohya",
-           "from_kohya", "kohya_table", "check_finite", "read_adapters", "write_adapters", "save_lora_file", "load_lora_file", "detect_format",
-           "layer_counts", "apply_lora_file", "apply_adapters", "init_lora"]
+           "from_kohya", "kohya_table", "check_finite", "read_adapters", "write_adapters", "save_lora_file",
+           "load_lora_file", "detect_format"]

@@ -107,7 +107,7 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
     from dreamomni2_jax import perf
     from dreamomni2_jax import sharding as shd
     from dreamomni2_jax import train_step as ts
-    from dreamomni2_jax.lora import apply_lora_config
+    from dreamomni2_jax.attach import attach_lora
     from dreamomni2_jax.models.flux import FluxTransformer2DModel
 
     mesh = shd.make_mesh(cfg.mesh)
@@ -117,7 +117,7 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
         m = FluxTransformer2DModel(fc, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.model.compute_dtype),
                                    param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
                                    remat=cfg.model.remat)
-        apply_lora_config(m, cfg.lora, seed=0)
+        attach_lora(m, config=cfg.lora, seed=0, fresh=True)
         return m
 
     t0 = time.perf_counter()

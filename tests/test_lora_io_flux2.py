@@ -14,7 +14,8 @@ from dreamomni2_jax import positions_flux2 as P2
 from dreamomni2_jax.convert.flux2_transformer import main as convert_main
 from dreamomni2_jax.config import LoraConfig
 from dreamomni2_jax.loaders import load_flux2
-from dreamomni2_jax.lora import apply_lora, apply_lora_config, lora_state, set_lora_state
+from dreamomni2_jax.attach import attach_lora, layer_counts
+from dreamomni2_jax.lora import apply_lora, lora_state, set_lora_state
 from dreamomni2_jax.positions import SampleLayout
 from dreamomni2_jax.tiny_klein import save_flux2_transformer
 
@@ -53,7 +54,7 @@ def _adapted(base, alpha: float, preset: str = "klein_wide", targets=(), rank: i
     if preset == "custom":
         apply_lora(model, targets, rank=rank, alpha=alpha, seed=seed)
     else:
-        apply_lora_config(model, LoraConfig(rank=rank, alpha=alpha, preset=preset, targets=tuple(targets)), seed=seed)
+        attach_lora(model, config=LoraConfig(rank=rank, alpha=alpha, preset=preset, targets=tuple(targets)), seed=seed)
     rng = np.random.default_rng(seed)
     set_lora_state(model, {k: np.asarray(v) + (0.3 * rng.standard_normal(v.shape).astype(np.float32)
                                                if k.endswith("lora_B") else 0) for k, v in lora_state(model).items()})
@@ -115,13 +116,13 @@ def test_round_trip_through_files_is_exact_and_applies_to_the_model(klein, input
     base, _ = klein
     model = _adapted(base, 8.0, targets=WIDE)
     path = L.save_lora_file(tmp_path / f"{fmt}.safetensors", lora_state(model), 8.0, format=fmt)
-    flat, meta = L.load_lora_file(path, L.layer_counts(model), schema="flux2")
+    flat, meta = L.load_lora_file(path, layer_counts(model), schema="flux2")
     want = {k: np.asarray(v) for k, v in lora_state(model).items()}
     assert flat.keys() == want.keys() and meta["rank"] == 4 and meta["alpha"] == 8.0
     for k in want:
         np.testing.assert_allclose(flat[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
     fresh = nnx.clone(base)
-    L.apply_lora_file(fresh, path)  # the kohya names are read with the model's (FLUX.2) schema
+    attach_lora(fresh, path)  # the kohya names are read with the model's (FLUX.2) schema
     np.testing.assert_allclose(_ours(fresh, inputs), _ours(model, inputs), rtol=1e-5, atol=1e-6)
     if fmt == "kohya":  # the file says flux2: read without being told
         assert L.load_lora_file(path)[1]["targets"] == meta["targets"]

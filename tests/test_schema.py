@@ -18,7 +18,8 @@ from dreamomni2_jax import perf
 from dreamomni2_jax import positions_flux2 as P2
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.config import LoraConfig, lora_presets
-from dreamomni2_jax.lora import LoRAParam, apply_lora_config
+from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.lora import LoRAParam
 from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
 from dreamomni2_jax.models.flux2 import Flux2Config, Flux2Transformer2DModel
 from dreamomni2_jax.models.roles import SchemaError
@@ -74,7 +75,7 @@ def test_presets_adapt_what_peft_adapts_with_the_diffusers_script_targets(name, 
     torch_model.add_adapter(PeftLoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=targets))
     peft_paths = {_unindexed(n.rsplit(".lora_A", 1)[0]) for n, _ in torch_model.named_modules()
                   if n.endswith(".lora_A")}
-    ours = apply_lora_config(_ours(name), LoraConfig(rank=2, alpha=2.0, preset=preset))
+    ours = attach_lora(_ours(name), config=LoraConfig(rank=2, alpha=2.0, preset=preset))["targets"]
     assert set(ours) == peft_paths and len(ours) == len(SCHEMAS[name].preset_modules(preset))
 
 
@@ -82,7 +83,7 @@ def test_release_attention_preset_is_the_same_modules_for_flux1():
     # FLUX.1 "attention": every q/k/v/out of the image and joint streams (the DreamOmni2 release config's regexes)
     release = (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0")
     model = _ours("flux")
-    assert apply_lora_config(model, LoraConfig(preset="attention")) == tuple(sorted(
+    assert attach_lora(model, config=LoraConfig(preset="attention"))["targets"] == sorted((
         m for m in SCHEMAS["flux"].by_module() if any(re.search(p, m) for p in release)))
     with pytest.raises(Exception, match="klein_wide.*not a preset of this model"):
         LoraConfig(preset="klein_wide").patterns_for("flux")
@@ -109,7 +110,7 @@ def test_flux2_sharding_axes_and_undeclared_linears_fail():
     one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), shd.AXES)
     for name in TINY:
         model = nnx.eval_shape(lambda: _ours(name, guidance_embeds=True))
-        apply_lora_config(model, LoraConfig(preset="custom", targets=(r".",)))
+        attach_lora(model, config=LoraConfig(preset="custom", targets=(r".",)))
         assert jax.tree.leaves(shd.model_state_shardings(nnx.state(model), one))
 
 
@@ -124,7 +125,7 @@ def test_schema_of_lora_modules():
 def test_flux2_flops_formula_matches_traced_lora_step(overrides):
     model = _ours("flux2", **overrides)
     cfg = model.config
-    apply_lora_config(model, LoraConfig(rank=4, alpha=4.0, preset="klein_wide", targets=(
+    attach_lora(model, config=LoraConfig(rank=4, alpha=4.0, preset="klein_wide", targets=(
         r"^x_embedder$", r"^proj_out$", r"ff_context\.linear_in", r"add_v_proj", r"single_stream_modulation")))
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
     layout, n_txt, batch = SampleLayout(target=(4, 6), references=((4, 4),)), 5, 2
