@@ -24,10 +24,8 @@ import base64
 import dataclasses
 import json
 import logging
-import os
-import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -42,7 +40,6 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("state", "meta", "data", "config")
 FORMAT_VERSION = 1
-KILL_ENV = "DREAMOMNI2_KILL_AFTER_SAVE"  # fault injection for tests: SIGKILL self once this step is committed
 
 
 class CheckpointError(RuntimeError):
@@ -205,8 +202,12 @@ class RunCheckpointer:
 
     def __init__(self, run_dir: str | Path, cfg: Config | None = None, *, every_steps: int | None = None,
                  max_to_keep: int | None = None, async_save: bool | None = None, read_only: bool = False,
-                 root: str | Path | None = None, adapter: dict | None = None):
+                 root: str | Path | None = None, adapter: dict | None = None,
+                 after_save: Callable[["RunCheckpointer", int], None] | None = None):
+        """``after_save(checkpointer, step)``: called after every save that started (e.g. fault injection in
+        tests: wait for the write, then kill the process)."""
         ck = cfg.checkpoint if cfg is not None else None
+        self.after_save = after_save
         self.adapter = dict(adapter) if adapter is not None else None  # lora_metadata(model), saved in meta
         self.run_dir = Path(run_dir).absolute()
         self.root = Path(root).absolute() if root is not None else self.run_dir / CHECKPOINTS_DIR
@@ -255,10 +256,8 @@ class RunCheckpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
                                   data=DataStateSave(data_state), config=ocp.args.JsonSave(config))
         saved = self._mgr.save(step, args=args, force=True)
-        if saved and os.environ.get(KILL_ENV) == str(step):
-            self._mgr.wait_until_finished()
-            log.warning("%s=%s: killing this process (fault injection)", KILL_ENV, step)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if saved and self.after_save is not None:
+            self.after_save(self, step)
         return saved
 
     # -------------------------------------------------------------------------------------------- restore
@@ -478,4 +477,4 @@ def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> t
 
 
 __all__ = ["CheckpointError", "RunCheckpointer", "open_run", "read_config", "load_state", "resolve_checkpoint",
-           "complete_steps", "load_lora", "verify_digest", "KILL_ENV"]
+           "complete_steps", "load_lora", "verify_digest"]
