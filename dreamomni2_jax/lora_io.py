@@ -348,8 +348,8 @@ def from_kohya(tensors: Mapping[str, np.ndarray], source, schema="flux") -> dict
             up = np.concatenate(np.split(up, 2, axis=0)[::-1], axis=0)
         out.update(_unfuse(paths, ratios, down, up, alpha, f"{source}: {base}"))
     if unknown:
-        raise LoraFileError(f"{source}: unsupported LoRA keys {sorted(unknown)[:50]} (supported: {schema.name} transformer "
-                            "LoRA in diffusers/PEFT or kohya format; text-encoder LoRAs are not supported)")
+        raise LoraFileError(f"{source}: unsupported LoRA keys {sorted(unknown)[:50]} (supported: {schema.name} "
+                            "transformer LoRA in diffusers/PEFT or kohya format; text-encoder LoRAs are not supported)")
     return out
 
 

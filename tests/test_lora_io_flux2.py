@@ -22,8 +22,8 @@ from dreamomni2_jax.tiny_klein import save_flux2_transformer
 # every kind of FLUX.2 Linear: fused single-block projections, text stream, SwiGLU MLP, modulations, the final
 # layer's (BFL-swapped) modulation and the embedders
 WIDE = (r"^x_embedder$", r"^context_embedder$", r"^proj_out$", r"^norm_out\.linear$", r"modulation_img\.linear",
-        r"single_stream_modulation", r"attn\.add_q_proj", r"attn\.to_add_out", r"ff\.linear_in", r"ff_context\.linear_out",
-        r"time_guidance_embed\.timestep_embedder\.linear_2")
+        r"single_stream_modulation", r"attn\.add_q_proj", r"attn\.to_add_out", r"ff\.linear_in",
+        r"ff_context\.linear_out", r"time_guidance_embed\.timestep_embedder\.linear_2")
 # what diffusers' kohya FLUX.2 converter maps (it warns about and drops modulation keys)
 KOHYA = (r"^x_embedder$", r"^proj_out$", r"add_k_proj", r"ff\.linear_out", r"ff_context\.linear_in", r"to_add_out")
 
