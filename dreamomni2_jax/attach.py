@@ -25,7 +25,7 @@ from dreamomni2_jax.lora import (
     LoraError, apply_lora, linear_paths, lora_metadata, lora_modules, set_lora_state,
 )
 from dreamomni2_jax.lora_io import LoraFileError, check_finite, load_lora_file
-from dreamomni2_jax.models.schemas import schema_for, stacked_groups
+from dreamomni2_jax.models.schemas import lora_target_patterns, schema_for, stacked_groups
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _fresh(model: nnx.Module, cfg: LoraConfig, seed) -> dict:
     """Adapters from ``cfg``: the model's preset (restricted to the modules it has, e.g. no single blocks) plus
     ``cfg.targets``, at ``cfg.rank`` / ``cfg.alpha`` / ``cfg.dropout`` / ``cfg.dtype`` / ``cfg.init``."""
     have = {".".join(str(p) for p in path) for path, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
-    patterns = cfg.patterns_for(model)
+    patterns = lora_target_patterns(cfg, model)
     preset = [p for p in patterns[:len(patterns) - len(cfg.targets)] if any(re.search(p, h) for h in have)]
     apply_lora(model, preset + list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                dtype=jnp.dtype(cfg.dtype), seed=seed, init=cfg.init)

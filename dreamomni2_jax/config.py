@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dreamomni2_jax.models.schemas import SCHEMAS, schema_for
-
 
 class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
@@ -116,26 +114,13 @@ class ModelConfig(_Section):
         _choice("model.ids_dtype", self.ids_dtype, ("int32", "bfloat16"))
 
 
-def lora_presets(model: str = "flux") -> dict[str, tuple[str, ...]]:
-    """``{preset name: target patterns}`` of a model schema (``"flux"`` | ``"flux2"``), derived from its module
-    roles (``models/<model>_schema.py``): FLUX.1 ``attention`` (the release config) / ``kontext_wide`` (diffusers'
-    Kontext script default); FLUX.2 ``attention`` / ``klein_wide`` (diffusers' klein script default)."""
-    schema = schema_for(model)
-    return {name: schema.preset_patterns(name) for name in schema.presets}
-
-
-LORA_PRESETS: dict[str, tuple[str, ...]] = lora_presets("flux")
-
-
-def _all_preset_names() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(n for s in SCHEMAS.values() for n in s.presets))
-
-
 @dataclass(frozen=True)
 class LoraConfig(_Section):
     rank: int = 16
     alpha: float = 16.0
-    preset: str = "attention"  # a preset of the model's schema (config.lora_presets), or "custom": `targets` only
+    # a preset of the model's schema (models.schemas.lora_presets: FLUX.1 attention | kontext_wide, FLUX.2
+    # attention | klein_wide; checked against the model when the adapters are attached), or "custom": `targets` only
+    preset: str = "attention"
     targets: tuple[str, ...] = ()  # extra regexes over module paths (searched, not fully matched)
     dropout: float = 0.0
     dtype: str = "float32"  # adapter parameter dtype
@@ -147,28 +132,14 @@ class LoraConfig(_Section):
     def _validate(self):
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
-        _choice("lora.preset", self.preset, (*_all_preset_names(), "custom"))
+        if not self.preset or not self.preset.isidentifier():
+            raise ConfigError(f"lora.preset={self.preset!r} must be a preset name or 'custom'")
         _choice("lora.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("lora.init", self.init, ("gaussian", "kaiming"))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if self.preset == "custom" and not self.targets:
             raise ConfigError("lora.preset='custom' needs lora.targets")
-
-    @property
-    def target_patterns(self) -> tuple[str, ...]:
-        """Patterns for the FLUX.1 transformer; :meth:`patterns_for` for another model."""
-        return self.patterns_for("flux")
-
-    def patterns_for(self, model="flux") -> tuple[str, ...]:
-        """Target patterns for ``model`` (a schema name, schema, config or model): the preset's plus ``targets``."""
-        if self.preset == "custom":
-            return tuple(self.targets)
-        presets = lora_presets(model)
-        if self.preset not in presets:
-            raise ConfigError(f"lora.preset={self.preset!r} is not a preset of this model; choose one of "
-                              f"{sorted(presets)} or 'custom'")
-        return presets[self.preset] + tuple(self.targets)
 
 
 @dataclass(frozen=True)

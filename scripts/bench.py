@@ -168,6 +168,8 @@ def bench_torch(cfg, fc, batch, steps: int) -> dict:
     from diffusers import FluxTransformer2DModel as TorchFlux
     from peft import LoraConfig as PeftConfig, inject_adapter_in_model
 
+    from dreamomni2_jax.models.schemas import lora_target_patterns
+
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = TorchFlux(**{k: v for k, v in fc.to_dict().items() if not k.startswith("_")}).float()
@@ -175,7 +177,7 @@ def bench_torch(cfg, fc, batch, steps: int) -> dict:
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             ours = re.sub(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.", r"\1.", name)
-            if any(re.search(p, ours) for p in cfg.lora.target_patterns):
+            if any(re.search(p, ours) for p in lora_target_patterns(cfg.lora, fc)):
                 names.append(name)
     model = inject_adapter_in_model(PeftConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=names,
                                                lora_dropout=cfg.lora.dropout), model)

@@ -13,7 +13,8 @@ from flax import nnx
 from dreamomni2_jax import lora as L
 from dreamomni2_jax import positions as P
 from dreamomni2_jax.attach import attach_lora
-from dreamomni2_jax.config import LORA_PRESETS, LoraConfig
+from dreamomni2_jax.config import LoraConfig
+from dreamomni2_jax.models.schemas import lora_presets
 from dreamomni2_jax.loaders import load_flux
 from dreamomni2_jax.train_step import StepConfig, StepStatics, loss_and_grads, sample_draws, synthetic_batch
 
@@ -107,8 +108,8 @@ def test_lora_a_init_matches_peft(base_state, init, peft_init):
 def test_wide_preset_and_errors(base_state):
     model = _fresh(base_state)
     available = L.linear_paths(model)
-    wide = L.apply_lora(model, LORA_PRESETS["kontext_wide"], rank=2, alpha=2.0)
-    expected = [p for p in available if any(re.search(rx, p) for rx in LORA_PRESETS["kontext_wide"])]
+    wide = L.apply_lora(model, lora_presets("flux")["kontext_wide"], rank=2, alpha=2.0)
+    expected = [p for p in available if any(re.search(rx, p) for rx in lora_presets("flux")["kontext_wide"])]
     assert list(wide) == sorted(expected) and len(wide) == 16  # 12 per double block, 4 per single
     with pytest.raises(L.LoraError, match="available paths: .*x_embedder"):
         L.apply_lora(_fresh(base_state), [r"no_such_module"], rank=2, alpha=2.0)
@@ -129,7 +130,7 @@ def test_kontext_wide_preset_is_the_diffusers_kontext_script_default(base_state,
                                            target_modules=ref.KONTEXT_SCRIPT_TARGET_MODULES))
     peft_paths = {re.sub(r"\.\d+\.", ".", n.rsplit(".lora_A", 1)[0], count=1)
                   for n, _ in torch_model.named_modules() if n.endswith(".lora_A")}
-    ours = L.apply_lora(_fresh(base_state), LORA_PRESETS["kontext_wide"], rank=2, alpha=2.0)
+    ours = L.apply_lora(_fresh(base_state), lora_presets("flux")["kontext_wide"], rank=2, alpha=2.0)
     assert set(ours) == peft_paths and len(ours) == 16
 
 

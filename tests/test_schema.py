@@ -17,13 +17,13 @@ import _reference_code as ref
 from dreamomni2_jax import perf
 from dreamomni2_jax import positions_flux2 as P2
 from dreamomni2_jax import sharding as shd
-from dreamomni2_jax.config import LoraConfig, lora_presets
+from dreamomni2_jax.config import ConfigError, LoraConfig
 from dreamomni2_jax.attach import attach_lora
 from dreamomni2_jax.lora import LoRAParam
 from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
 from dreamomni2_jax.models.flux2 import Flux2Config, Flux2Transformer2DModel
 from dreamomni2_jax.models.roles import SchemaError
-from dreamomni2_jax.models.schemas import SCHEMAS, schema_for, schema_of_modules
+from dreamomni2_jax.models.schemas import SCHEMAS, lora_presets, lora_target_patterns, schema_for, schema_of_modules
 from dreamomni2_jax.positions import SampleLayout
 from dreamomni2_jax.tiny import FLUX_TINY
 from dreamomni2_jax.tiny_klein import FLUX2_TINY
@@ -85,8 +85,8 @@ def test_release_attention_preset_is_the_same_modules_for_flux1():
     model = _ours("flux")
     assert attach_lora(model, config=LoraConfig(preset="attention"))["targets"] == sorted((
         m for m in SCHEMAS["flux"].by_module() if any(re.search(p, m) for p in release)))
-    with pytest.raises(Exception, match="klein_wide.*not a preset of this model"):
-        LoraConfig(preset="klein_wide").patterns_for("flux")
+    with pytest.raises(ConfigError, match="lora.preset='klein_wide' is not a preset of the flux model"):
+        lora_target_patterns(LoraConfig(preset="klein_wide"), model)
     assert set(lora_presets("flux2")) == {"attention", "klein_wide"}
 
 

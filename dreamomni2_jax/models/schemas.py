@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from dreamomni2_jax.config import ConfigError
 from dreamomni2_jax.models.flux2_schema import FLUX2_SCHEMA
 from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
 from dreamomni2_jax.models.roles import Linear, ModelSchema, SchemaError, match_schema
@@ -40,6 +41,26 @@ def declared_linear(module: str) -> Linear:
             return lin
     raise SchemaError(f"{module}: no model schema ({', '.join(SCHEMAS)}) declares this Linear; declare its role in "
                       "models/<model>_schema.py")
+
+
+def lora_presets(model="flux") -> dict[str, tuple[str, ...]]:
+    """``{preset name: target patterns}`` of a model (schema name, schema, config or model), derived from its module
+    roles: FLUX.1 ``attention`` (the release config) / ``kontext_wide`` (diffusers' Kontext script default); FLUX.2
+    ``attention`` / ``klein_wide`` (diffusers' klein script default)."""
+    schema = schema_for(model)
+    return {name: schema.preset_patterns(name) for name in schema.presets}
+
+
+def lora_target_patterns(lora_cfg, model="flux") -> tuple[str, ...]:
+    """The target patterns of a ``LoraConfig`` for ``model``: its preset's plus ``lora.targets`` (``custom``: the
+    targets only). An unknown preset raises ``ConfigError`` naming ``lora.preset`` and the model's presets."""
+    if lora_cfg.preset == "custom":
+        return tuple(lora_cfg.targets)
+    presets = lora_presets(model)
+    if lora_cfg.preset not in presets:
+        raise ConfigError(f"lora.preset={lora_cfg.preset!r} is not a preset of the {schema_for(model).name} model; "
+                          f"choose one of {sorted(presets)} or 'custom'")
+    return presets[lora_cfg.preset] + tuple(lora_cfg.targets)
 
 
 def stacked_groups() -> tuple[str, ...]:
