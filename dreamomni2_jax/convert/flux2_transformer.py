@@ -36,12 +36,9 @@ def _linear(target: str, source: str, hook=LINEAR) -> Rule:
     return Rule(f"{target}.kernel", f"{source}.weight", hook)
 
 
-def _linears(guidance: bool):
-    return [lin for lin in FLUX2_SCHEMA.linears if not lin.when or (lin.when == "guidance_embeds" and guidance)]
-
-
 def diffusers_rules(guidance: bool) -> list[Rule]:
-    rules = [_linear(FLUX2_SCHEMA.template(lin), FLUX2_SCHEMA.template(lin)) for lin in _linears(guidance)]
+    names = [FLUX2_SCHEMA.template(lin) for lin in FLUX2_SCHEMA.with_flags(guidance_embeds=guidance)]
+    rules = [_linear(n, n) for n in names]
     rules += [Rule(f"{p}{m}.scale", f"{p}{m}.weight") for p, ms in ((_D, _DOUBLE_NORMS), (_S, _SINGLE_NORMS))
               for m in ms]
     return rules
@@ -54,7 +51,7 @@ def bfl_rules(guidance: bool) -> list[Rule]:
              (_D + "attn.norm_added_k", D + "txt_attn.norm.key_norm"),
              (_S + "attn.norm_q", S + "norm.query_norm"), (_S + "attn.norm_k", S + "norm.key_norm")]
     rules = [Rule(f"{tgt}.scale", f"{src}.scale", IDENTITY) for tgt, src in norms]
-    present = set(_linears(guidance))
+    present = set(FLUX2_SCHEMA.with_flags(guidance_embeds=guidance))
     for src, _, parts in FLUX2_SCHEMA.bfl_fused(per_group=True):
         if not present.issuperset(parts):
             continue

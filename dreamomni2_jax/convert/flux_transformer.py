@@ -41,12 +41,9 @@ def _fused(targets: tuple[str, ...], source: str) -> list[Rule]:
             Rule(tuple(f"{t}.bias" for t in targets), f"{source}.bias", split(0))]
 
 
-def _linears(guidance: bool):
-    return [lin for lin in FLUX_SCHEMA.linears if not lin.when or (lin.when == "guidance_embeds" and guidance)]
-
-
 def diffusers_rules(guidance: bool) -> list[Rule]:
-    rules = [r for lin in _linears(guidance) for r in _linear(FLUX_SCHEMA.template(lin), FLUX_SCHEMA.template(lin))]
+    names = [FLUX_SCHEMA.template(lin) for lin in FLUX_SCHEMA.with_flags(guidance_embeds=guidance)]
+    rules = [r for n in names for r in _linear(n, n)]
     d, s = "transformer_blocks.{i}.", "single_transformer_blocks.{j}."
     rules += [Rule(f"{d}{m}.scale", f"{d}{m}.weight") for m in _DOUBLE_NORMS]
     rules += [Rule(f"{s}{m}.scale", f"{s}{m}.weight") for m in _SINGLE_NORMS]
@@ -61,7 +58,7 @@ def bfl_rules(guidance: bool) -> list[Rule]:
              (d + "attn.norm_added_k", D + "txt_attn.norm.key_norm"),
              (s + "attn.norm_q", S + "norm.query_norm"), (s + "attn.norm_k", S + "norm.key_norm")]
     rules = [Rule(f"{tgt}.scale", f"{src}.scale") for tgt, src in norms]
-    present = set(_linears(guidance))
+    present = set(FLUX_SCHEMA.with_flags(guidance_embeds=guidance))
     for src, _, parts in FLUX_SCHEMA.bfl_fused(per_group=True):
         if not present.issuperset(parts):
             continue

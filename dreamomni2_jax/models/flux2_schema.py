@@ -4,6 +4,7 @@ No biases; single blocks already hold one fused ``to_qkv_mlp_proj`` (= BFL ``lin
 (= ``linear2``), so only the double blocks' BFL ``qkv`` is split into parts."""
 from __future__ import annotations
 
+from dreamomni2_jax.models.flux_schema import DOUBLE_ATTENTION, FINAL_LAYER
 from dreamomni2_jax.models.roles import Linear as L, ModelSchema, Select
 
 _D, _S = "transformer_blocks", "single_transformer_blocks"
@@ -31,17 +32,9 @@ FLUX2_SCHEMA = ModelSchema(
         L("double_stream_modulation_txt.linear", None, "vector", "mod", ("d", "6*d"),
           "double_stream_modulation_txt.lin"),
         L("single_stream_modulation.linear", None, "vector", "mod", ("d", "3*d"), "single_stream_modulation.lin"),
-        L("norm_out.linear", None, "vector", "mod", ("d", "2*d"), "final_layer.adaLN_modulation.1", swapped=True),
-        L("proj_out", None, "output", "final", ("d", "cout"), "final_layer.linear"),
-        # double-stream blocks
-        L("attn.to_q", _D, "image", "q", ("d", "d"), "img_attn.qkv", part=0),
-        L("attn.to_k", _D, "image", "k", ("d", "d"), "img_attn.qkv", part=1),
-        L("attn.to_v", _D, "image", "v", ("d", "d"), "img_attn.qkv", part=2),
-        L("attn.to_out.0", _D, "image", "out", ("d", "d"), "img_attn.proj"),
-        L("attn.add_q_proj", _D, "text", "q", ("d", "d"), "txt_attn.qkv", part=0),
-        L("attn.add_k_proj", _D, "text", "k", ("d", "d"), "txt_attn.qkv", part=1),
-        L("attn.add_v_proj", _D, "text", "v", ("d", "d"), "txt_attn.qkv", part=2),
-        L("attn.to_add_out", _D, "text", "out", ("d", "d"), "txt_attn.proj"),
+        *FINAL_LAYER,
+        # double-stream blocks: FLUX.1's joint attention, SwiGLU feed-forwards (linear_in = gate | up)
+        *DOUBLE_ATTENTION,
         L("ff.linear_in", _D, "image", "mlp_in", ("d", "2*m"), "img_mlp.0"),
         L("ff.linear_out", _D, "image", "mlp_out", ("m", "d"), "img_mlp.2"),
         L("ff_context.linear_in", _D, "text", "mlp_in", ("d", "2*m"), "txt_mlp.0"),

@@ -8,6 +8,23 @@ from dreamomni2_jax.models.roles import Linear as L, ModelSchema, Select
 _D, _S = "transformer_blocks", "single_transformer_blocks"
 _T = "time_text_embed."
 
+# Joint attention of the double blocks (image q/k/v/out, text add_*; BFL fuses q|k|v) and the final layer: the same
+# in FLUX.2 (models/flux2_schema.py reuses them).
+DOUBLE_ATTENTION = (
+    L("attn.to_q", _D, "image", "q", ("d", "d"), "img_attn.qkv", part=0),
+    L("attn.to_k", _D, "image", "k", ("d", "d"), "img_attn.qkv", part=1),
+    L("attn.to_v", _D, "image", "v", ("d", "d"), "img_attn.qkv", part=2),
+    L("attn.to_out.0", _D, "image", "out", ("d", "d"), "img_attn.proj"),
+    L("attn.add_q_proj", _D, "text", "q", ("d", "d"), "txt_attn.qkv", part=0),
+    L("attn.add_k_proj", _D, "text", "k", ("d", "d"), "txt_attn.qkv", part=1),
+    L("attn.add_v_proj", _D, "text", "v", ("d", "d"), "txt_attn.qkv", part=2),
+    L("attn.to_add_out", _D, "text", "out", ("d", "d"), "txt_attn.proj"),
+)
+FINAL_LAYER = (
+    L("norm_out.linear", None, "vector", "mod", ("d", "2*d"), "final_layer.adaLN_modulation.1", swapped=True),
+    L("proj_out", None, "output", "final", ("d", "cout"), "final_layer.linear"),
+)
+
 FLUX_SCHEMA = ModelSchema(
     name="flux",
     config_class="FluxConfig",
@@ -27,19 +44,11 @@ FLUX_SCHEMA = ModelSchema(
           when="guidance_embeds"),
         L(_T + "text_embedder.linear_1", None, "vector", "embed", ("pool", "d"), "vector_in.in_layer"),
         L(_T + "text_embedder.linear_2", None, "vector", "embed", ("d", "d"), "vector_in.out_layer"),
-        L("norm_out.linear", None, "vector", "mod", ("d", "2*d"), "final_layer.adaLN_modulation.1", swapped=True),
-        L("proj_out", None, "output", "final", ("d", "cout"), "final_layer.linear"),
+        *FINAL_LAYER,
         # double-stream blocks
         L("norm1.linear", _D, "vector", "mod", ("d", "6*d"), "img_mod.lin"),
         L("norm1_context.linear", _D, "vector", "mod", ("d", "6*d"), "txt_mod.lin"),
-        L("attn.to_q", _D, "image", "q", ("d", "d"), "img_attn.qkv", part=0),
-        L("attn.to_k", _D, "image", "k", ("d", "d"), "img_attn.qkv", part=1),
-        L("attn.to_v", _D, "image", "v", ("d", "d"), "img_attn.qkv", part=2),
-        L("attn.to_out.0", _D, "image", "out", ("d", "d"), "img_attn.proj"),
-        L("attn.add_q_proj", _D, "text", "q", ("d", "d"), "txt_attn.qkv", part=0),
-        L("attn.add_k_proj", _D, "text", "k", ("d", "d"), "txt_attn.qkv", part=1),
-        L("attn.add_v_proj", _D, "text", "v", ("d", "d"), "txt_attn.qkv", part=2),
-        L("attn.to_add_out", _D, "text", "out", ("d", "d"), "txt_attn.proj"),
+        *DOUBLE_ATTENTION,
         L("ff.net.0.proj", _D, "image", "mlp_in", ("d", "m"), "img_mlp.0"),
         L("ff.net.2", _D, "image", "mlp_out", ("m", "d"), "img_mlp.2"),
         L("ff_context.net.0.proj", _D, "text", "mlp_in", ("d", "m"), "txt_mlp.0"),

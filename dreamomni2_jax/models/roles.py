@@ -120,7 +120,11 @@ class ModelSchema:
 
     def present(self, config) -> tuple[Linear, ...]:
         """The Linears a model of ``config`` has (``when`` flags honoured)."""
-        return tuple(lin for lin in self.linears if not lin.when or getattr(config, lin.when))
+        return self.with_flags(**{lin.when: bool(getattr(config, lin.when)) for lin in self.linears if lin.when})
+
+    def with_flags(self, **flags: bool) -> tuple[Linear, ...]:
+        """The Linears present when the config flags are ``flags`` (``guidance_embeds=False``); missing: off."""
+        return tuple(lin for lin in self.linears if not lin.when or flags.get(lin.when, False))
 
     def layer_counts(self, config) -> dict[str, int]:
         return {g: int(getattr(config, f)) for g, (f, _) in self.groups.items()}
