@@ -135,7 +135,7 @@ def abstract_model(cfg, fc, *, lora: bool = True):
     import jax.numpy as jnp
     from flax import nnx
 
-    from dreamomni2_jax.lora import apply_lora_config
+    from dreamomni2_jax.attach import attach_lora
     from dreamomni2_jax.models.flux import FluxTransformer2DModel
 
     def build():
@@ -143,7 +143,7 @@ def abstract_model(cfg, fc, *, lora: bool = True):
                                    param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
                                    remat=cfg.model.remat)
         if lora:
-            apply_lora_config(m, cfg.lora, seed=cfg.train.seed)
+            attach_lora(m, config=cfg.lora, seed=cfg.train.seed, fresh=True)
         return m
 
     return nnx.eval_shape(build)

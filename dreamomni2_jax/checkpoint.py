@@ -20,14 +20,10 @@ SIGTERM).
 """
 from __future__ import annotations
 
-import base64
-import dataclasses
 import json
 import logging
-import os
-import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -35,6 +31,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dreamomni2_jax import integrity
+from dreamomni2_jax.checkpoint_items import (  # noqa: F401 - CheckpointError, DataStateHandler: public here too
+    CheckpointError, DataStateHandler, DataStateRestore, DataStateSave, decode_rng, encode_rng,
+)
 from dreamomni2_jax.config import Config, ConfigError, from_dict
 
 log = logging.getLogger(__name__)
@@ -42,98 +41,6 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("state", "meta", "data", "config")
 FORMAT_VERSION = 1
-KILL_ENV = "DREAMOMNI2_KILL_AFTER_SAVE"  # fault injection for tests: SIGKILL self once this step is committed
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt; the message names the directory and a step to resume from."""
-
-
-# ------------------------------------------------------------------------------------------ per-process JSON item
-def _encode_data_state(state: Any) -> dict:
-    if state is None:
-        return {"kind": "none"}
-    if isinstance(state, (bytes, bytearray)):
-        try:
-            return {"kind": "bytes_utf8", "value": bytes(state).decode("utf-8")}
-        except UnicodeDecodeError:
-            return {"kind": "bytes_b64", "value": base64.b64encode(bytes(state)).decode("ascii")}
-    return {"kind": "json", "value": state}
-
-
-def _decode_data_state(blob: dict) -> Any:
-    kind = blob.get("kind")
-    if kind == "none":
-        return None
-    if kind == "bytes_utf8":
-        return blob["value"].encode("utf-8")
-    if kind == "bytes_b64":
-        return base64.b64decode(blob["value"])
-    if kind == "json":
-        return blob["value"]
-    raise ValueError(f"unknown data state kind {kind!r}")
-
-
-class DataStateHandler(ocp.CheckpointHandler):
-    """Writes each process's data-iterator state to ``process_<i>-of-<n>.json`` (hosts read their own)."""
-
-    @staticmethod
-    def _file(directory: epath.Path) -> epath.Path:
-        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-    def save(self, directory: epath.Path, args: "DataStateSave"):
-        self._file(directory).write_text(json.dumps(_encode_data_state(args.state)))
-
-    def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
-        path = self._file(directory)
-        if not path.exists():
-            found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-            raise CheckpointError(f"{path} does not exist (files there: {found}); the checkpoint was written by a "
-                                  f"different number of processes than the {jax.process_count()} running now, so "
-                                  "the data iterator position cannot be restored")
-        return _decode_data_state(json.loads(path.read_text()))
-
-    def metadata(self, directory: epath.Path):
-        return None
-
-    def finalize(self, directory: epath.Path):
-        pass
-
-    def close(self):
-        pass
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@dataclasses.dataclass
-class DataStateSave(ocp.args.CheckpointArgs):
-    state: Any
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@dataclasses.dataclass
-class DataStateRestore(ocp.args.CheckpointArgs):
-    pass
-
-
-# ------------------------------------------------------------------------------------------------------- RNG
-def _encode_rng(rng) -> dict | None:
-    if rng is None:
-        return None
-    rng = jax.device_get(rng) if not isinstance(rng, jax.Array) else rng
-    typed = isinstance(rng, jax.Array) and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    data = np.asarray(jax.device_get(jax.random.key_data(rng) if typed else rng))
-    impl = str(jax.random.key_impl(rng)) if typed else None
-    return {"typed": typed, "impl": impl, "dtype": str(data.dtype), "shape": list(data.shape),
-            "data": data.ravel().tolist()}
-
-
-def _decode_rng(blob: dict | None):
-    if blob is None:
-        return None
-    data = np.asarray(blob["data"], dtype=blob["dtype"]).reshape(blob["shape"])
-    if blob["typed"]:
-        return jax.random.wrap_key_data(data, impl=blob["impl"])
-    return jax.numpy.asarray(data)
 
 
 # ------------------------------------------------------------------------------------------------ the manager
@@ -205,8 +112,12 @@ class RunCheckpointer:
 
     def __init__(self, run_dir: str | Path, cfg: Config | None = None, *, every_steps: int | None = None,
                  max_to_keep: int | None = None, async_save: bool | None = None, read_only: bool = False,
-                 root: str | Path | None = None, adapter: dict | None = None):
+                 root: str | Path | None = None, adapter: dict | None = None,
+                 after_save: Callable[["RunCheckpointer", int], None] | None = None):
+        """``after_save(checkpointer, step)``: called after every save that started (e.g. fault injection in
+        tests: wait for the write, then kill the process)."""
         ck = cfg.checkpoint if cfg is not None else None
+        self.after_save = after_save
         self.adapter = dict(adapter) if adapter is not None else None  # lora_metadata(model), saved in meta
         self.run_dir = Path(run_dir).absolute()
         self.root = Path(root).absolute() if root is not None else self.run_dir / CHECKPOINTS_DIR
@@ -248,20 +159,23 @@ class RunCheckpointer:
             log.error("step %d: the training state holds NaN / inf values; NOT saving it (the last good checkpoint "
                       "stays the latest)", step)
             return False
-        meta = {"format": FORMAT_VERSION, "step": int(step), "rng": _encode_rng(rng),
+        meta = {"format": FORMAT_VERSION, "step": int(step), "rng": encode_rng(rng),
                 "process_count": jax.process_count(), "lora": self.adapter,
                 "digest": integrity.digest_record(state)}
         config = self.cfg.to_dict() if self.cfg is not None else {}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
                                   data=DataStateSave(data_state), config=ocp.args.JsonSave(config))
         saved = self._mgr.save(step, args=args, force=True)
-        if saved and os.environ.get(KILL_ENV) == str(step):
-            self._mgr.wait_until_finished()
-            log.warning("%s=%s: killing this process (fault injection)", KILL_ENV, step)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if saved and self.after_save is not None:
+            self.after_save(self, step)
         return saved
 
     # -------------------------------------------------------------------------------------------- restore
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """Only the ``state`` item of ``step``, onto ``abstract_state``'s shardings (no data / RNG / checks)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self._mgr.restore(step, args=args)["state"]
+
     def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, Any, Any, int]:
         """-> ``(state, data_state, rng, step)``; latest step when ``step`` is None.
 
@@ -306,7 +220,7 @@ class RunCheckpointer:
             raise CheckpointError(f"{d / 'meta'}: metadata names step {named!r}")
         verify_digest(d, meta, out["state"])
         try:
-            rng = _decode_rng(meta.get("rng"))
+            rng = decode_rng(meta.get("rng"))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{d / 'meta'}: unreadable RNG entry ({type(e).__name__}: {e})") from None
         return out["state"], out["data"], rng, step
@@ -416,7 +330,7 @@ def load_state(path: str | Path, step: int | None = None) -> tuple[Any, int, Pat
         tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir / "state")).tree
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
-        state = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        state = ckpt.restore_state(step, abstract)
         verify_digest(step_dir, _read_meta(step_dir), state)
     except CheckpointError:
         raise
@@ -473,4 +387,4 @@ def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> t
 
 
 __all__ = ["CheckpointError", "RunCheckpointer", "open_run", "read_config", "load_state", "resolve_checkpoint",
-           "complete_steps", "load_lora", "verify_digest", "KILL_ENV"]
+           "complete_steps", "load_lora", "verify_digest"]

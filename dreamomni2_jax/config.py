@@ -114,24 +114,13 @@ class ModelConfig(_Section):
         _choice("model.ids_dtype", self.ids_dtype, ("int32", "bfloat16"))
 
 
-LORA_PRESETS: dict[str, tuple[str, ...]] = {
-    # DreamOmni2 release config: every attention's q/k/v/out projections.
-    "attention": (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0"),
-    # diffusers' train_dreambooth_lora_flux_kontext.py default target_modules (no --lora_layers), exactly.
-    "kontext_wide": (
-        r"attn\.to_k", r"attn\.to_q", r"attn\.to_v", r"attn\.to_out\.0",
-        r"attn\.add_k_proj", r"attn\.add_q_proj", r"attn\.add_v_proj", r"attn\.to_add_out",
-        r"ff\.net\.0\.proj", r"ff\.net\.2", r"ff_context\.net\.0\.proj", r"ff_context\.net\.2",
-        r"proj_mlp",
-    ),
-}
-
-
 @dataclass(frozen=True)
 class LoraConfig(_Section):
     rank: int = 16
     alpha: float = 16.0
-    preset: str = "attention"  # a key of LORA_PRESETS, or "custom" to use `targets` only
+    # a preset of the model's schema (models.schemas.lora_presets: FLUX.1 attention | kontext_wide, FLUX.2
+    # attention | klein_wide; checked against the model when the adapters are attached), or "custom": `targets` only
+    preset: str = "attention"
     targets: tuple[str, ...] = ()  # extra regexes over module paths (searched, not fully matched)
     dropout: float = 0.0
     dtype: str = "float32"  # adapter parameter dtype
@@ -143,17 +132,14 @@ class LoraConfig(_Section):
     def _validate(self):
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
-        _choice("lora.preset", self.preset, (*LORA_PRESETS, "custom"))
+        if not self.preset or not self.preset.isidentifier():
+            raise ConfigError(f"lora.preset={self.preset!r} must be a preset name or 'custom'")
         _choice("lora.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("lora.init", self.init, ("gaussian", "kaiming"))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if self.preset == "custom" and not self.targets:
             raise ConfigError("lora.preset='custom' needs lora.targets")
-
-    @property
-    def target_patterns(self) -> tuple[str, ...]:
-        return (() if self.preset == "custom" else LORA_PRESETS[self.preset]) + tuple(self.targets)
 
 
 @dataclass(frozen=True)

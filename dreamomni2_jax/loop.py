@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config
-from dreamomni2_jax.lora_io import init_lora
+from dreamomni2_jax.attach import attach_lora
 from dreamomni2_jax.perf import flux_train_flops, lora_dims, mfu
 
 log = logging.getLogger("dreamomni2_jax.train")
@@ -97,13 +97,14 @@ def transformer_path(model_path: str | Path) -> Path:
 
 def load_model(cfg: Config, mesh, seed: int | None = None):
     """``load_flux`` (base weights created sharded by :func:`sharding.param_sharding`) + LoRA from the config
-    (fresh adapters, or ``lora.init_from``'s file via ``lora_io.init_lora``)."""
+    (fresh adapters, or ``lora.init_from``'s file; :func:`dreamomni2_jax.attach.attach_lora`)."""
     from dreamomni2_jax.loaders import load_flux
 
     model = load_flux(transformer_path(cfg.model.path), dtype=_dtype(cfg.model.compute_dtype),
                       param_dtype=_dtype(cfg.model.param_dtype), param_sharding=shd.param_sharding(mesh),
                       attention_impl=cfg.model.attention, remat=cfg.model.remat)
-    paths = init_lora(model, cfg.lora, seed=cfg.train.seed if seed is None else seed)  # lora.init_from aware
+    meta = attach_lora(model, config=cfg.lora, seed=cfg.train.seed if seed is None else seed)  # init_from aware
+    paths = tuple(meta["targets"])
     return model, paths
 
 

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreamomni2_jax.config import LoraConfig
 
-__all__ = ["LORA_INITS", "init_lora_a", "LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "apply_lora_config", "lora_modules",
+__all__ = ["LORA_INITS", "init_lora_a", "LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "lora_modules",
            "lora_state", "set_lora_state", "lora_metadata", "linear_paths", "reseed_dropout", "LoraError"]
 
 
@@ -168,12 +167,6 @@ def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: 
                          init=init)
         _replace(model, path, new)
     return tuple(m[0] for m in matched)
-
-
-def apply_lora_config(model: nnx.Module, cfg: LoraConfig, seed: int | jax.Array = 0) -> tuple[str, ...]:
-    """:func:`apply_lora` with rank / alpha / dropout / dtype / targets from a :class:`LoraConfig`."""
-    return apply_lora(model, cfg.target_patterns, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                      dtype=jnp.dtype(cfg.dtype), seed=seed, init=cfg.init)
 
 
 def lora_state(model: nnx.Module) -> dict[str, jax.Array]:

@@ -1,4 +1,5 @@
-"""LoRA files: export/import in diffusers/PEFT and kohya/ComfyUI safetensors (numpy only, no torch).
+"""LoRA files: export/import in diffusers/PEFT and kohya/ComfyUI safetensors (numpy only, no torch, no jax).
+Attaching adapters to a model is :mod:`dreamomni2_jax.attach`.
 
 Three layouts of the same adapters:
 
@@ -13,6 +14,9 @@ Three layouts of the same adapters:
   adapters are fused as ``lora_down`` = stacked downs ``[sum r, in]`` and ``lora_up`` = block diagonal
   ``[sum out, sum r]`` (missing parts get zero blocks), which diffusers' ``_convert_kohya_flux_lora_to_diffusers``
   splits back exactly (its "sparse" path). The final-layer modulation swaps halves (BFL shift/scale order).
+  The kohya/BFL names, fused parts and swaps come from the model's schema (``models/<model>_schema.py``): FLUX.1
+  (``ss_base_model_version`` ``flux1``) or FLUX.2 (``flux2``: single blocks' ``linear1`` / ``linear2`` are already
+  one Linear each in diffusers, ``to_qkv_mlp_proj`` / ``to_out``).
 
 The neutral in-memory form is ``{unstacked diffusers module path: Adapter(down [r, in], up [out, r], alpha)}``.
 """
@@ -30,40 +34,17 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from dreamomni2_jax.models.roles import ModelSchema, SchemaError
+from dreamomni2_jax.models.schemas import schema_for, schema_of_modules, stacked_groups
+
 log = logging.getLogger(__name__)
 
-STACKED = ("transformer_blocks", "single_transformer_blocks")
+STACKED = stacked_groups()
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 FORMATS = ("diffusers", "kohya")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 OUR_METADATA_KEY = "dreamomni2_lora"
 PREFIX = "transformer."
-
-# kohya/BFL name -> (diffusers module paths, relative output sizes of the fused parts)
-KOHYA_DOUBLE: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
-    "img_attn_qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), (1, 1, 1)),
-    "txt_attn_qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), (1, 1, 1)),
-    "img_attn_proj": (("attn.to_out.0",), (1,)), "txt_attn_proj": (("attn.to_add_out",), (1,)),
-    "img_mlp_0": (("ff.net.0.proj",), (1,)), "img_mlp_2": (("ff.net.2",), (1,)),
-    "txt_mlp_0": (("ff_context.net.0.proj",), (1,)), "txt_mlp_2": (("ff_context.net.2",), (1,)),
-    "img_mod_lin": (("norm1.linear",), (1,)), "txt_mod_lin": (("norm1_context.linear",), (1,)),
-}
-KOHYA_SINGLE = {
-    "linear1": (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (1, 1, 1, 4)),
-    "linear2": (("proj_out",), (1,)), "modulation_lin": (("norm.linear",), (1,)),
-}
-KOHYA_TOP = {
-    "img_in": "x_embedder", "txt_in": "context_embedder",
-    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear",
-}
-SWAPPED = {"norm_out.linear"}  # lora_up rows: BFL (shift, scale) vs diffusers (scale, shift)
-
 
 class LoraFileError(ValueError):
     """A LoRA file is unreadable, has unknown keys, or does not fit the model; the message names them."""
@@ -252,30 +233,38 @@ def from_diffusers(tensors: Mapping[str, np.ndarray], file_meta: Mapping[str, st
 
 
 # ---------------------------------------------------------------------------------------------------- kohya
-def _kohya_table() -> list[tuple[str, str | None, tuple[str, ...], tuple[int, ...]]]:
-    """(kohya name template, stacked block or None, module templates, ratios); ``{i}`` = layer index."""
-    rows = [(f"double_blocks_{{i}}_{k}", "transformer_blocks", mods, r) for k, (mods, r) in KOHYA_DOUBLE.items()]
-    rows += [(f"single_blocks_{{i}}_{k}", "single_transformer_blocks", mods, r)
-             for k, (mods, r) in KOHYA_SINGLE.items()]
-    rows += [(k, None, (v,), (1,)) for k, v in KOHYA_TOP.items()]
-    return rows
+def kohya_table(schema: ModelSchema) -> list[tuple[str, str | None, tuple[str, ...], tuple[int, ...], bool]]:
+    """``[(kohya name template, stacked block or None, module paths, output ratios, swapped)]`` of a model schema;
+    ``{i}`` = layer index, module paths relative to the block (fused BFL modules list their parts in order)."""
+    return [("lora_unet_" + template.replace(".", "_"), group, tuple(p.path for p in parts),
+             tuple(p.ratio for p in parts), parts[0].swapped) for template, group, parts in schema.bfl_fused()]
 
 
-def to_kohya(adapters: Mapping[str, Adapter], dtype=np.float32) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """-> (tensors, metadata) with ``lora_unet_<bfl name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+def _schema_of(adapters: Mapping[str, "Adapter"], schema) -> ModelSchema:
+    try:
+        return schema_for(schema) if schema is not None else schema_of_modules(adapters)
+    except SchemaError as e:
+        raise LoraFileError(f"no kohya/BFL layout for these modules: {e}") from None
+
+
+def to_kohya(adapters: Mapping[str, Adapter], dtype=np.float32, schema=None
+             ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """-> (tensors, metadata) with ``lora_unet_<bfl name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+    ``schema``: the model's (name, schema or config); default: the first schema declaring every module."""
+    schema = _schema_of(adapters, schema)
     remaining = dict(adapters)
     tensors: dict[str, np.ndarray] = {}
     layer_ids = {b: sorted({int(p.split(".")[1]) for p in adapters if p.startswith(b + ".")}) for b in STACKED}
-    for name_t, block, mods, ratios in _kohya_table():
+    for name_t, block, mods, ratios, swapped in kohya_table(schema):
         for i in (layer_ids[block] if block else [None]):
             paths = [f"{block}.{i}.{m}" if block else m for m in mods]
             present = [p for p in paths if p in remaining]
             if not present:
                 continue
             parts = [remaining.pop(p, None) for p in paths]
-            name = "lora_unet_" + name_t.format(i=i)
+            name = name_t.format(i=i)
             down, up, alpha = _fuse(parts, ratios, name)
-            if mods[0] in SWAPPED:
+            if swapped:
                 up = np.concatenate(np.split(up, 2, axis=0)[::-1], axis=0)
             tensors[f"{name}.lora_down.weight"] = np.ascontiguousarray(down.astype(dtype))
             tensors[f"{name}.lora_up.weight"] = np.ascontiguousarray(up.astype(dtype))
@@ -284,7 +273,7 @@ def to_kohya(adapters: Mapping[str, Adapter], dtype=np.float32) -> tuple[dict[st
         raise LoraFileError(f"modules with no kohya/BFL equivalent: {sorted(remaining)}")
     rank, alpha = _uniform(adapters)
     return tensors, {"format": "pt", "ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank),
-                     "ss_network_alpha": str(alpha), "ss_base_model_version": "flux1"}
+                     "ss_network_alpha": str(alpha), "ss_base_model_version": schema.kohya_version}
 
 
 def _fuse(parts: list[Adapter | None], ratios: tuple[int, ...], name: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -328,9 +317,11 @@ def _kohya_base(key: str) -> tuple[str, str] | None:
     return base.replace(".", "_"), m.group(2)
 
 
-def from_kohya(tensors: Mapping[str, np.ndarray], source) -> dict[str, Adapter]:
-    """Inverse of :func:`to_kohya`, splitting fused modules like diffusers' converter (exact for block-diagonal
-    ``lora_up``; otherwise every part gets the full ``lora_down`` and its rows of ``lora_up``)."""
+def from_kohya(tensors: Mapping[str, np.ndarray], source, schema="flux") -> dict[str, Adapter]:
+    """Inverse of :func:`to_kohya` for the model ``schema`` (FLUX.1 and FLUX.2 kohya names overlap), splitting
+    fused modules like diffusers' converter (exact for block-diagonal ``lora_up``; otherwise every part gets the
+    full ``lora_down`` and its rows of ``lora_up``)."""
+    schema = schema_for(schema)
     groups: dict[str, dict[str, np.ndarray]] = {}
     unknown = []
     for k, v in tensors.items():
@@ -340,25 +331,25 @@ def from_kohya(tensors: Mapping[str, np.ndarray], source) -> dict[str, Adapter]:
         else:
             groups.setdefault(parsed[0], {})[parsed[1]] = v
     table = {}
-    for name_t, block, mods, ratios in _kohya_table():
-        table[re.escape("lora_unet_" + name_t).replace(r"\{i\}", r"(\d+)")] = (block, mods, ratios)
+    for name_t, block, mods, ratios, swapped in kohya_table(schema):
+        table[re.escape(name_t).replace(r"\{i\}", r"(\d+)")] = (block, mods, ratios, swapped)
     out: dict[str, Adapter] = {}
     for base, g in sorted(groups.items()):
         hit = next(((m, spec) for pat, spec in table.items() if (m := re.fullmatch(pat, base))), None)
         if hit is None or "lora_down.weight" not in g or "lora_up.weight" not in g:
             unknown += [f"{base}.{s}" for s in g]
             continue
-        m, (block, mods, ratios) = hit
+        m, (block, mods, ratios, swapped) = hit
         paths = [f"{block}.{m.group(1)}.{x}" if block else x for x in mods]
         down, up = np.asarray(g["lora_down.weight"]), np.asarray(g["lora_up.weight"])
         r = down.shape[0]
         alpha = float(np.asarray(g["alpha"]).reshape(())) if "alpha" in g else float(r)
-        if mods[0] in SWAPPED:
+        if swapped:
             up = np.concatenate(np.split(up, 2, axis=0)[::-1], axis=0)
         out.update(_unfuse(paths, ratios, down, up, alpha, f"{source}: {base}"))
     if unknown:
-        raise LoraFileError(f"{source}: unsupported LoRA keys {sorted(unknown)[:50]} (supported: Flux transformer "
-                            "LoRA in diffusers/PEFT or kohya format; text-encoder LoRAs are not supported)")
+        raise LoraFileError(f"{source}: unsupported LoRA keys {sorted(unknown)[:50]} (supported: {schema.name} "
+                            "transformer LoRA in diffusers/PEFT or kohya format; text-encoder LoRAs are not supported)")
     return out
 
 
@@ -394,8 +385,10 @@ def detect_format(keys) -> str:
     return "diffusers"
 
 
-def read_adapters(path: str | Path) -> tuple[dict[str, Adapter], dict]:
-    """Read a LoRA file -> (``{module: Adapter}``, info ``{"format", "file_metadata"}``)."""
+def read_adapters(path: str | Path, schema=None) -> tuple[dict[str, Adapter], dict]:
+    """Read a LoRA file -> (``{module: Adapter}``, info ``{"format", "file_metadata"}``). ``schema``: the model's
+    (name, schema or config) for kohya/BFL names; default: the file's ``ss_base_model_version`` (``flux2``), else
+    FLUX.1."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -413,23 +406,31 @@ def read_adapters(path: str | Path) -> tuple[dict[str, Adapter], dict]:
     if fmt == "kohya" and all(k.startswith(PREFIX) for k in tensors):  # diffusers names, kohya down/up suffixes
         tensors = {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v for k, v in tensors.items()}
         fmt = "diffusers"
-    adapters = from_kohya(tensors, path) if fmt == "kohya" else from_diffusers(tensors, file_meta, path)
+    if fmt == "kohya":
+        if schema is None:
+            schema = "flux2" if file_meta.get("ss_base_model_version") == "flux2" else "flux"
+        adapters = from_kohya(tensors, path, schema)
+    else:
+        adapters = from_diffusers(tensors, file_meta, path)
     if not adapters:
         raise LoraFileError(f"{path}: no LoRA adapters found")
     return adapters, {"format": fmt, "file_metadata": file_meta}
 
 
 def write_adapters(path: str | Path, adapters: Mapping[str, Adapter], format: str = "diffusers",
-                   dtype: str = "fp32", extra_metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``adapters`` as ``format`` (diffusers | kohya) in ``dtype`` (fp32 | bf16 | fp16); temp file + rename."""
+                   dtype: str = "fp32", extra_metadata: Mapping[str, str] | None = None, schema=None) -> Path:
+    """Write ``adapters`` as ``format`` (diffusers | kohya) in ``dtype`` (fp32 | bf16 | fp16); temp file + rename.
+    ``schema``: the model's, for kohya names (default: the first schema declaring every module)."""
     from safetensors.numpy import save_file
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    conv = to_kohya if format == "kohya" else to_diffusers
-    tensors, meta = conv(adapters, DTYPES[dtype])
+    if format == "kohya":
+        tensors, meta = to_kohya(adapters, DTYPES[dtype], schema)
+    else:
+        tensors, meta = to_diffusers(adapters, DTYPES[dtype])
     meta = {**meta, **(extra_metadata or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -453,7 +454,7 @@ def check_finite(flat: Mapping[str, np.ndarray], source) -> None:
 
 
 def save_lora_file(path: str | Path, flat: Mapping[str, np.ndarray], alpha: float, format: str = "diffusers",
-                   dtype: str = "fp32", extra_metadata: Mapping[str, str] | None = None) -> Path:
+                   dtype: str = "fp32", extra_metadata: Mapping[str, str] | None = None, schema=None) -> Path:
     """Export our flat LoRA state (:func:`lora_state` format; rank from shapes) to a safetensors file (refuses
     non-finite adapters)."""
     check_finite(flat, "LoRA to export")
@@ -461,101 +462,23 @@ def save_lora_file(path: str | Path, flat: Mapping[str, np.ndarray], alpha: floa
     info = {"rank": next(iter(adapters.values())).rank, "alpha": float(alpha),
             "targets": sorted({k.rsplit(".", 1)[0] for k in flat})}
     extra = {OUR_METADATA_KEY: json.dumps(info), **(extra_metadata or {})}
-    return write_adapters(path, adapters, format, dtype, extra)
+    return write_adapters(path, adapters, format, dtype, extra, schema)
 
 
 def load_lora_file(path: str | Path, layer_counts: Mapping[str, int] | None = None,
-                   dtype=np.float32) -> tuple[dict[str, np.ndarray], dict]:
+                   dtype=np.float32, schema=None) -> tuple[dict[str, np.ndarray], dict]:
     """Read a diffusers/PEFT or kohya LoRA file -> (our flat state, metadata).
 
     metadata: ``{"rank", "alpha", "targets": [our module paths], "format", "source"}``. ``layer_counts``
-    (``{"transformer_blocks": 19, ...}``) sets the stacked length (default: highest layer index in the file + 1).
+    (``{"transformer_blocks": 19, ...}``) sets the stacked length (default: highest layer index in the file + 1);
+    ``schema``: as for :func:`read_adapters`.
     """
-    adapters, info = read_adapters(path)
+    adapters, info = read_adapters(path, schema)
     flat, rank, alpha = stack(adapters, layer_counts, dtype)
     targets = sorted({k.rsplit(".", 1)[0] for k in flat})
     return flat, {"rank": rank, "alpha": alpha, "targets": targets, "format": info["format"], "source": str(path)}
 
 
-# ----------------------------------------------------------------------------------------------- model side
-def layer_counts(model) -> dict[str, int]:
-    """``{stacked block name: layer count}`` of an NNX Flux model (leading axis of its params)."""
-    import jax
-    from flax import nnx
-
-    out = {}
-    for name in STACKED:
-        block = getattr(model, name, None)
-        if block is not None:
-            leaves = jax.tree.leaves(nnx.state(block, nnx.Param))
-            out[name] = int(leaves[0].shape[0])
-    return out
-
-
-def apply_lora_file(model, path: str | Path, scale: float = 1.0, *, dtype=None, dropout: float = 0.0) -> dict:
-    """Attach the adapters of a LoRA file to ``model`` with strength ``scale``; see :func:`apply_adapters`.
-    Returns :func:`load_lora_file`'s metadata."""
-    flat, meta = load_lora_file(path, layer_counts(model))
-    return apply_adapters(model, flat, meta, scale, dtype=dtype, dropout=dropout)
-
-
-def apply_adapters(model, flat: Mapping[str, np.ndarray], meta: Mapping, scale: float = 1.0, *, dtype=None,
-                   dropout: float = 0.0) -> dict:
-    """Attach adapters in our flat layout (``meta``: ``rank``, ``alpha``, ``targets``, optional ``source``) with
-    strength ``scale`` (folded into ``lora_B``). A model without adapters gets exactly these targets, rank and
-    alpha; a model that already has adapters must have the same modules and rank (alpha is folded in). Any
-    mismatch raises :class:`LoraFileError` listing the keys. Works for :func:`load_lora_file` output and for
-    ``dreamomni2_jax.checkpoint.load_lora`` output."""
-    import jax.numpy as jnp
-
-    from dreamomni2_jax.lora import LoraError, apply_lora, linear_paths, lora_metadata, lora_modules, set_lora_state
-
-    src = meta.get("source") or meta.get("step_dir") or "LoRA"
-    check_finite(flat, src)
-    existing = lora_modules(model)
-    factor = float(scale)
-    if existing:
-        have = set(existing)
-        missing, unknown = sorted(have - set(meta["targets"])), sorted(set(meta["targets"]) - have)
-        if missing or unknown:
-            raise LoraFileError(f"{src}: LoRA modules differ from the model's adapters: not in the file {missing}, "
-                                f"not adapted in the model {unknown}")
-        mm = lora_metadata(model)
-        if mm["rank"] != meta["rank"]:
-            raise LoraFileError(f"{src}: rank {meta['rank']} != the model adapters' rank {mm['rank']}")
-        factor *= (meta["alpha"] / meta["rank"]) / (mm["alpha"] / mm["rank"])
-    else:
-        available = set(linear_paths(model))
-        unknown = [t for t in meta["targets"] if t not in available]
-        if unknown:
-            raise LoraFileError(f"{src}: LoRA targets that are not Linear modules of the model: {unknown}; model "
-                                f"Linear paths: {sorted(available)}")
-        apply_lora(model, [f"^{re.escape(t)}$" for t in meta["targets"]], rank=meta["rank"], alpha=meta["alpha"],
-                   dropout=dropout, dtype=jnp.dtype(dtype or jnp.float32))
-    if factor != 1.0:
-        flat = {k: v * np.float32(factor) if k.endswith(".lora_B") else v for k, v in flat.items()}
-    try:
-        set_lora_state(model, flat)
-    except LoraError as e:
-        raise LoraFileError(f"{src}: {e}") from None
-    return dict(meta)
-
-
-def init_lora(model, lora_cfg, seed: int = 0) -> tuple[str, ...]:
-    """Training entry point: fresh adapters from ``lora_cfg`` or, with ``lora_cfg.init_from``, the file's."""
-    import jax.numpy as jnp
-
-    from dreamomni2_jax.lora import apply_lora_config, lora_modules
-
-    if not lora_cfg.init_from:
-        return apply_lora_config(model, lora_cfg, seed=seed)
-    meta = apply_lora_file(model, lora_cfg.init_from, dtype=jnp.dtype(lora_cfg.dtype), dropout=lora_cfg.dropout)
-    if (meta["rank"], meta["alpha"]) != (lora_cfg.rank, lora_cfg.alpha):
-        log.warning("lora.init_from=%s: using the file's rank %d / alpha %g (config: %d / %g)", lora_cfg.init_from,
-                    meta["rank"], meta["alpha"], lora_cfg.rank, lora_cfg.alpha)
-    return tuple(lora_modules(model))
-
-
 __all__ = ["Adapter", "LoraFileError", "unstack", "stack", "to_diffusers", "from_diffusers", "to_kohya",
-           "from_kohya", "check_finite", "read_adapters", "write_adapters", "save_lora_file", "load_lora_file", "detect_format",
-           "layer_counts", "apply_lora_file", "apply_adapters", "init_lora"]
+           "from_kohya", "kohya_table", "check_finite", "read_adapters", "write_adapters", "save_lora_file",
+           "load_lora_file", "detect_format"]

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of a Flux LoRA train step, peak FLOP/s per device kind, and MFU.
+"""Analytic FLOPs of a Flux (FLUX.1 / FLUX.2) LoRA train step, peak FLOP/s per device kind, and MFU.
 
 FLOPs are "model FLOPs" of the shapes actually executed (padded lengths), 2 per multiply-add, remat recompute
 not counted (the MFU convention). With frozen base weights the backward pass computes activation gradients
@@ -10,10 +10,12 @@ gradients). ``tests/test_train_step.py`` checks this against the dot products of
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import jax
+
+from dreamomni2_jax.models.roles import NO_BACKWARD_ROLES, SchemaError
+from dreamomni2_jax.models.schemas import schema_for
 
 # Dense bf16 peak FLOP/s per chip / GPU (vendor figures).
 PEAK_FLOPS: dict[str, float] = {
@@ -42,31 +44,43 @@ def peak_flops(device=None) -> float | None:
     return None
 
 
-def flux_forward_macs(config, image_tokens: int, text_tokens: int, out_tokens: int | None = None) -> dict[str, float]:
-    """Multiply-adds of one Flux forward pass for one sample, by how the backward pass treats them.
+def _rows(lin, s_i: int, s_t: int, o: int) -> int:
+    """Rows one application of ``lin`` sees per sample (``o``: output image tokens)."""
+    return {"image": s_i, "text": s_t, "joint": s_i + s_t, "output": o, "vector": 1}[lin.stream]
 
-    ``config``: a ``FluxConfig``; ``image_tokens`` = target + reference tokens (padded), ``text_tokens`` = T5
-    length. ``"embed"``: matmuls whose inputs never depend on the adapters (x / context / time / text
-    embedders, every adaLN modulation linear): no backward. ``"linear"``: token matmuls of the blocks and the
-    output projection (activation gradient in the backward). ``"attention"``: ``QKᵀ`` and ``PV``."""
+
+def _layer_rows(lin, n: int, s_i: int, s_t: int, o: int) -> int:
+    """Rows over the ``n`` layers of ``lin``: in the last single-stream layer only the ``o`` output rows, unless
+    the Linear runs on every row there (keys / values, a fused input projection)."""
+    rows = n * _rows(lin, s_i, s_t, o)
+    if lin.stream == "joint" and not lin.full_rows and n > 0:
+        rows -= s_i + s_t - o
+    return rows
+
+
+def flux_forward_macs(config, image_tokens: int, text_tokens: int, out_tokens: int | None = None) -> dict[str, float]:
+    """Multiply-adds of one Flux (FLUX.1 or FLUX.2) forward pass for one sample, by how the backward pass treats
+    them; one row per Linear of the model's schema (``models/<model>_schema.py``).
+
+    ``config``: a ``FluxConfig`` / ``Flux2Config``; ``image_tokens`` = target + reference tokens (padded),
+    ``text_tokens`` = text length. ``"embed"``: matmuls whose inputs never depend on the adapters (roles ``embed``
+    and ``mod``: x / context / time / text embedders, every adaLN modulation linear): no backward. ``"linear"``:
+    token matmuls of the blocks and the output projection (activation gradient in the backward). ``"attention"``:
+    ``QKᵀ`` and ``PV``."""
     # out_tokens: image tokens whose outputs are computed (the last single block computes only their query / MLP /
     # output rows; keys and values over all rows). None = all image tokens.
-    d, m = config.inner_dim, 4 * config.inner_dim
+    schema = schema_for(config)
     s_i, s_t = image_tokens, text_tokens
-    s = s_i + s_t
-    n_emb = 2 if config.guidance_embeds else 1
-    embed = (n_emb * (256 * d + d * d) + config.pooled_projection_dim * d + d * d  # time / guidance / text
-             + config.num_layers * 2 * d * 6 * d + config.num_single_layers * d * 3 * d + d * 2 * d  # adaLN
-             + s_i * config.in_channels * d + s_t * config.joint_attention_dim * d)  # x / context embedders
+    s, d = s_i + s_t, config.inner_dim
     o = s_i if out_tokens is None else out_tokens
-    single = s * (3 * d * d + d * m + (d + m) * d)  # qkv + mlp + proj_out
-    last = s * 2 * d * d + o * (d * d + d * m + (d + m) * d)  # k, v over all rows; q + mlp + proj_out over o
-    linear = (o * d * config.out_dim
-              + config.num_layers * s * (4 * d * d + 2 * d * m)  # qkv + out + MLP, both streams
-              + (config.num_single_layers > 0) * (last + (config.num_single_layers - 1) * single))
+    out = {"embed": 0.0, "linear": 0.0}
+    for lin in schema.present(config):
+        din, dout = schema.dims(lin, config)
+        kind = "embed" if lin.role in NO_BACKWARD_ROLES else "linear"
+        out[kind] += _layer_rows(lin, schema.count(lin, config), s_i, s_t, o) * din * dout
     attention = ((config.num_layers + config.num_single_layers) * 2 * s * s * d
                  - (config.num_single_layers > 0) * 2 * (s - o) * s * d)
-    return {"embed": float(embed), "linear": float(linear), "attention": float(attention)}
+    return {"embed": float(out["embed"]), "linear": float(out["linear"]), "attention": float(attention)}
 
 
 def lora_dims(model) -> dict[str, tuple[int, int, int, int]]:
@@ -83,41 +97,27 @@ def lora_dims(model) -> dict[str, tuple[int, int, int, int]]:
     return out
 
 
-def _lora_tokens(path: str, s_i: int, s_t: int) -> int:
-    """Rows an adapted Linear sees per sample (adaLN linears act on the per-sample embedding: 1)."""
-    if re.search(r"(^|\.)norm[^.]*\.linear$", path) or path.startswith("time_text_embed."):
-        return 1
-    if path.startswith("single_transformer_blocks."):
-        return s_i + s_t
-    if path.startswith("transformer_blocks."):
-        ctx = any(k in path for k in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context",
-                                      "norm1_context"))
-        return s_t if ctx else s_i
-    return s_i if "proj_out" in path or "x_embedder" in path else s_t if "context_embedder" in path else 1
-
-
 def flux_train_flops(config, batch_layout, text_len: int, lora: Mapping[str, tuple[int, int, int, int]] = (),
                      out_tokens: int | None = None) -> float:
     """FLOPs of one LoRA train step (one optimizer update over the whole global batch; see module docstring).
 
     ``batch_layout``: a ``positions.BatchLayout`` (batch size and padded target + reference lengths) or a tuple
-    ``(batch, target_len, reference_len)``; ``text_len``: T5 tokens; ``lora``: :func:`lora_dims` (norm layers'
-    per-sample adapters counted once per sample)."""
+    ``(batch, target_len, reference_len)``; ``text_len``: text tokens; ``lora``: :func:`lora_dims` (adapters on
+    per-sample vectors counted once per sample). Every adapted path must be declared by the model's schema."""
     if isinstance(batch_layout, tuple):
         batch, t, r = batch_layout
     else:
         batch, t, r = batch_layout.ids.shape[0], batch_layout.target_len, batch_layout.reference_len
+    schema = schema_for(config)
     s_i = t + r
     o = t if out_tokens is None else out_tokens  # the train step computes the target tokens' outputs only
     macs = flux_forward_macs(config, s_i, text_len, o)
     lora_macs = 0.0
     for path, (layers, din, dout, rank) in dict(lora).items():
-        rows = layers * _lora_tokens(path, s_i, text_len)
-        if path.startswith("single_transformer_blocks.") and not re.search(r"to_k|to_v|norm", path):
-            rows -= s_i + text_len - o  # last single block: query / MLP / output rows of the o tokens only
-        elif path == "proj_out":
-            rows = o
-        lora_macs += rows * rank * (din + dout)
+        lin = schema.find(path)
+        if lin is None:
+            raise SchemaError(f"{path}: adapted module not declared by the {schema.name} schema")
+        lora_macs += _layer_rows(lin, layers, s_i, text_len, o) * rank * (din + dout)
     per_sample = macs["embed"] + 2 * macs["linear"] + 3 * macs["attention"] + 3 * lora_macs
     return 2.0 * batch * per_sample
 

@@ -141,8 +141,10 @@ class CheckpointCallback:
     :class:`~dreamomni2_jax.preemption.SigtermFlag` (None: only the multi-host sync point stops the loop).
     """
 
-    def __init__(self, cfg: Config, resume: str | Path | None = None, branch: bool = False, sigterm=None):
+    def __init__(self, cfg: Config, resume: str | Path | None = None, branch: bool = False, sigterm=None,
+                 after_save=None):
         self.cfg, self.resume, self.branch, self.sigterm = cfg, resume, branch, sigterm
+        self.after_save = after_save  # RunCheckpointer(after_save=): called after each save (fault injection)
         self.ckpt: RunCheckpointer | None = None
         self.preempted_at: int | None = None
 
@@ -151,7 +153,7 @@ class CheckpointCallback:
 
         run_dir = Path(self.cfg.train.run_dir).absolute()
         main = jax.process_index() == 0
-        self.ckpt = open_run(run_dir, self.cfg, adapter=lora_metadata(ctx.model()))
+        self.ckpt = open_run(run_dir, self.cfg, adapter=lora_metadata(ctx.model()), after_save=self.after_save)
         try:
             self._resume(ctx, run_dir, main)
         except BaseException:

@@ -372,24 +372,10 @@ def load_pipeline(model_dir: str | Path, dtype=jnp.bfloat16, *, lora: str | Path
         scheduler=FlowMatchConfig.from_json(root / "scheduler" / "scheduler_config.json"),
         dtype=dtype, max_sequence_length=max_sequence_length)
     if lora is not None:
-        load_lora(pipe.transformer, lora, lora_scale)
+        from dreamomni2_jax.attach import attach_lora
+
+        attach_lora(pipe.transformer, lora, scale=lora_scale)
     return pipe
-
-
-def load_lora(model: nnx.Module, path: str | Path, scale: float = 1.0) -> dict:
-    """Attach a LoRA to ``model`` at strength ``scale`` (folded into ``lora_B``; unmerged, so bf16 base weights do
-    not swallow the update). ``path``: a diffusers/PEFT or kohya safetensors file, or a training run / checkpoint
-    folder (latest complete step). Returns ``{"rank", "alpha", "targets", ...}``; a LoRA that does not fit the
-    model raises ``LoraFileError`` / ``LoraError`` naming the modules, a bad folder ``CheckpointError``."""
-    from dreamomni2_jax import lora_io
-    from dreamomni2_jax.checkpoint import load_lora as load_checkpoint_lora
-
-    path = Path(path)
-    if not path.is_dir():
-        return lora_io.apply_lora_file(model, path, scale)
-    flat, meta = load_checkpoint_lora(path)
-    lora_io.apply_adapters(model, flat, meta, scale)
-    return meta
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

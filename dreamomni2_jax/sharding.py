@@ -7,6 +7,11 @@ Mesh axes are ``("data", "fsdp", "tensor")``. Logical axes map onto them through
 * ``layers`` (the leading axis of stacked blocks) -> never sharded (``lax.scan`` slices it);
 * every other parameter dim is a candidate for ``fsdp``: the largest one divisible by the fsdp size is sharded.
 
+Which Linear gets ``heads`` / ``mlp`` on which dim follows from its role in the model schema
+(``models/<model>_schema.py``, :data:`dreamomni2_jax.models.roles.ROLE_AXES`); a Linear ``kernel`` / ``bias`` that
+no schema declares raises :class:`dreamomni2_jax.models.roles.SchemaError` (a renamed module is never silently
+FSDP-only).
+
 :func:`param_sharding` gives ``(dotted path, shape) -> NamedSharding``, the callable ``load_flux`` takes, so base
 weights are created sharded (nothing unsharded on one host). Adapters and optimizer moments use the shape-only
 FSDP rule, so a moment is placed like its parameter.
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Callable, Mapping
 
 import jax
@@ -23,6 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dreamomni2_jax.config import MeshConfig
+from dreamomni2_jax.models.schemas import declared_linear, stacked_groups
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -33,16 +38,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "embed": "fsdp",
 }
-STACKED_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
-
-# (regex on the dotted param path, logical names of the kernel's [in, out] dims). Biases use the `out` name.
-_PARAM_AXES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
-    (r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)\.", ("embed", "heads")),
-    (r"attn\.(to_out\.0|to_add_out)\.", ("heads", "embed")),
-    (r"(ff|ff_context)\.net\.0\.proj\.", ("embed", "mlp")),
-    (r"(ff|ff_context)\.net\.2\.", ("mlp", "embed")),
-    (r"single_transformer_blocks\.proj_mlp\.", ("embed", "mlp")),
-)
+STACKED_PREFIXES = tuple(f"{g}." for g in stacked_groups())
 
 
 class MeshError(ValueError):
@@ -143,10 +139,9 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     if path.endswith("lora_dropout_key"):  # PRNG key data: replicated
         return P(*spec)
     skip = (0,) if path.startswith(STACKED_PREFIXES) and len(shape) >= 2 else ()
-    name = path.rsplit(".", 1)[-1]
-    for rx, (din, dout) in _PARAM_AXES:
-        if not re.search(rx, path + "."):
-            continue
+    module, _, name = path.rpartition(".")
+    if name in ("kernel", "bias"):
+        din, dout = declared_linear(module).axes
         dims = {}
         if name == "kernel" and len(shape) >= 2:
             dims = {len(shape) - 2: din, len(shape) - 1: dout}
@@ -156,7 +151,6 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
             axis = LOGICAL_RULES.get(logical) if logical in ("heads", "mlp") else None
             if axis is not None and shape[i] % _axis_size(mesh, axis) == 0 and _axis_size(mesh, axis) > 1:
                 spec[i] = axis
-        break
     return fsdp_spec(shape, mesh, spec, skip)
 
 

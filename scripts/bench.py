@@ -107,7 +107,7 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
     from dreamomni2_jax import perf
     from dreamomni2_jax import sharding as shd
     from dreamomni2_jax import train_step as ts
-    from dreamomni2_jax.lora import apply_lora_config
+    from dreamomni2_jax.attach import attach_lora
     from dreamomni2_jax.models.flux import FluxTransformer2DModel
 
     mesh = shd.make_mesh(cfg.mesh)
@@ -117,7 +117,7 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
         m = FluxTransformer2DModel(fc, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.model.compute_dtype),
                                    param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
                                    remat=cfg.model.remat)
-        apply_lora_config(m, cfg.lora, seed=0)
+        attach_lora(m, config=cfg.lora, seed=0, fresh=True)
         return m
 
     t0 = time.perf_counter()
@@ -168,6 +168,8 @@ def bench_torch(cfg, fc, batch, steps: int) -> dict:
     from diffusers import FluxTransformer2DModel as TorchFlux
     from peft import LoraConfig as PeftConfig, inject_adapter_in_model
 
+    from dreamomni2_jax.models.schemas import lora_target_patterns
+
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = TorchFlux(**{k: v for k, v in fc.to_dict().items() if not k.startswith("_")}).float()
@@ -175,7 +177,7 @@ def bench_torch(cfg, fc, batch, steps: int) -> dict:
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             ours = re.sub(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.", r"\1.", name)
-            if any(re.search(p, ours) for p in cfg.lora.target_patterns):
+            if any(re.search(p, ours) for p in lora_target_patterns(cfg.lora, fc)):
                 names.append(name)
     model = inject_adapter_in_model(PeftConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=names,
                                                lora_dropout=cfg.lora.dropout), model)

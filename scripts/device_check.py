@@ -57,7 +57,7 @@ def sampler_step(layers, refs: int, size: int = 1024) -> dict:
     from dreamomni2_jax import aot
     from dreamomni2_jax import sharding as shd
     from dreamomni2_jax.config import load_config
-    from dreamomni2_jax.lora import apply_lora_config
+    from dreamomni2_jax.attach import attach_lora
     from dreamomni2_jax.models.flux import FluxTransformer2DModel
     from dreamomni2_jax.sampler import _denoise_jit
 
@@ -72,7 +72,7 @@ def sampler_step(layers, refs: int, size: int = 1024) -> dict:
     def build():
         m = FluxTransformer2DModel(fc, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                    attention_impl=cfg.model.attention)
-        apply_lora_config(m, cfg.lora, seed=0)
+        attach_lora(m, config=cfg.lora, seed=0, fresh=True)
         return m
 
     model = shd.init_sharded(build, mesh)

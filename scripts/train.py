@@ -48,16 +48,17 @@ def _held_out(cfg) -> list:
     return [EvalCallback(cfg)]
 
 
-def main(argv=None, callbacks=()) -> int:
-    """Entry point; extra ``loop.Callback`` objects run after checkpointing and validation. User errors (bad
-    config, data or checkpoint, refused resume, busy run dir): one line on stderr, exit code 2."""
+def main(argv=None, callbacks=(), after_save=None) -> int:
+    """Entry point; extra ``loop.Callback`` objects run after checkpointing and validation; ``after_save``: see
+    ``checkpoint.RunCheckpointer``. User errors (bad config, data or checkpoint, refused resume, busy run dir): one
+    line on stderr, exit code 2."""
     from dreamomni2_jax import cli
 
     args = parse_args(argv)
-    return cli.run(lambda _: _main(args, callbacks))
+    return cli.run(lambda _: _main(args, callbacks, after_save))
 
 
-def _main(args, callbacks) -> int:
+def _main(args, callbacks, after_save=None) -> int:
     cfg = load_config(args.config, args.set)
     if args.print_config:
         print(cfg.to_json())
@@ -92,7 +93,7 @@ def _main(args, callbacks) -> int:
             log.info("mesh %s; global batch %d (%d per process)", dict(ctx.mesh.shape), cfg.data.batch_size,
                      cfg.data.batch_size // jax.process_count())
         sigterm = SigtermFlag()  # SIGTERM -> save and exit 0 (this process only; installed here, not by the library)
-        ckpt = CheckpointCallback(cfg, resume=args.resume, branch=args.branch, sigterm=sigterm)
+        ckpt = CheckpointCallback(cfg, resume=args.resume, branch=args.branch, sigterm=sigterm, after_save=after_save)
         try:
             with sigterm:
                 loop.train(ctx, [ckpt, *_validation(cfg), *_held_out(cfg), *callbacks],

@@ -197,3 +197,12 @@ def kontext_output_size(width: int, height: int, max_area: int = 1024 ** 2, vae_
     width = width // multiple_of * multiple_of
     height = height // multiple_of * multiple_of
     return width, height
+
+
+# examples/dreambooth/train_dreambooth_lora_flux2_klein.py, main(): target_modules without --lora_layers
+KLEIN_SCRIPT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"] + [
+    "to_qkv_mlp_proj",
+    *[f"single_transformer_blocks.{i}.attn.to_out" for i in range(24)],
+]
+# the same script's commented-out alternative: "just train transformer_blocks"
+KLEIN_SCRIPT_DOUBLE_BLOCK_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]

@@ -73,7 +73,7 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from dreamomni2_jax import sharding as shd, train_step as ts
     from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, ModelConfig, OptimConfig
-    from dreamomni2_jax.lora import apply_lora_config
+    from dreamomni2_jax.attach import attach_lora
     from dreamomni2_jax.models.attention import attention
     from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
     from dreamomni2_jax.positions import SampleLayout as S
@@ -120,7 +120,7 @@ SCRIPT = textwrap.dedent("""
         build = lambda: FluxTransformer2DModel(fc, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
                                                attention_impl=impl)
         model = shd.init_sharded(build, smesh)
-        apply_lora_config(model, cfg.lora, seed=1)
+        attach_lora(model, config=cfg.lora, seed=1)
         graphdef, state = ts.init_train_state(model, ts.make_optimizer(cfg.optim, 10), mesh=smesh)
         statics = ts.make_statics(graphdef, cfg, guidance_embeds=True, mesh=smesh)
         state, metrics = ts.compile_train_step(statics, state, batch)(state, shd.put_batch(batch, smesh),

@@ -1,9 +1,12 @@
 """Config files load, overrides parse by type, and bad keys/values give errors naming the key."""
+import re
 from pathlib import Path
 
 import pytest
 
 from dreamomni2_jax.config import ConfigError, from_dict, load_config
+from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
+from dreamomni2_jax.models.schemas import lora_target_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", ["demo", "tpu_v5", "gpu_h100", "dreamomni2"])
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(ROOT / "configs" / f"{name}.py")
-    assert cfg.lora.target_patterns and cfg.train.steps > 0
+    assert lora_target_patterns(cfg.lora) and cfg.train.steps > 0
     assert from_dict(cfg.to_dict()) == cfg
 
 
@@ -25,7 +28,11 @@ def test_dreamomni2_recipe_is_the_documented_one():
     """configs/dreamomni2.py: the qflux DreamOmni2 / Kontext example config values its docstring cites."""
     cfg = load_config(ROOT / "configs" / "dreamomni2.py")
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.preset) == (16, 16.0, "gaussian", "attention")
-    assert cfg.lora.target_patterns == (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0")
+    # the preset (derived from the FLUX.1 schema) adapts exactly the modules the documented regexes select
+    documented = (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0")
+    modules = [lin.module for lin in FLUX_SCHEMA.linears]
+    select = lambda patterns: [m for m in modules if any(re.search(p, m) for p in patterns)]  # noqa: E731
+    assert select(lora_target_patterns(cfg.lora)) == select(documented) and len(select(documented)) == 7
     o = cfg.optim
     assert (o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.schedule, o.warmup_steps, o.grad_clip) == \
         (1e-4, 0.9, 0.999, 1e-8, 0.01, "cosine", 100, 1.0)
@@ -101,7 +108,7 @@ def test_value_ranges_are_checked(override, match):
 def test_whole_config_is_validated_after_all_overrides():
     a = load_config(ROOT / "configs/demo.py", ["lora.preset=custom", "lora.targets=attn\\.to_q"])
     b = load_config(ROOT / "configs/demo.py", ["lora.targets=attn\\.to_q", "lora.preset=custom"])
-    assert a == b and a.lora.target_patterns == ("attn\\.to_q",)
+    assert a == b and lora_target_patterns(a.lora) == ("attn\\.to_q",)
     with pytest.raises(ConfigError, match="lora.preset='custom' needs lora.targets"):
         load_config(ROOT / "configs/demo.py", ["lora.preset=custom"])
 

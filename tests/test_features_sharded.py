@@ -13,7 +13,7 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from dreamomni2_jax import sharding as shd, train_step as ts
 from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, OptimConfig, TrainConfig
-from dreamomni2_jax.lora import apply_lora_config
+from dreamomni2_jax.attach import attach_lora
 from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
 from dreamomni2_jax.positions import SampleLayout as S
 from dreamomni2_jax.tiny import FLUX_TINY
@@ -32,7 +32,7 @@ def build(mesh):
     mk = lambda: FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(0), dtype=jnp.float32,
                                         param_dtype=jnp.float32)
     model = mk() if mesh is None else shd.init_sharded(mk, mesh)
-    apply_lora_config(model, base.lora, seed=1)
+    attach_lora(model, config=base.lora, seed=1)
     return model
 
 placement = {}

@@ -107,13 +107,14 @@ def test_nonfinite_lora_is_refused_by_export_and_init_from(tmp_path):
     import jax.numpy as jnp
 
     from dreamomni2_jax.config import LoraConfig
+    from dreamomni2_jax.attach import attach_lora
     from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
     from dreamomni2_jax.tiny import FLUX_TINY
 
     model = FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(0), dtype=jnp.float32,
                                    param_dtype=jnp.float32)
     with pytest.raises(lora_io.LoraFileError, match=f"{path}: 1 adapter tensor\\(s\\) hold NaN"):
-        lora_io.init_lora(model, LoraConfig(rank=2, alpha=2.0, init_from=str(path)))
+        attach_lora(model, config=LoraConfig(rank=2, alpha=2.0, init_from=str(path)))
 
 
 RUNTIME = r"""

@@ -12,7 +12,9 @@ from flax import nnx
 
 from dreamomni2_jax import lora as L
 from dreamomni2_jax import positions as P
-from dreamomni2_jax.config import LORA_PRESETS, LoraConfig
+from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.config import LoraConfig
+from dreamomni2_jax.models.schemas import lora_presets
 from dreamomni2_jax.loaders import load_flux
 from dreamomni2_jax.train_step import StepConfig, StepStatics, loss_and_grads, sample_draws, synthetic_batch
 
@@ -51,7 +53,7 @@ def _forward(model, b):
 
 def test_targets_shapes_and_filter(base_state):
     model = _fresh(base_state)
-    paths = L.apply_lora_config(model, LoraConfig(rank=4, alpha=8.0))
+    paths = tuple(attach_lora(model, config=LoraConfig(rank=4, alpha=8.0))["targets"])
     assert paths == ("single_transformer_blocks.attn.to_k", "single_transformer_blocks.attn.to_q",
                      "single_transformer_blocks.attn.to_v", "transformer_blocks.attn.to_k",
                      "transformer_blocks.attn.to_out.0", "transformer_blocks.attn.to_q", "transformer_blocks.attn.to_v")
@@ -66,7 +68,7 @@ def test_targets_shapes_and_filter(base_state):
     assert not any(isinstance(v, L.LoRAParam) for _, v in nnx.to_flat_state(rest))
     assert isinstance(model.x_embedder, nnx.Linear) and not isinstance(model.x_embedder, L.LoRALinear)
     with pytest.raises(L.LoraError, match="already has LoRA"):
-        L.apply_lora_config(model, LoraConfig())
+        attach_lora(model, config=LoraConfig())
 
 
 def _peft_lora_a(init, din: int, rank: int, n: int) -> np.ndarray:
@@ -90,7 +92,7 @@ def test_lora_a_init_matches_peft(base_state, init, peft_init):
     qflux pass); B starts at zero either way."""
     assert LoraConfig().init == "gaussian"
     model = _fresh(base_state)
-    L.apply_lora_config(model, LoraConfig(rank=4, alpha=4.0, init=init), seed=3)
+    attach_lora(model, config=LoraConfig(rank=4, alpha=4.0, init=init), seed=3)
     m = model.transformer_blocks.attn.to_q  # kernel [2, 32, 32]
     ours = np.asarray(m.lora_A[...]).ravel()
     ref = _peft_lora_a(peft_init, 32, 4, 8).ravel()
@@ -106,8 +108,8 @@ def test_lora_a_init_matches_peft(base_state, init, peft_init):
 def test_wide_preset_and_errors(base_state):
     model = _fresh(base_state)
     available = L.linear_paths(model)
-    wide = L.apply_lora(model, LORA_PRESETS["kontext_wide"], rank=2, alpha=2.0)
-    expected = [p for p in available if any(re.search(rx, p) for rx in LORA_PRESETS["kontext_wide"])]
+    wide = L.apply_lora(model, lora_presets("flux")["kontext_wide"], rank=2, alpha=2.0)
+    expected = [p for p in available if any(re.search(rx, p) for rx in lora_presets("flux")["kontext_wide"])]
     assert list(wide) == sorted(expected) and len(wide) == 16  # 12 per double block, 4 per single
     with pytest.raises(L.LoraError, match="available paths: .*x_embedder"):
         L.apply_lora(_fresh(base_state), [r"no_such_module"], rank=2, alpha=2.0)
@@ -128,7 +130,7 @@ def test_kontext_wide_preset_is_the_diffusers_kontext_script_default(base_state,
                                            target_modules=ref.KONTEXT_SCRIPT_TARGET_MODULES))
     peft_paths = {re.sub(r"\.\d+\.", ".", n.rsplit(".lora_A", 1)[0], count=1)
                   for n, _ in torch_model.named_modules() if n.endswith(".lora_A")}
-    ours = L.apply_lora(_fresh(base_state), LORA_PRESETS["kontext_wide"], rank=2, alpha=2.0)
+    ours = L.apply_lora(_fresh(base_state), lora_presets("flux")["kontext_wide"], rank=2, alpha=2.0)
     assert set(ours) == peft_paths and len(ours) == 16
 
 
@@ -136,7 +138,7 @@ def test_zero_init_is_identity_and_state_helpers(base_state):
     model = _fresh(base_state)
     b = _inputs(model)
     y0 = _forward(model, b)
-    L.apply_lora_config(model, LoraConfig(rank=4, alpha=4.0))
+    attach_lora(model, config=LoraConfig(rank=4, alpha=4.0))
     # B = 0 adds exact zeros; only XLA's fusion of the (different) program may reorder fp32 sums.
     np.testing.assert_allclose(np.asarray(_forward(model, b)), np.asarray(y0), rtol=1e-6, atol=1e-6)
 
@@ -161,7 +163,7 @@ def test_zero_init_is_identity_and_state_helpers(base_state):
 def test_dropout_only_in_train_mode(base_state):
     model = _fresh(base_state)
     b = _inputs(model)
-    L.apply_lora_config(model, LoraConfig(rank=4, alpha=4.0, dropout=0.5))
+    attach_lora(model, config=LoraConfig(rank=4, alpha=4.0, dropout=0.5))
     L.set_lora_state(model, {k: jnp.full(v.shape, 0.1, v.dtype) for k, v in L.lora_state(model).items()})
     y_eval = _forward(model, b)
     graphdef, lora, rest = nnx.split(model, L.LoRAParam, ...)
@@ -204,7 +206,7 @@ def _peft_reference(transformer_dir, flat, rank, alpha):
 def test_adapter_grads_match_diffusers_peft(base_state, transformer_dir):
     rank, alpha = 4, 8.0
     model = _fresh(base_state)
-    L.apply_lora_config(model, LoraConfig(rank=rank, alpha=alpha))
+    attach_lora(model, config=LoraConfig(rank=rank, alpha=alpha))
     rng = np.random.default_rng(3)
     L.set_lora_state(model, {k: (0.2 * rng.standard_normal(v.shape)).astype(np.float32)
                              for k, v in L.lora_state(model).items()})

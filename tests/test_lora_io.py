@@ -17,6 +17,7 @@ from dreamomni2_jax.convert.lora_to_diffusers import main as export_main
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax import lora_io as L
 from dreamomni2_jax import positions as P
+from dreamomni2_jax.attach import attach_lora, layer_counts
 from dreamomni2_jax.config import LoraConfig
 from dreamomni2_jax.lora import LoRAParam, apply_lora, lora_metadata, lora_modules, lora_state, set_lora_state
 from dreamomni2_jax.loaders import load_flux
@@ -186,7 +187,7 @@ def test_stack_mixed_ranks_keeps_every_delta():
 def test_round_trip_export_import_export_identical(base_model, tmp_path, fmt):
     model = _adapted(base_model, WIDE if fmt == "diffusers" else WIDE[:-1] + [r"norm1\.linear"], 8.0)
     first = L.save_lora_file(tmp_path / "a.safetensors", lora_state(model), 8.0, format=fmt)
-    flat, meta = L.load_lora_file(first, L.layer_counts(model))
+    flat, meta = L.load_lora_file(first, layer_counts(model))
     assert meta["rank"] == 4 and meta["alpha"] == 8.0 and meta["format"] == fmt
     assert meta["targets"] == sorted(lora_modules(model))
     for k, v in lora_state(model).items():
@@ -213,7 +214,7 @@ def test_round_trip_export_import_export_identical(base_model, tmp_path, fmt):
                 comfy[f"diffusion_model.{base}.{suffix}"] = f.get_tensor(k)
         assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight" in comfy
         save_file(comfy, str(tmp_path / "comfy.safetensors"))
-        again, _ = L.load_lora_file(tmp_path / "comfy.safetensors", L.layer_counts(model))
+        again, _ = L.load_lora_file(tmp_path / "comfy.safetensors", layer_counts(model))
         assert again.keys() == flat.keys() and all(np.array_equal(again[k], flat[k]) for k in flat)
 
 
@@ -236,7 +237,7 @@ def test_import_peft_lora_saved_by_diffusers(base_model, pipe, inputs, tmp_path,
                                           transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
     want = _torch_out(ref, inputs)
     model = nnx.clone(base_model)
-    meta = L.apply_lora_file(model, tmp_path / "pytorch_lora_weights.safetensors")
+    meta = attach_lora(model, tmp_path / "pytorch_lora_weights.safetensors")
     assert meta["rank"] == 3 and meta["alpha"] == 5.0 and "proj_out" in meta["targets"]
     assert lora_metadata(model)["rank"] == 3
     _close(_jax_out(model, inputs), want, _torch_out(pipe.transformer, inputs))
@@ -246,7 +247,7 @@ def test_import_peft_lora_saved_by_diffusers(base_model, pipe, inputs, tmp_path,
     half = _torch_out(pipe.transformer, inputs)
     pipe.unload_lora_weights()
     model = nnx.clone(base_model)
-    L.apply_lora_file(model, tmp_path / "pytorch_lora_weights.safetensors", scale=0.5)
+    attach_lora(model, tmp_path / "pytorch_lora_weights.safetensors", scale=0.5)
     _close(_jax_out(model, inputs), half)
 
 
@@ -254,7 +255,7 @@ def test_init_lora_from_file_infers_targets_and_rank(base_model, tmp_path):
     src = _adapted(base_model, KOHYA, 2.0, rank=2)
     path = L.save_lora_file(tmp_path / "k.safetensors", lora_state(src), 2.0, format="kohya")
     model = nnx.clone(base_model)
-    targets = L.init_lora(model, LoraConfig(rank=16, alpha=16.0, init_from=str(path)))
+    targets = tuple(attach_lora(model, config=LoraConfig(rank=16, alpha=16.0, init_from=str(path)))["targets"])
     assert targets == tuple(sorted(lora_modules(src))) and lora_metadata(model)["rank"] == 2
     want = _deltas(src)
     for name, d in _deltas(model).items():
@@ -262,7 +263,7 @@ def test_init_lora_from_file_infers_targets_and_rank(base_model, tmp_path):
     # a model already adapted with the same modules/rank but another alpha: the file's scale is folded in
     other = nnx.clone(base_model)
     apply_lora(other, KOHYA, rank=2, alpha=8.0)
-    L.apply_lora_file(other, path)
+    attach_lora(other, path)
     for name, d in _deltas(other).items():
         np.testing.assert_allclose(d, want[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
@@ -285,16 +286,16 @@ def test_bad_files_and_mismatches(base_model, tmp_path):
     deep = {k.replace("transformer_blocks.1.", "transformer_blocks.5."): v for k, v in tensors.items()}
     save_file(deep, str(tmp_path / "deep.safetensors"))
     with pytest.raises(L.LoraFileError, match=r"transformer_blocks\.5\.attn\.to_q but the model has only 2"):
-        L.apply_lora_file(nnx.clone(base_model), tmp_path / "deep.safetensors")
+        attach_lora(nnx.clone(base_model), tmp_path / "deep.safetensors")
     renamed = {k.replace("to_q", "to_zz"): v for k, v in tensors.items()}
     save_file(renamed, str(tmp_path / "renamed.safetensors"))
     not_linear = r"not Linear modules of the model: .*single_transformer_blocks\.attn\.to_zz"
     with pytest.raises(L.LoraFileError, match=not_linear):
-        L.apply_lora_file(nnx.clone(base_model), tmp_path / "renamed.safetensors")
+        attach_lora(nnx.clone(base_model), tmp_path / "renamed.safetensors")
     other = nnx.clone(base_model)
     apply_lora(other, [r"attn\.to_k"], rank=4, alpha=4.0)
     with pytest.raises(L.LoraFileError, match=r"not in the file \['single_transformer_blocks\.attn\.to_k'"):
-        L.apply_lora_file(other, good)
+        attach_lora(other, good)
     (tmp_path / "trunc.safetensors").write_bytes(good.read_bytes()[:100])
     with pytest.raises(L.LoraFileError, match="trunc.safetensors: not a readable safetensors file"):
         L.load_lora_file(tmp_path / "trunc.safetensors")
@@ -307,7 +308,7 @@ def test_export_cli_from_checkpoint(base_model, tmp_path):
             {"pos": 7}, None)
     ck.close()
     restored = nnx.clone(base_model)  # checkpoint -> model directly (what the sampler does with a run folder)
-    L.apply_adapters(restored, *C.load_lora(tmp_path / "run"))
+    attach_lora(restored, tmp_path / "run")
     want = _deltas(model)
     got = _deltas(restored)
     assert got.keys() == want.keys() and all(np.array_equal(d, want[n]) for n, d in got.items())

@@ -105,9 +105,9 @@ def straight(straight_run) -> dict[int, float]:
 def test_kill9_after_checkpoint_then_resume_is_exact(config_file, straight, tmp_path, compile_cache):
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]
     run = tmp_path / "run"
-    env = {**os.environ, C.KILL_ENV: "3", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *_argv(config_file, run)],
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_kill_after_save.py"), "3", *_argv(config_file, run)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert C.complete_steps(run / "checkpoints") == [3]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dreamomni2_jax import sampler
+from dreamomni2_jax.attach import attach_lora
 from dreamomni2_jax.images import BadInput
 from dreamomni2_jax.lora_io import LoraFileError
 
@@ -141,7 +142,7 @@ def test_lora_matches_kontext_pipeline(torch_pipe, jax_pipe, lora_file):
         torch_pipe.delete_adapters("test")
     assert np.abs(want - base).max() > 1e-2, "test LoRA too weak to be detected"
     model = nnx.clone(jax_pipe.transformer)
-    meta = sampler.load_lora(model, lora_file, 1.0)
+    meta = attach_lora(model, lora_file, scale=1.0)
     assert meta["rank"] == 4 and meta["alpha"] == 8
     got = _ours(jax_pipe, PROMPT, [[ref]], lat, transformer=model)
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
@@ -259,12 +260,12 @@ def test_clear_errors(jax_pipe, tmp_path):
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.zeros((2, 7), np.float32),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": np.zeros((32, 2), np.float32)}, wrong)
     with pytest.raises(LoraFileError, match="do not fit|shape"):
-        sampler.load_lora(nnx.clone(jax_pipe.transformer), wrong)
+        attach_lora(nnx.clone(jax_pipe.transformer), wrong)
     unknown = tmp_path / "unknown.safetensors"
     save_file({"transformer.foo.lora_A.weight": np.zeros((2, 7), np.float32),
                "transformer.foo.lora_B.weight": np.zeros((32, 2), np.float32)}, unknown)
     with pytest.raises(LoraFileError, match="foo"):
-        sampler.load_lora(nnx.clone(jax_pipe.transformer), unknown)
+        attach_lora(nnx.clone(jax_pipe.transformer), unknown)
 
 
 def test_lora_scale_and_training_checkpoint(jax_pipe, lora_file, tmp_path):
@@ -272,9 +273,9 @@ def test_lora_scale_and_training_checkpoint(jax_pipe, lora_file, tmp_path):
     from dreamomni2_jax.lora import LoRAParam, lora_metadata, lora_state
 
     full = nnx.clone(jax_pipe.transformer)
-    sampler.load_lora(full, lora_file, 1.0)
+    attach_lora(full, lora_file, scale=1.0)
     half = nnx.clone(jax_pipe.transformer)
-    sampler.load_lora(half, lora_file, 0.5)
+    attach_lora(half, lora_file, scale=0.5)
     a, b = lora_state(full), lora_state(half)
     for k in a:
         np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]) * (0.5 if k.endswith("lora_B") else 1.0),
@@ -283,7 +284,7 @@ def test_lora_scale_and_training_checkpoint(jax_pipe, lora_file, tmp_path):
     ckpt.save(7, {"lora": nnx.state(full, LoRAParam).to_pure_dict()}, force=True)
     ckpt.close()
     from_ckpt = nnx.clone(jax_pipe.transformer)
-    meta = sampler.load_lora(from_ckpt, tmp_path / "run", 1.0)
+    meta = attach_lora(from_ckpt, tmp_path / "run", scale=1.0)
     assert meta["step"] == 7
     c = lora_state(from_ckpt)
     assert sorted(c) == sorted(a)
@@ -357,11 +358,12 @@ _SHARDED = r"""
 import sys, numpy as np, jax, jax.numpy as jnp
 from flax import nnx
 from dreamomni2_jax import sampler, sharding as shd
+from dreamomni2_jax.attach import attach_lora
 from dreamomni2_jax.config import MeshConfig
 assert len(jax.devices()) == 8
 pipe = sampler.load_pipeline(sys.argv[1], jnp.float32, max_sequence_length=16)
 model = nnx.clone(pipe.transformer)
-sampler.load_lora(model, sys.argv[2])
+attach_lora(model, sys.argv[2])
 graphdef, state = nnx.split(nnx.clone(model))
 mesh = shd.make_mesh(MeshConfig())
 sharded = nnx.merge(graphdef, jax.device_put(state, shd.model_state_shardings(state, mesh)))

@@ -78,7 +78,7 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     from dreamomni2_jax import sharding as shd, train_step as ts
     from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, OptimConfig
-    from dreamomni2_jax.lora import apply_lora_config
+    from dreamomni2_jax.attach import attach_lora
     from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
     from dreamomni2_jax.positions import SampleLayout as S
     from dreamomni2_jax.tiny import FLUX_TINY
@@ -95,7 +95,7 @@ SCRIPT = textwrap.dedent("""
         build = lambda: FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(0),
                                                dtype=jnp.float32, param_dtype=jnp.float32)
         model = build() if mesh is None else shd.init_sharded(build, mesh)
-        apply_lora_config(model, cfg.lora, seed=1)
+        attach_lora(model, config=cfg.lora, seed=1)
         graphdef, state = ts.init_train_state(model, ts.make_optimizer(cfg.optim, 10), mesh=mesh)
         statics = ts.make_statics(graphdef, cfg, guidance_embeds=True, mesh=mesh)
         step = ts.compile_train_step(statics, state, batch)

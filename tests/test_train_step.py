@@ -15,7 +15,7 @@ from flax import nnx
 from dreamomni2_jax import loop, perf, schedule
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
-from dreamomni2_jax.lora import apply_lora_config
+from dreamomni2_jax.attach import attach_lora
 from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
 from dreamomni2_jax.positions import SampleLayout as S
 from dreamomni2_jax.tiny import FLUX_TINY
@@ -32,7 +32,7 @@ CFG = Config(lora=LORA, optim=OptimConfig(lr=3e-2, weight_decay=0.0, grad_clip=1
 def tiny_model(seed=0):
     model = FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(seed), dtype=jnp.float32,
                                    param_dtype=jnp.float32)
-    apply_lora_config(model, LORA, seed=seed)
+    attach_lora(model, config=LORA, seed=seed)
     return model
 
 

@@ -21,21 +21,13 @@ import ml_dtypes
 from dreamomni2_jax.convert.component import component_main, convert_component
 from dreamomni2_jax.convert.flux_transformer import BFL_PREFIX, _quiet_malloc
 from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
+from dreamomni2_jax.models.flux2_schema import FLUX2_SCHEMA
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
 
 log = logging.getLogger(__name__)
 
-# Module paths (identical in diffusers and in our NNX model); {i} = double block, {j} = single block.
-_TOP = ("x_embedder", "context_embedder", "norm_out.linear", "proj_out",
-        "time_guidance_embed.timestep_embedder.linear_1", "time_guidance_embed.timestep_embedder.linear_2",
-        "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
-        "single_stream_modulation.linear")
-_GUIDANCE = ("time_guidance_embed.guidance_embedder.linear_1", "time_guidance_embed.guidance_embedder.linear_2")
-_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-           "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
-           "ff_context.linear_out")
+# Linears: module names, BFL names and fused parts from the model schema; norms here. {i} = double, {j} = single block.
 _DOUBLE_NORMS = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
-_SINGLE = ("attn.to_qkv_mlp_proj", "attn.to_out")
 _SINGLE_NORMS = ("attn.norm_q", "attn.norm_k")
 _D, _S = "transformer_blocks.{i}.", "single_transformer_blocks.{j}."
 
@@ -45,39 +37,31 @@ def _linear(target: str, source: str, hook=LINEAR) -> Rule:
 
 
 def diffusers_rules(guidance: bool) -> list[Rule]:
-    rules = [_linear(m, m) for m in _TOP + (_GUIDANCE if guidance else ())]
-    rules += [_linear(_D + m, _D + m) for m in _DOUBLE] + [_linear(_S + m, _S + m) for m in _SINGLE]
+    names = [FLUX2_SCHEMA.template(lin) for lin in FLUX2_SCHEMA.with_flags(guidance_embeds=guidance)]
+    rules = [_linear(n, n) for n in names]
     rules += [Rule(f"{p}{m}.scale", f"{p}{m}.weight") for p, ms in ((_D, _DOUBLE_NORMS), (_S, _SINGLE_NORMS))
               for m in ms]
     return rules
 
 
 def bfl_rules(guidance: bool) -> list[Rule]:
-    t, D, S = "time_guidance_embed.", "double_blocks.{i}.", "single_blocks.{j}."
-    pairs = [("x_embedder", "img_in"), ("context_embedder", "txt_in"), ("proj_out", "final_layer.linear"),
-             (t + "timestep_embedder.linear_1", "time_in.in_layer"),
-             (t + "timestep_embedder.linear_2", "time_in.out_layer"),
-             ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin"),
-             ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin"),
-             ("single_stream_modulation.linear", "single_stream_modulation.lin"),
-             (_D + "attn.to_out.0", D + "img_attn.proj"), (_D + "attn.to_add_out", D + "txt_attn.proj"),
-             (_D + "ff.linear_in", D + "img_mlp.0"), (_D + "ff.linear_out", D + "img_mlp.2"),
-             (_D + "ff_context.linear_in", D + "txt_mlp.0"), (_D + "ff_context.linear_out", D + "txt_mlp.2"),
-             (_S + "attn.to_qkv_mlp_proj", S + "linear1"), (_S + "attn.to_out", S + "linear2")]
-    if guidance:
-        pairs += [(t + "guidance_embedder.linear_1", "guidance_in.in_layer"),
-                  (t + "guidance_embedder.linear_2", "guidance_in.out_layer")]
+    D, S = "double_blocks.{i}.", "single_blocks.{j}."
     norms = [(_D + "attn.norm_q", D + "img_attn.norm.query_norm"), (_D + "attn.norm_k", D + "img_attn.norm.key_norm"),
              (_D + "attn.norm_added_q", D + "txt_attn.norm.query_norm"),
              (_D + "attn.norm_added_k", D + "txt_attn.norm.key_norm"),
              (_S + "attn.norm_q", S + "norm.query_norm"), (_S + "attn.norm_k", S + "norm.key_norm")]
-    rules = [_linear(tgt, src) for tgt, src in pairs]
-    rules += [Rule(f"{tgt}.scale", f"{src}.scale", IDENTITY) for tgt, src in norms]
-    for names, src in (((_D + "attn.to_q", _D + "attn.to_k", _D + "attn.to_v"), D + "img_attn.qkv"),
-                       ((_D + "attn.add_q_proj", _D + "attn.add_k_proj", _D + "attn.add_v_proj"), D + "txt_attn.qkv")):
-        rules.append(Rule(tuple(f"{n}.kernel" for n in names), f"{src}.weight", chain(split(0), LINEAR)))
-    # BFL final layer modulation is (shift, scale); diffusers AdaLayerNormContinuous is (scale, shift).
-    rules.append(_linear("norm_out.linear", "final_layer.adaLN_modulation.1", chain(swap_halves(0), LINEAR)))
+    rules = [Rule(f"{tgt}.scale", f"{src}.scale", IDENTITY) for tgt, src in norms]
+    present = set(FLUX2_SCHEMA.with_flags(guidance_embeds=guidance))
+    for src, _, parts in FLUX2_SCHEMA.bfl_fused(per_group=True):
+        if not present.issuperset(parts):
+            continue
+        names = tuple(FLUX2_SCHEMA.template(p) for p in parts)
+        if len(parts) > 1:
+            rules.append(Rule(tuple(f"{n}.kernel" for n in names), f"{src}.weight", chain(split(0), LINEAR)))
+        elif parts[0].swapped:  # BFL final layer modulation is (shift, scale); diffusers' is (scale, shift)
+            rules.append(_linear(names[0], src, chain(swap_halves(0), LINEAR)))
+        else:
+            rules.append(_linear(names[0], src))
     return rules
 
 

@@ -21,20 +21,13 @@ from dreamomni2_jax.weights.safetensors_io import Reader, limit_malloc_caching, 
 from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component  # noqa: F401
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
 from dreamomni2_jax.weights.store import is_converted  # noqa: F401 - historical import site
+from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
 
 log = logging.getLogger(__name__)
 BFL_PREFIX = "model.diffusion_model."
 
-# Module paths (identical in diffusers and in our NNX model); {i} = double block, {j} = single block.
-_TOP_LINEARS = ("x_embedder", "context_embedder", "norm_out.linear", "proj_out",
-                "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
-                "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")
-_GUIDANCE_LINEARS = ("time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2")
-_DOUBLE_LINEARS = ("norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-                   "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+# Linears: module names, BFL names and fused parts from the model schema; norms here. {i} = double, {j} = single block.
 _DOUBLE_NORMS = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
-_SINGLE_LINEARS = ("norm.linear", "proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v")
 _SINGLE_NORMS = ("attn.norm_q", "attn.norm_k")
 
 
@@ -49,43 +42,33 @@ def _fused(targets: tuple[str, ...], source: str) -> list[Rule]:
 
 
 def diffusers_rules(guidance: bool) -> list[Rule]:
-    rules = [r for m in _TOP_LINEARS + (_GUIDANCE_LINEARS if guidance else ()) for r in _linear(m, m)]
+    names = [FLUX_SCHEMA.template(lin) for lin in FLUX_SCHEMA.with_flags(guidance_embeds=guidance)]
+    rules = [r for n in names for r in _linear(n, n)]
     d, s = "transformer_blocks.{i}.", "single_transformer_blocks.{j}."
-    rules += [r for m in _DOUBLE_LINEARS for r in _linear(d + m, d + m)]
     rules += [Rule(f"{d}{m}.scale", f"{d}{m}.weight") for m in _DOUBLE_NORMS]
-    rules += [r for m in _SINGLE_LINEARS for r in _linear(s + m, s + m)]
     rules += [Rule(f"{s}{m}.scale", f"{s}{m}.weight") for m in _SINGLE_NORMS]
     return rules
 
 
 def bfl_rules(guidance: bool) -> list[Rule]:
-    t, d, s = "time_text_embed.", "transformer_blocks.{i}.", "single_transformer_blocks.{j}."
+    d, s = "transformer_blocks.{i}.", "single_transformer_blocks.{j}."
     D, S = "double_blocks.{i}.", "single_blocks.{j}."
-    pairs = [("x_embedder", "img_in"), ("context_embedder", "txt_in"), ("proj_out", "final_layer.linear"),
-             (t + "timestep_embedder.linear_1", "time_in.in_layer"),
-             (t + "timestep_embedder.linear_2", "time_in.out_layer"),
-             (t + "text_embedder.linear_1", "vector_in.in_layer"),
-             (t + "text_embedder.linear_2", "vector_in.out_layer"),
-             (d + "norm1.linear", D + "img_mod.lin"), (d + "norm1_context.linear", D + "txt_mod.lin"),
-             (d + "attn.to_out.0", D + "img_attn.proj"), (d + "attn.to_add_out", D + "txt_attn.proj"),
-             (d + "ff.net.0.proj", D + "img_mlp.0"), (d + "ff.net.2", D + "img_mlp.2"),
-             (d + "ff_context.net.0.proj", D + "txt_mlp.0"), (d + "ff_context.net.2", D + "txt_mlp.2"),
-             (s + "norm.linear", S + "modulation.lin"), (s + "proj_out", S + "linear2")]
-    if guidance:
-        pairs += [(t + "guidance_embedder.linear_1", "guidance_in.in_layer"),
-                  (t + "guidance_embedder.linear_2", "guidance_in.out_layer")]
     norms = [(d + "attn.norm_q", D + "img_attn.norm.query_norm"), (d + "attn.norm_k", D + "img_attn.norm.key_norm"),
              (d + "attn.norm_added_q", D + "txt_attn.norm.query_norm"),
              (d + "attn.norm_added_k", D + "txt_attn.norm.key_norm"),
              (s + "attn.norm_q", S + "norm.query_norm"), (s + "attn.norm_k", S + "norm.key_norm")]
-    rules = [r for tgt, src in pairs for r in _linear(tgt, src)]
-    rules += [Rule(f"{tgt}.scale", f"{src}.scale") for tgt, src in norms]
-    rules += _fused((d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"), D + "img_attn.qkv")
-    rules += _fused((d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"), D + "txt_attn.qkv")
-    rules += _fused((s + "attn.to_q", s + "attn.to_k", s + "attn.to_v", s + "proj_mlp"), S + "linear1")
-    # BFL final layer modulation is (shift, scale); diffusers AdaLayerNormContinuous is (scale, shift).
-    rules += _linear("norm_out.linear", "final_layer.adaLN_modulation.1",
-                     chain(swap_halves(0), LINEAR), swap_halves(0))
+    rules = [Rule(f"{tgt}.scale", f"{src}.scale") for tgt, src in norms]
+    present = set(FLUX_SCHEMA.with_flags(guidance_embeds=guidance))
+    for src, _, parts in FLUX_SCHEMA.bfl_fused(per_group=True):
+        if not present.issuperset(parts):
+            continue
+        targets = tuple(FLUX_SCHEMA.template(p) for p in parts)
+        if len(parts) > 1:
+            rules += _fused(targets, src)
+        elif parts[0].swapped:  # BFL final layer modulation is (shift, scale); diffusers' is (scale, shift)
+            rules += _linear(targets[0], src, chain(swap_halves(0), LINEAR), swap_halves(0))
+        else:
+            rules += _linear(targets[0], src)
     return rules
 
 

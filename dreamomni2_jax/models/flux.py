@@ -28,9 +28,10 @@ from dreamomni2_jax.models.flux_blocks import (
 from dreamomni2_jax.models.stacked import (  # noqa: F401 - REMAT_POLICIES: part of this model's API
     REMAT_POLICIES, as_batch, joint_ids, joint_mask, scan_blocks, stacked,
 )
+from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
 from dreamomni2_jax.rope import rope_cos_sin
 
-STACKED = ("transformer_blocks", "single_transformer_blocks")
+STACKED = FLUX_SCHEMA.stacked  # module names of the stacked groups (declared in models/flux_schema.py)
 
 
 @dataclass(frozen=True)
@@ -164,4 +165,4 @@ def abstract_flux(config: FluxConfig, **kwargs) -> FluxTransformer2DModel:
 
 def stacked_counts(config: FluxConfig) -> dict[str, int]:
     """Leading-axis length of each stacked module (for ``dreamomni2_jax.weights.store``)."""
-    return {"transformer_blocks": config.num_layers, "single_transformer_blocks": config.num_single_layers}
+    return FLUX_SCHEMA.layer_counts(config)

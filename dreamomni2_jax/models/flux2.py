@@ -26,9 +26,10 @@ from dreamomni2_jax.models.flux2_blocks import (
     layer_norm,
     make_linear,
 )
+from dreamomni2_jax.models.flux2_schema import FLUX2_SCHEMA
 from dreamomni2_jax.rope import rope_cos_sin
 
-STACKED = ("transformer_blocks", "single_transformer_blocks")
+STACKED = FLUX2_SCHEMA.stacked  # module names of the stacked groups (declared in models/flux2_schema.py)
 
 
 @dataclass(frozen=True)
@@ -179,4 +180,4 @@ def abstract_flux2(config: Flux2Config, **kwargs) -> Flux2Transformer2DModel:
 
 def stacked_counts(config: Flux2Config) -> dict[str, int]:
     """Leading-axis length of each stacked module (for ``dreamomni2_jax.weights.store``)."""
-    return {"transformer_blocks": config.num_layers, "single_transformer_blocks": config.num_single_layers}
+    return FLUX2_SCHEMA.layer_counts(config)

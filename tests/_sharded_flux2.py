@@ -1,0 +1,79 @@
+"""Run with 8 fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) by tests/test_schema.py:
+the tiny FLUX.2 [klein] transformer with klein_wide LoRA, created sharded over a (data 2, fsdp 2, tensor 2) mesh
+with the schema-derived axes, gives the same forward output and LoRA gradients as on one device. Prints one
+``RESULT`` JSON line: the specs of a few FLUX.2 params and the max relative differences."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dreamomni2_jax import positions_flux2 as P2
+from dreamomni2_jax import sharding as shd
+from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.config import LoraConfig, MeshConfig
+from dreamomni2_jax.lora import LoRAParam, lora_state, set_lora_state
+from dreamomni2_jax.models.flux2 import Flux2Config, Flux2Transformer2DModel
+from dreamomni2_jax.positions import SampleLayout
+from dreamomni2_jax.tiny_klein import FLUX2_TINY
+
+
+def build():
+    model = Flux2Transformer2DModel(Flux2Config.from_dict(FLUX2_TINY), rngs=nnx.Rngs(0), dtype=jnp.float32,
+                                    param_dtype=jnp.float32)
+    attach_lora(model, config=LoraConfig(rank=4, alpha=4.0, preset="klein_wide", targets=(r"ff\.linear_in",)),
+                seed=1)
+    return model
+
+
+def main() -> None:
+    assert jax.device_count() == 8
+    layout, n_txt, batch = SampleLayout(target=(4, 6), references=((4, 4),)), 6, 4
+    rng = np.random.default_rng(0)
+    c = Flux2Config.from_dict(FLUX2_TINY)
+    n = layout.target_tokens + layout.reference_tokens
+    x = rng.standard_normal((batch, n, c.in_channels), np.float32)
+    ctx = rng.standard_normal((batch, n_txt, c.joint_attention_dim), np.float32)
+    ts = rng.uniform(0, 1, batch).astype(np.float32)
+    img_ids, txt_ids = P2.sample_ids(layout), P2.text_ids(n_txt)
+
+    def run(mesh):
+        rng_b = np.random.default_rng(5)  # the same non-zero lora_B on both
+        model = build() if mesh is None else shd.init_sharded(build, mesh)
+        set_lora_state(model, {k: np.asarray(v) + (0.1 * rng_b.standard_normal(v.shape).astype(np.float32)
+                                                   if k.endswith("B") else 0) for k, v in lora_state(model).items()})
+        graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+
+        @jax.jit
+        def loss_and_grad(lora, frozen, x, ctx, ts):
+            def loss(lora):
+                out = nnx.merge(graphdef, lora, frozen)(x, ctx, ts, img_ids, txt_ids, n_out=layout.target_tokens)
+                return jnp.mean(out ** 2), out
+            return jax.value_and_grad(loss, has_aux=True)(lora)
+
+        args = (x, ctx, ts) if mesh is None else tuple(shd.put_batch({"a": a}, mesh)["a"] for a in (x, ctx, ts))
+        (_, out), grads = loss_and_grad(lora, frozen, *args)
+        specs = {}
+        if mesh is not None:
+            state = nnx.state(model)
+            for path in ("single_transformer_blocks.attn.to_qkv_mlp_proj.kernel",
+                         "transformer_blocks.ff.linear_in.kernel", "transformer_blocks.ff.linear_out.kernel",
+                         "single_transformer_blocks.attn.to_out.kernel"):
+                leaf = state
+                for part in path.split("."):
+                    leaf = leaf[int(part) if part.isdigit() else part]
+                specs[path] = str(leaf[...].sharding.spec)
+        return np.asarray(out), [np.asarray(g) for g in jax.tree.leaves(grads)], specs
+
+    out1, g1, _ = run(None)
+    out8, g8, specs = run(shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    rel = lambda a, b: float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))  # noqa: E731
+    print("RESULT" + json.dumps({"specs": specs, "out": rel(out1, out8), "n_grads": len(g1),
+                                 "grads": max(rel(a, b) for a, b in zip(g1, g8))}))
+
+
+if __name__ == "__main__":
+    main()
