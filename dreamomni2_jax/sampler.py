@@ -42,7 +42,7 @@ from dreamomni2_jax import positions
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.images import KONTEXT_AREA, open_image, reference_size, target_size, to_pixels, to_rgb
 from dreamomni2_jax.models.vae import VAE, decode_latents, denormalize_latents, encode_images, normalize_latents
-from dreamomni2_jax.scheduler import FlowMatchConfig, euler_step, set_timesteps
+from dreamomni2_jax.sampling_sigmas import FlowMatchConfig, euler_step, set_timesteps
 
 MULTIPLE = 16  # 2 x VAE downscale: latents must be even for 2x2 packing
 DEFAULT_SIZE = 1024

@@ -33,7 +33,7 @@ from dreamomni2_jax.lora import LoRAParam, reseed_dropout
 from dreamomni2_jax.loss_mask import per_sample_loss
 from dreamomni2_jax.positions import SampleLayout, batch_layout, round_ids
 from dreamomni2_jax.optimizers import logged_lr, make_optimizer
-from dreamomni2_jax.schedule import loss_weighting, sample_sigmas
+from dreamomni2_jax.train_sigmas import loss_weighting, sample_sigmas
 
 BATCH_KEYS = ("target", "references", "img_ids", "img_mask", "t5", "pooled")
 OPTIONAL_KEYS = ("loss_weight",)  # [B, T] float per-token loss weight (train.loss_mask; dreamomni2_jax.loss_mask)

@@ -164,7 +164,7 @@ class ValidationHook:
         if self._pipe is None:
             from dreamomni2_jax.loaders import load_vae
             from dreamomni2_jax.sampler import Pipeline
-            from dreamomni2_jax.scheduler import FlowMatchConfig
+            from dreamomni2_jax.sampling_sigmas import FlowMatchConfig
             from dreamomni2_jax.text import load_text_encoders
 
             dtype = _DTYPES[self.cfg.model.compute_dtype]

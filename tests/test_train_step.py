@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from dreamomni2_jax import loop, perf, schedule
+from dreamomni2_jax import loop, optimizers, perf, train_sigmas
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
 from dreamomni2_jax.lora import apply_lora_config
@@ -159,7 +159,7 @@ def test_sigma_samplers_match_diffusers(scheme, kw):
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     n = 20000
-    ours = np.asarray(schedule.sample_sigmas(jax.random.split(jax.random.key(0), n), scheme, **kw))
+    ours = np.asarray(train_sigmas.sample_sigmas(jax.random.split(jax.random.key(0), n), scheme, **kw))
     ref = compute_density_for_timestep_sampling(scheme, n, logit_mean=kw.get("logit_mean"),
                                                 logit_std=kw.get("logit_std"), mode_scale=kw.get("mode_scale"),
                                                 generator=torch.Generator().manual_seed(0)).numpy()
@@ -180,7 +180,7 @@ def test_default_sigma_sampling_is_the_reference_trainers_uniform():
 
     assert ts.StepConfig.from_config(Config(model=ModelConfig(ids_dtype="bfloat16"))).ids_dtype == "bfloat16"
     n = 20000
-    ours = np.asarray(schedule.sample_sigmas(jax.random.split(jax.random.key(1), n), step.timestep_sampling))
+    ours = np.asarray(train_sigmas.sample_sigmas(jax.random.split(jax.random.key(1), n), step.timestep_sampling))
     ref = compute_density_for_timestep_sampling("none", n, generator=torch.Generator().manual_seed(1)).numpy()
     q = np.linspace(0.02, 0.98, 25)
     np.testing.assert_allclose(np.quantile(ours, q), np.quantile(ref, q), atol=0.02)
@@ -193,11 +193,11 @@ def test_sigma_sqrt_weight_is_bounded_like_diffusers():
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
-    assert float(sched.sigmas.min()) == pytest.approx(schedule.SIGMA_MIN)
+    assert float(sched.sigmas.min()) == pytest.approx(train_sigmas.SIGMA_MIN)
     ref = compute_loss_weighting_for_sd3("sigma_sqrt", sched.sigmas).numpy()
-    ours = np.asarray(schedule.loss_weighting(jnp.asarray(sched.sigmas.numpy()), "sigma_sqrt"))
+    ours = np.asarray(train_sigmas.loss_weighting(jnp.asarray(sched.sigmas.numpy()), "sigma_sqrt"))
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
-    tiny = np.asarray(schedule.loss_weighting(jnp.asarray([1e-7, 1e-4, 0.0]), "sigma_sqrt"))
+    tiny = np.asarray(train_sigmas.loss_weighting(jnp.asarray([1e-7, 1e-4, 0.0]), "sigma_sqrt"))
     np.testing.assert_allclose(tiny, ref.max(), rtol=1e-5)
 
 
@@ -209,12 +209,12 @@ def test_sigmoid_shift_matches_flux_dynamic_shift():
     t = np.linspace(0.01, 0.99, 50).astype(np.float32)
     for seq in (256, 1024, 4096):
         mu = calculate_shift(seq, 256, 4096, 0.5, 1.15)
-        assert float(schedule.calculate_shift(seq)) == pytest.approx(mu, rel=1e-6)
+        assert float(train_sigmas.calculate_shift(seq)) == pytest.approx(mu, rel=1e-6)
         ref = sched.time_shift(mu, 1.0, torch.from_numpy(t)).numpy()
-        np.testing.assert_allclose(np.asarray(schedule.time_shift(mu, jnp.asarray(t))), ref, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(train_sigmas.time_shift(mu, jnp.asarray(t))), ref, rtol=1e-5)
     keys = jax.random.split(jax.random.key(1), 4000)
-    lo = np.asarray(schedule.sample_sigmas(keys, "sigmoid_shift", seq_len=jnp.full(4000, 256.0)))
-    hi = np.asarray(schedule.sample_sigmas(keys, "sigmoid_shift", seq_len=jnp.full(4000, 4096.0)))
+    lo = np.asarray(train_sigmas.sample_sigmas(keys, "sigmoid_shift", seq_len=jnp.full(4000, 256.0)))
+    hi = np.asarray(train_sigmas.sample_sigmas(keys, "sigmoid_shift", seq_len=jnp.full(4000, 4096.0)))
     assert np.all(hi > lo)  # bigger images -> noisier timesteps
     np.testing.assert_allclose(np.median(hi), math.exp(1.15) / (math.exp(1.15) + 1), atol=0.02)
 
@@ -225,14 +225,14 @@ def test_loss_weighting_matches_diffusers(weighting):
 
     sig = np.linspace(0.05, 0.95, 19).astype(np.float32)
     ref = compute_loss_weighting_for_sd3(weighting, torch.from_numpy(sig)).numpy()
-    np.testing.assert_allclose(np.asarray(schedule.loss_weighting(jnp.asarray(sig), weighting)), ref, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(train_sigmas.loss_weighting(jnp.asarray(sig), weighting)), ref, rtol=1e-6)
 
 
 def test_lr_schedules():
-    cos = schedule.lr_schedule(OptimConfig(lr=1.0, schedule="cosine", warmup_steps=10), total_steps=110)
+    cos = optimizers.lr_schedule(OptimConfig(lr=1.0, schedule="cosine", warmup_steps=10), total_steps=110)
     assert float(cos(0)) == 0 and float(cos(5)) == pytest.approx(0.5) and float(cos(10)) == pytest.approx(1.0)
     assert float(cos(60)) == pytest.approx(0.5, abs=1e-6) and float(cos(110)) == pytest.approx(0.0, abs=1e-7)
-    const = schedule.lr_schedule(OptimConfig(lr=2.0, warmup_steps=4), total_steps=100)
+    const = optimizers.lr_schedule(OptimConfig(lr=2.0, warmup_steps=4), total_steps=100)
     assert [float(const(i)) for i in (0, 2, 4, 99)] == [0.0, 1.0, 2.0, 2.0]
 
 
