@@ -71,7 +71,8 @@ SCRIPT = textwrap.dedent("""
     import json, jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from dreamomni2_jax import sharding as shd, train_step as ts
+    from dreamomni2_jax import data, sharding as shd, train_step as ts
+    from dreamomni2_jax.optimizers import make_optimizer
     from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, ModelConfig, OptimConfig
     from dreamomni2_jax.lora import apply_lora_config
     from dreamomni2_jax.models.attention import attention
@@ -111,7 +112,7 @@ SCRIPT = textwrap.dedent("""
                  mesh=MeshConfig(data=2, fsdp=2, tensor=2))
     layouts = [S((4, 4), ((4, 4),)), S((4, 6), ((4, 4), (2, 4))), S((4, 6), ((2, 2), (2, 4), (4, 2))),
                S((2, 4), ((4, 4), (4, 4), (2, 2)))]
-    batch = ts.synthetic_batch(np.random.default_rng(0), layouts, channels=16, text_len=4, text_dim=32,
+    batch = data.synthetic_batch(np.random.default_rng(0), layouts, channels=16, text_len=4, text_dim=32,
                                pooled_dim=32)
     smesh = shd.make_mesh(cfg.mesh)
 
@@ -121,8 +122,9 @@ SCRIPT = textwrap.dedent("""
                                                attention_impl=impl)
         model = shd.init_sharded(build, smesh)
         apply_lora_config(model, cfg.lora, seed=1)
-        graphdef, state = ts.init_train_state(model, ts.make_optimizer(cfg.optim, 10), mesh=smesh)
-        statics = ts.make_statics(graphdef, cfg, guidance_embeds=True, mesh=smesh)
+        tx = make_optimizer(cfg.optim, 10)
+        graphdef, state = ts.init_train_state(model, tx, mesh=smesh)
+        statics = ts.make_statics(graphdef, cfg, tx=tx, guidance_embeds=True, mesh=smesh)
         state, metrics = ts.compile_train_step(statics, state, batch)(state, shd.put_batch(batch, smesh),
                                                                        jax.random.key(0))
         return {"metrics": {k: float(v) for k, v in jax.device_get(metrics).items()},

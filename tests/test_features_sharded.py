@@ -11,7 +11,8 @@ SCRIPT = r"""
 import dataclasses, json
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from dreamomni2_jax import sharding as shd, train_step as ts
+from dreamomni2_jax import data, sharding as shd, train_step as ts
+from dreamomni2_jax.optimizers import make_optimizer
 from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, OptimConfig, TrainConfig
 from dreamomni2_jax.lora import apply_lora_config
 from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
@@ -24,7 +25,7 @@ base = Config(lora=LoraConfig(rank=4, alpha=8.0), optim=OptimConfig(lr=1e-2),
 mesh = shd.make_mesh(base.mesh)
 layouts = [S((4, 4), ((4, 4),)), S((4, 6), ((4, 4), (2, 4))), S((4, 6), ((2, 2), (2, 4), (4, 2))),
            S((2, 4), ((4, 4), (4, 4), (2, 2)))] * 2
-batch = ts.synthetic_batch(np.random.default_rng(0), layouts, channels=16, text_len=4, text_dim=32, pooled_dim=32)
+batch = data.synthetic_batch(np.random.default_rng(0), layouts, channels=16, text_len=4, text_dim=32, pooled_dim=32)
 batch["loss_weight"] = (np.random.default_rng(1).uniform(size=batch["img_mask"][:, :6].shape)
                         * batch["img_mask"][:, :6]).astype(np.float32)
 
@@ -38,7 +39,7 @@ def build(mesh):
 placement = {}
 for name in ("adamw", "prodigy", "schedule_free_adamw", "muon", "adafactor"):
     cfg = dataclasses.replace(base, optim=dataclasses.replace(base.optim, name=name))
-    _, state = ts.init_train_state(build(mesh), ts.make_optimizer(cfg.optim, 10), mesh=mesh, ema=True)
+    _, state = ts.init_train_state(build(mesh), make_optimizer(cfg.optim, 10), mesh=mesh, ema=True)
     lora_sh = jax.tree.leaves(shd.shardings_of(state.lora))
     ema_ok = [a == b for a, b in zip(jax.tree.leaves(shd.shardings_of(state.ema)), lora_sh)]
     target = jax.tree.structure(state.lora)
@@ -54,8 +55,9 @@ for name in ("adamw", "prodigy", "schedule_free_adamw", "muon", "adafactor"):
 
 def run(mesh):
     cfg = dataclasses.replace(base, optim=dataclasses.replace(base.optim, name="muon"))
-    graphdef, state = ts.init_train_state(build(mesh), ts.make_optimizer(cfg.optim, 10), mesh=mesh, ema=True)
-    statics = ts.make_statics(graphdef, cfg, guidance_embeds=True, mesh=mesh)
+    tx = make_optimizer(cfg.optim, 10)
+    graphdef, state = ts.init_train_state(build(mesh), tx, mesh=mesh, ema=True)
+    statics = ts.make_statics(graphdef, cfg, tx=tx, guidance_embeds=True, mesh=mesh)
     step = ts.compile_train_step(statics, state, batch)
     b = batch if mesh is None else shd.put_batch(batch, mesh)
     for i in range(2):

@@ -76,7 +76,8 @@ def test_multihost_detection(monkeypatch):
 SCRIPT = textwrap.dedent("""
     import json, jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from dreamomni2_jax import sharding as shd, train_step as ts
+    from dreamomni2_jax import data, sharding as shd, train_step as ts
+    from dreamomni2_jax.optimizers import make_optimizer
     from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, OptimConfig
     from dreamomni2_jax.lora import apply_lora_config
     from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
@@ -88,7 +89,7 @@ SCRIPT = textwrap.dedent("""
                  mesh=MeshConfig(data=2, fsdp=2, tensor=2))
     layouts = [S((4, 4), ((4, 4),)), S((4, 6), ((4, 4), (2, 4))), S((4, 6), ((2, 2), (2, 4), (4, 2))),
                S((2, 4), ((4, 4), (4, 4), (2, 2)))] * 2
-    batch = ts.synthetic_batch(np.random.default_rng(0), layouts, channels=16, text_len=4, text_dim=32,
+    batch = data.synthetic_batch(np.random.default_rng(0), layouts, channels=16, text_len=4, text_dim=32,
                                pooled_dim=32)
 
     def run(mesh):
@@ -96,8 +97,9 @@ SCRIPT = textwrap.dedent("""
                                                dtype=jnp.float32, param_dtype=jnp.float32)
         model = build() if mesh is None else shd.init_sharded(build, mesh)
         apply_lora_config(model, cfg.lora, seed=1)
-        graphdef, state = ts.init_train_state(model, ts.make_optimizer(cfg.optim, 10), mesh=mesh)
-        statics = ts.make_statics(graphdef, cfg, guidance_embeds=True, mesh=mesh)
+        tx = make_optimizer(cfg.optim, 10)
+        graphdef, state = ts.init_train_state(model, tx, mesh=mesh)
+        statics = ts.make_statics(graphdef, cfg, tx=tx, guidance_embeds=True, mesh=mesh)
         step = ts.compile_train_step(statics, state, batch)
         b = batch if mesh is None else shd.put_batch(batch, mesh)
         info = {}

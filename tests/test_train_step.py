@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from dreamomni2_jax import loop, optimizers, perf, train_sigmas
+from dreamomni2_jax import data, loop, optimizers, perf, train_sigmas
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
 from dreamomni2_jax.lora import apply_lora_config
@@ -37,7 +37,7 @@ def tiny_model(seed=0):
 
 
 def batch(seed=0, layouts=LAYOUTS):
-    return ts.synthetic_batch(np.random.default_rng(seed), layouts, channels=16, text_len=4, text_dim=32,
+    return data.synthetic_batch(np.random.default_rng(seed), layouts, channels=16, text_len=4, text_dim=32,
                               pooled_dim=32)
 
 
@@ -47,8 +47,9 @@ def _copy(tree):
 
 class Setup:
     def __init__(self, cfg):
-        self.graphdef, self.state = ts.init_train_state(tiny_model(), ts.make_optimizer(cfg.optim, cfg.train.steps))
-        self.statics = ts.make_statics(self.graphdef, cfg, guidance_embeds=True)
+        tx = optimizers.make_optimizer(cfg.optim, cfg.train.steps)
+        self.graphdef, self.state = ts.init_train_state(tiny_model(), tx)
+        self.statics = ts.make_statics(self.graphdef, cfg, tx=tx, guidance_embeds=True)
         self.step = ts.compile_train_step(self.statics, self.state, batch())
 
     def run(self, b, key=0, state=None):
@@ -293,11 +294,11 @@ def test_loop_writes_metrics_and_stops_on_nonfinite(tmp_path, setup):
     def context(steps, run, stream, max_nonfinite=5):
         cfg = Config(lora=LORA, optim=OptimConfig(**{**CFG.optim.__dict__, "max_nonfinite": max_nonfinite}),
                      data=DataConfig(batch_size=4), train=TrainConfig(steps=steps, run_dir=str(tmp_path / run)))
+        model = nnx.merge(setup.graphdef, setup.state.lora, setup.state.frozen)
         ctx = loop.LoopContext(cfg=cfg, mesh=loop.shd.make_mesh(cfg.mesh), statics=setup.statics,
                                state=_copy(setup.state), stream=stream, rng=jax.random.key(0),
-                               step_fn=setup.step)  # reuse the compiled step
-        model = nnx.merge(setup.graphdef, setup.state.lora, setup.state.frozen)
-        ctx.extras.update(flux_config=model.config, lora_dims=perf.lora_dims(model))
+                               step_fn=setup.step,  # reuse the compiled step
+                               flux_config=model.config, lora_dims=perf.lora_dims(model))
         return ctx
 
     rec = Recorder()
