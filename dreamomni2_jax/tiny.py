@@ -125,6 +125,18 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / max(fan_in, 1) ** 0.5)
 
 
+def flux_model(seed: int = 0, **kwargs):
+    """The in-memory tiny Flux: our NNX ``FluxTransformer2DModel`` with :data:`FLUX_TINY`, float32 parameters and
+    compute, random init from ``nnx.Rngs(seed)`` (``kwargs``: ``attention_impl``, ``remat``, ...)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
+
+    return FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(seed), dtype=jnp.float32,
+                                  param_dtype=jnp.float32, **kwargs)
+
+
 def save_random(build: Callable[[], Any], out_dir, seed: int, prepare: Callable[[Any], None] | None = None,
                 **save_kwargs) -> Path:
     """Seed torch, ``build()`` a diffusers / transformers model, give it seeded random weights (then

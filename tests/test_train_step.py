@@ -12,6 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
+from _asserts import assert_trees_close
 from dreamomni2_jax import data, loop, optimizers, perf, train_sigmas
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
@@ -30,8 +31,7 @@ CFG = Config(lora=LORA, optim=OptimConfig(lr=3e-2, weight_decay=0.0, grad_clip=1
 
 
 def tiny_model(seed=0):
-    model = FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(seed), dtype=jnp.float32,
-                                   param_dtype=jnp.float32)
+    model = flux_model(seed)
     apply_lora_config(model, LORA, seed=seed)
     return model
 
@@ -62,13 +62,6 @@ def setup():
     return Setup(CFG)
 
 
-def _close(a, b, tol, scaled=False):
-    """Leafwise allclose; ``scaled``: atol relative to each leaf's largest magnitude."""
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x), np.asarray(y)
-        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * (np.abs(y).max() if scaled and y.size else 1))
-
-
 def test_grad_accumulation_equals_big_batch(setup):
     acc = Setup(Config(lora=CFG.lora, optim=OptimConfig(**{**CFG.optim.__dict__, "grad_accum": 2}), train=CFG.train))
     b = batch()
@@ -77,9 +70,9 @@ def test_grad_accumulation_equals_big_batch(setup):
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
     # Adam moments hold the (clipped) gradient itself after one update.
-    _close(s2.opt_state, s1.opt_state, 1e-5, scaled=True)
+    assert_trees_close(s2.opt_state, s1.opt_state, 1e-5, scaled=True)
     # Adam's first step is ~lr * sign(g): elements with |g| ~ eps may differ by float noise.
-    _close(s2.lora, s1.lora, 1e-4)
+    assert_trees_close(s2.lora, s1.lora, 1e-4)
     assert not np.allclose(np.asarray(jax.tree.leaves(s1.lora)[1]), np.asarray(jax.tree.leaves(setup.state.lora)[1]))
 
 
@@ -96,7 +89,7 @@ def test_padding_content_is_ignored_and_references_matter(setup):
     assert pad[:, :t].any() and pad[:, t:].any()
     s1, m1 = setup.run(noisy, key=1)
     np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
-    _close(s1.lora, s0.lora, 1e-6)
+    assert_trees_close(s1.lora, s0.lora, 1e-6)
     # Real reference tokens do feed the loss (so the mask is not hiding everything).
     changed = {k: v.copy() for k, v in b.items()}
     changed["references"][3, :4] += 1.0
@@ -120,8 +113,8 @@ def test_nonfinite_steps_are_skipped(setup):
     bad["target"][0, 0, 0] = np.nan
     s1, m1 = setup.run(bad)
     assert not bool(m1["finite"]) and int(m1["nonfinite"]) == 1
-    _close(s1.lora, setup.state.lora, 0)
-    _close(s1.opt_state, setup.state.opt_state, 0)
+    assert_trees_close(s1.lora, setup.state.lora, 0)
+    assert_trees_close(s1.opt_state, setup.state.opt_state, 0)
     s2, m2 = setup.step(s1, bad, jax.random.key(1))
     assert int(s2.nonfinite) == 2 and int(s2.skipped) == 2 and int(s2.step) == 2
     with pytest.raises(loop.NonFiniteError, match="2 consecutive steps"):
@@ -328,5 +321,5 @@ def test_nonfinite_update_is_skipped_even_with_finite_loss_and_grads(setup):
     s1, m1 = step(_copy(setup.state), batch(), jax.random.key(0))
     assert np.isfinite(float(m1["loss"])) and np.isfinite(float(m1["grad_norm"]))
     assert not bool(m1["finite"]) and int(s1.skipped) == 1 and int(s1.nonfinite) == 1
-    _close(s1.lora, setup.state.lora, 0)
-    _close(s1.opt_state, setup.state.opt_state, 0)
+    assert_trees_close(s1.lora, setup.state.lora, 0)
+    assert_trees_close(s1.opt_state, setup.state.opt_state, 0)
