@@ -107,11 +107,9 @@ def test_nonfinite_lora_is_refused_by_export_and_init_from(tmp_path):
     import jax.numpy as jnp
 
     from dreamomni2_jax.config import LoraConfig
-    from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
-    from dreamomni2_jax.tiny import FLUX_TINY
+    from dreamomni2_jax.tiny import flux_model
 
-    model = FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(0), dtype=jnp.float32,
-                                   param_dtype=jnp.float32)
+    model = flux_model(0)
     with pytest.raises(lora_io.LoraFileError, match=f"{path}: 1 adapter tensor\\(s\\) hold NaN"):
         lora_io.init_lora(model, LoraConfig(rank=2, alpha=2.0, init_from=str(path)))
 
@@ -125,7 +123,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 model, tmp = Path(sys.argv[1]), Path(sys.argv[2])
-import dreamomni2_jax.convert.vae, dreamomni2_jax.convert.pipeline, dreamomni2_jax.convert.lora_to_diffusers  # noqa
+import dreamomni2_jax.convert.vae, dreamomni2_jax.convert.pipeline, dreamomni2_jax.convert.export_lora  # noqa
 import dreamomni2_jax.loop, dreamomni2_jax.run_dir, dreamomni2_jax.cache, dreamomni2_jax.data  # noqa
 from dreamomni2_jax import integrity, lora_io, sampler, validation
 from dreamomni2_jax.text import load_text_encoders
