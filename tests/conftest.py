@@ -11,6 +11,11 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# tests/multidevice/ needs 8 fake devices, set before JAX starts its backend: it runs in a process of its own
+# (tests/test_multidevice.py), not in this one.
+if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
+    collect_ignore = ["multidevice"]
+
 import pytest
 
 from dreamomni2_jax import tiny
