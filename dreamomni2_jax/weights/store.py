@@ -23,11 +23,12 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from dreamomni2_jax.atomic_write import atomic_dir
+from dreamomni2_jax.tree_paths import dotted
 
 Shape = tuple[int, ...]
 TargetSpec = dict[str, tuple[Shape, np.dtype]]
@@ -36,11 +37,6 @@ ParamSharding = Callable[[str, Shape], Any]  # (dotted path, full shape) -> jax.
 
 class ConversionError(ValueError):
     """All problems found while validating a conversion, one per line."""
-
-
-def dotted(path: Sequence[Any]) -> str:
-    """``("a", 0, "b")`` -> ``"a.0.b"`` (the dotted param paths used in every table)."""
-    return ".".join(str(p) for p in path)
 
 
 # --------------------------------------------------------------------------------------------- output format
