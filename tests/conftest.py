@@ -35,3 +35,4 @@ def tiny_pipeline_dir_noguidance(tmp_path_factory):
 
 # Converted tiny model, real tiny encoders and a tiny cache (built on first use, shared by all modules).
 from _fixtures_data import tiny_cache, tiny_converted_dir, tiny_encoders  # noqa: E402,F401
+from _fixtures_lora import peft_lora_file  # noqa: E402,F401
