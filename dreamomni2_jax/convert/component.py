@@ -111,15 +111,16 @@ def component_cli(build_plan: Callable, doc: str, *, src_help: str, config_help:
                   before: Callable[[], None] | None = None) -> tuple[Callable[..., Path], Callable[..., int]]:
     """A converter module's ``(convert, main)`` from its ``build_plan`` and module docstring ``doc``.
 
-    ``convert(src, out, dtype="source", [config=None,] overwrite=False, progress=True) -> out`` streams ``src``
-    into the folder ``out`` (:func:`convert_component`; ``config`` only with ``config_help``); ``main(argv)`` is
-    the command line of :func:`component_main`.
+    ``convert(src, out, dtype="source", *, config=None, overwrite=False, progress=True) -> out`` streams ``src``
+    into the folder ``out`` (:func:`convert_component`; ``config`` only where ``config_help`` offers it);
+    ``main(argv)`` is the command line of :func:`component_main`.
     """
-    def convert(src: str | Path, out: str | Path, dtype: str = SOURCE, overwrite: bool = False,
-                progress: bool = True, **config) -> Path:
-        if set(config) - {"config"} or (config and not config_help):
-            raise TypeError(f"convert() got unexpected arguments {sorted(config)}")
-        return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress, **config)
+    def convert(src: str | Path, out: str | Path, dtype: str = SOURCE, *, config=None, overwrite: bool = False,
+                progress: bool = True) -> Path:
+        if config is not None and not config_help:
+            raise TypeError("this converter takes no config")
+        kw = {"config": config} if config_help else {}
+        return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress, **kw)
 
     def main(argv: list[str] | None = None) -> int:
         return component_main(convert, description=doc.split("\n\n")[0], default_dtype=SOURCE, argv=argv,
