@@ -389,10 +389,19 @@ def synthetic_batch(rng: np.random.Generator, layouts: Sequence[positions.Sample
                     text_len: int = 512, text_dim: int = 4096, pooled_dim: int = 768, scheme: str = "dreamomni2",
                     target_len: int | None = None, reference_len: int | None = None) -> dict[str, np.ndarray]:
     """Random float32 batch in the training format for ``layouts`` (latent sizes; ``channels`` = packed width
-    4C), padded per section: :func:`synthetic_sample` per layout, then :func:`assemble_batch`."""
-    dims = ModelDims(latent_channels=channels // 4, t5_dim=text_dim, pooled_dim=pooled_dim)
-    return assemble_batch([synthetic_sample(rng, lay, dims, text_len) for lay in layouts], scheme, target_len,
-                          reference_len)
+    4C), drawn directly as packed tokens (per sample: target then references), padded per section (zeros) by
+    :func:`positions.batch_layout`. For tests and benchmarks; the stream's records come from
+    :func:`synthetic_sample`."""
+    lay = positions.batch_layout(layouts, scheme, target_len, reference_len)
+    n = len(layouts)
+    tgt = np.zeros((n, lay.target_len, channels), np.float32)
+    refs = np.zeros((n, lay.reference_len, channels), np.float32)
+    for i, s in enumerate(layouts):
+        tgt[i, : s.target_tokens] = rng.standard_normal((s.target_tokens, channels))
+        refs[i, : s.reference_tokens] = rng.standard_normal((s.reference_tokens, channels))
+    return {"target": tgt, "references": refs, "img_ids": lay.ids, "img_mask": lay.mask,
+            "t5": rng.standard_normal((n, text_len, text_dim)).astype(np.float32),
+            "pooled": rng.standard_normal((n, pooled_dim)).astype(np.float32)}
 
 
 class _SyntheticBatch:

@@ -203,8 +203,6 @@ def test_splash_hook_matches_xla_in_interpret_mode():
 @pytest.mark.parametrize("impl", ["xla", "blocked"])
 def test_n_out_computes_only_the_first_tokens_and_matches_full_output(impl):
     """The train loss reads only target tokens: ``n_out`` skips the rest in the last block, same values."""
-    from flax import nnx
-
     from dreamomni2_jax.tiny import flux_model
 
     m = flux_model(0, attention_impl=impl)

@@ -103,9 +103,6 @@ def test_nonfinite_lora_is_refused_by_export_and_init_from(tmp_path):
     path = tmp_path / "nan.safetensors"
     save_file({key.format("A"): np.full((2, 32), np.nan, np.float32), key.format("B"): np.zeros((32, 2), np.float32)},
               str(path))
-    from flax import nnx
-    import jax.numpy as jnp
-
     from dreamomni2_jax.config import LoraConfig
     from dreamomni2_jax.tiny import flux_model
 

@@ -17,9 +17,8 @@ from dreamomni2_jax import data, loop, optimizers, perf, train_sigmas
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
 from dreamomni2_jax.lora import apply_lora_config
-from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
 from dreamomni2_jax.positions import SampleLayout as S
-from dreamomni2_jax.tiny import FLUX_TINY
+from dreamomni2_jax.tiny import flux_model
 
 # Attention adapters plus the output head, so the tiny random model can actually fit a batch.
 LORA = LoraConfig(rank=8, alpha=8.0, targets=(r"norm_out\.linear", r"^proj_out"))
