@@ -1,10 +1,7 @@
-"""Export the LoRA of a training checkpoint as a diffusers (or kohya/ComfyUI) safetensors file.
-
-Command line only; the code is :mod:`dreamomni2_jax.convert.lora_to_diffusers` (run ``--help`` for the options).
-"""
+"""Former name of ``convert/export_lora.py`` (it writes diffusers and kohya files); same options."""
 import sys
 
-from dreamomni2_jax.convert.lora_to_diffusers import main
+from dreamomni2_jax.convert.export_lora import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -153,19 +153,14 @@ def batch_shapes(cfg, fc, batch: int) -> dict:
     """Shapes/dtypes of a training batch of ``batch`` samples at ``data.synthetic_resolution`` with
     ``data.synthetic_refs``: one sample assembled by the data pipeline, its batch axis widened."""
     import jax
-    import jax.numpy as jnp
 
     from dreamomni2_jax import data
+    from dreamomni2_jax.dtypes import np_dtype
     from dreamomni2_jax.train_step import BATCH_KEYS
 
-    dims = data.ModelDims(latent_channels=fc.in_channels // 4, t5_dim=fc.joint_attention_dim,
-                          pooled_dim=fc.pooled_projection_dim)
-    f, dt = dims.downscale, np.dtype(jnp.dtype(cfg.model.param_dtype))  # what the data pipeline yields
-    (tw, th), refs = cfg.data.synthetic_resolution, cfg.data.synthetic_refs
-    sample = {"target": np.zeros((th // f, tw // f, dims.latent_channels), dt),
-              **{f"ref{j}": np.zeros((h // f, w // f, dims.latent_channels), dt) for j, (w, h) in enumerate(refs)},
-              "t5": np.zeros((cfg.data.max_sequence_length, dims.t5_dim), dt),
-              "pooled": np.zeros((dims.pooled_dim,), dt)}
+    dims = data.ModelDims.from_flux_config(fc)
+    sample = data.synthetic_sample(np.random.default_rng(0), data.synthetic_layout(cfg, dims.downscale), dims,
+                                   cfg.data.max_sequence_length, np_dtype(cfg.model.param_dtype))  # as the stream
     one = data.assemble_batch([sample], cfg.model.position_scheme)
     return {k: jax.ShapeDtypeStruct((batch, *one[k].shape[1:]), one[k].dtype) for k in BATCH_KEYS}
 

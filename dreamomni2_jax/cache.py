@@ -31,6 +31,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from dreamomni2_jax.atomic_write import temp_name, write_bytes
+from dreamomni2_jax.dtypes import np_dtype
 from dreamomni2_jax.images import (BadInput, Record, check_record, editing_size, open_image, read_inputs,
                                    reference_size, target_size)
 
@@ -46,14 +48,6 @@ class CacheError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- record format
-
-
-def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def encode_record(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> bytes:
@@ -75,7 +69,7 @@ def decode_record(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     (n,) = struct.unpack("<I", data[4:8])
     header = json.loads(data[8:8 + n])
     base = 8 + n
-    arrays = {name: np.frombuffer(data, _dtype(dt), count=int(np.prod(shape)), offset=base + off).reshape(shape)
+    arrays = {name: np.frombuffer(data, np_dtype(dt), count=int(np.prod(shape)), offset=base + off).reshape(shape)
               for name, dt, shape, off, _ in header["arrays"]}
     return arrays, header["meta"]
 
@@ -96,8 +90,9 @@ class Encoders(Protocol):
         """Prompts -> ``(t5 [N, L, D], pooled [N, Dp])``."""
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def round_up(n: int, m: int) -> int:
+    """``n`` rounded up to a multiple of ``m`` (``m <= 1``: ``n`` unchanged)."""
+    return -(-n // m) * m if m > 1 else n
 
 
 class _DataParallel:
@@ -117,7 +112,7 @@ class _DataParallel:
         graphdef, state = nnx.split(module)
         self.state = jax.device_put(state, NamedSharding(mesh, P()))
         self.in_sharding = NamedSharding(mesh, P("batch"))
-        self.batch = _round_up(max(batch, 1), len(devices))
+        self.batch = round_up(max(batch, 1), len(devices))
         self.jitted = jax.jit(lambda state, x: fn(nnx.merge(graphdef, state), x))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -205,12 +200,6 @@ class CacheSettings:
                    reference_max_area=d.reference_max_area, min_image_size=d.min_image_size, max_refs=d.max_refs,
                    pair_aspect_tolerance=d.pair_aspect_tolerance, max_sequence_length=d.max_sequence_length,
                    shard_size=shard_size, default_task=default_task, enhancer=str(enhancer or ""))
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def shard_name(k: int) -> str:
@@ -353,7 +342,7 @@ def build_cache(
             diff = {k: (old.get(k), v) for k, v in asdict(settings).items() if old.get(k) != v}
             raise CacheError(f"{out} holds a cache built with other settings {diff} (old, new); use a new --out")
     else:
-        atomic_write(sfile, json.dumps(asdict(settings), indent=1))
+        write_bytes(sfile, json.dumps(asdict(settings), indent=1))
 
     records, parse_bad = read_inputs(data)
     if parse_bad and not skip_bad:
@@ -391,7 +380,7 @@ def build_cache(
             enc = encoders() if callable(encoders) and not hasattr(encoders, "encode_images") else encoders
         t5, pooled = enc.encode_text([""])
         empty = {"t5": np.asarray(t5[0]), "pooled": np.asarray(pooled[0])}
-        atomic_write(out / "empty_prompt.rec", encode_record(empty))
+        write_bytes(out / "empty_prompt.rec", encode_record(empty))
     return _finalize(out, settings, len(chunks), pre_bad)
 
 
@@ -400,7 +389,7 @@ def _write_shard(out: Path, k: int, chunk: list[Record], s: CacheSettings, enc: 
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = out / shard_name(k)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     entries, skipped = [], []
     writer = None
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # PIL decode/resize release the GIL
@@ -452,7 +441,7 @@ def _write_shard(out: Path, k: int, chunk: list[Record], s: CacheSettings, enc: 
             writer.close()
         if tmp.exists():
             tmp.unlink()
-    atomic_write(out / f"shard-{k:05d}.json", json.dumps({"digest": _digest(chunk), "num_records": len(entries),
+    write_bytes(out / f"shard-{k:05d}.json", json.dumps({"digest": _digest(chunk), "num_records": len(entries),
                                                           "records": entries, "skipped": skipped}))
 
 
@@ -475,8 +464,8 @@ def _finalize(out: Path, s: CacheSettings, num_chunks: int, pre_bad: list[dict])
         "empty_prompt": "empty_prompt.rec", "skipped_report": "skipped.jsonl",
         "num_records": len(records), "num_skipped": len(skipped), "shards": shards, "records": records,
     }
-    atomic_write(out / "skipped.jsonl", "".join(json.dumps(e) + "\n" for e in skipped))
-    atomic_write(out / "index.json", json.dumps(index))
+    write_bytes(out / "skipped.jsonl", "".join(json.dumps(e) + "\n" for e in skipped))
+    write_bytes(out / "index.json", json.dumps(index))
     if skipped:
         log.warning("%d bad inputs skipped; listed in %s", len(skipped), out / "skipped.jsonl")
     return index

@@ -47,14 +47,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from dreamomni2_jax import loss_mask, positions, ref_dropout
-from dreamomni2_jax.cache import CacheError, decode_record, load_index
+from dreamomni2_jax.cache import CacheError, decode_record, load_index, round_up
+from dreamomni2_jax.dtypes import np_dtype
 
 LatentKey = tuple[tuple[int, int], tuple[tuple[int, int], ...]]
 _ENDLESS = sys.maxsize // 2
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m if m > 1 else n
 
 
 def _local_batch(cfg, process_count: int) -> int:
@@ -217,8 +214,8 @@ class _LoadBatch:
         t_len = r_len = None
         if self.batching == "pad":  # pad to the global batch's maxima: every process gets the same shapes
             toks = [_tokens(self.keys[int(i)]) for i in glob]
-            t_len = _round_up(max(t for t, _ in toks), self.pad_multiple)
-            r_len = _round_up(max(r for _, r in toks), self.pad_multiple)
+            t_len = round_up(max(t for t, _ in toks), self.pad_multiple)
+            r_len = round_up(max(r for _, r in toks), self.pad_multiple)
         batch = process_samples(records, step * self.plan.batch_size + lo, self.options, self.scheme, t_len, r_len)
         batch["step"] = np.asarray(step, np.int64)
         return batch
@@ -359,28 +356,65 @@ class ModelDims:
                    pooled_dim=int(cfg("text_encoder")["hidden_size"]),
                    downscale=2 ** (len(vae["block_out_channels"]) - 1))
 
+    @classmethod
+    def from_flux_config(cls, fc) -> "ModelDims":
+        """From a transformer's ``FluxConfig`` (packed input width = 4 latent channels; VAE downscale 8)."""
+        return cls(latent_channels=fc.in_channels // 4, t5_dim=fc.joint_attention_dim,
+                   pooled_dim=fc.pooled_projection_dim)
+
+
+# --------------------------------------------------------------------------- synthetic batches
+
+
+def synthetic_layout(cfg, downscale: int = 8) -> positions.SampleLayout:
+    """Latent sizes of a synthetic sample: ``data.synthetic_resolution`` with ``data.synthetic_refs`` (pixel
+    sizes, (w, h)) divided by the VAE ``downscale``."""
+    (w, h), f = cfg.data.synthetic_resolution, downscale
+    return positions.SampleLayout((h // f, w // f), tuple((rh // f, rw // f) for rw, rh in cfg.data.synthetic_refs))
+
+
+def synthetic_sample(rng: np.random.Generator, layout: positions.SampleLayout, dims: ModelDims, text_len: int,
+                     dtype=np.float32) -> dict[str, np.ndarray]:
+    """One random record like the cache's (``target`` / ``ref{j}`` latents [h, w, C], ``t5`` [L, D], ``pooled``):
+    standard-normal float32 draws in that order, cast to ``dtype``."""
+    c = dims.latent_channels
+    return {"target": rng.standard_normal((*layout.target, c), np.float32).astype(dtype),
+            **{f"ref{j}": rng.standard_normal((h, w, c), np.float32).astype(dtype)
+               for j, (h, w) in enumerate(layout.references)},
+            "t5": rng.standard_normal((text_len, dims.t5_dim), np.float32).astype(dtype),
+            "pooled": rng.standard_normal((dims.pooled_dim,), np.float32).astype(dtype)}
+
+
+def synthetic_batch(rng: np.random.Generator, layouts: Sequence[positions.SampleLayout], *, channels: int = 64,
+                    text_len: int = 512, text_dim: int = 4096, pooled_dim: int = 768, scheme: str = "dreamomni2",
+                    target_len: int | None = None, reference_len: int | None = None) -> dict[str, np.ndarray]:
+    """Random float32 batch in the training format for ``layouts`` (latent sizes; ``channels`` = packed width
+    4C), drawn directly as packed tokens (per sample: target then references), padded per section (zeros) by
+    :func:`positions.batch_layout`. For tests and benchmarks; the stream's records come from
+    :func:`synthetic_sample`."""
+    lay = positions.batch_layout(layouts, scheme, target_len, reference_len)
+    n = len(layouts)
+    tgt = np.zeros((n, lay.target_len, channels), np.float32)
+    refs = np.zeros((n, lay.reference_len, channels), np.float32)
+    for i, s in enumerate(layouts):
+        tgt[i, : s.target_tokens] = rng.standard_normal((s.target_tokens, channels))
+        refs[i, : s.reference_tokens] = rng.standard_normal((s.reference_tokens, channels))
+    return {"target": tgt, "references": refs, "img_ids": lay.ids, "img_mask": lay.mask,
+            "t5": rng.standard_normal((n, text_len, text_dim)).astype(np.float32),
+            "pooled": rng.standard_normal((n, pooled_dim)).astype(np.float32)}
+
 
 class _SyntheticBatch:
     """Grain map: step -> one of ``pool`` fixed random batches (cheap; same shapes every step)."""
 
     def __init__(self, cfg, dims: ModelDims, local_batch: int, pool: int = 2, process_index: int = 0):
-        import ml_dtypes  # noqa: F401  (registers bfloat16)
-
-        d, f = cfg.data, dims.downscale
-        dtype = np.dtype(cfg.model.param_dtype)
-        tw, th = d.synthetic_resolution
-        refs = tuple((h // f, w // f) for w, h in d.synthetic_refs)
+        d, dtype = cfg.data, np_dtype(cfg.model.param_dtype)
+        layout = synthetic_layout(cfg, dims.downscale)
         self.pool = []
         for k in range(pool):
             rng = np.random.default_rng([d.shuffle_seed, k])
-            samples = [{
-                "target": rng.standard_normal((th // f, tw // f, dims.latent_channels), np.float32).astype(dtype),
-                **{f"ref{j}": rng.standard_normal((h, w, dims.latent_channels), np.float32).astype(dtype)
-                   for j, (h, w) in enumerate(refs)},
-                "t5": rng.standard_normal((d.max_sequence_length, dims.t5_dim), np.float32).astype(dtype),
-                "pooled": rng.standard_normal((dims.pooled_dim,), np.float32).astype(dtype),
-            } for _ in range(local_batch)]
-            self.pool.append(samples)
+            self.pool.append([synthetic_sample(rng, layout, dims, d.max_sequence_length, dtype)
+                              for _ in range(local_batch)])
         self.options, self.scheme, self.local_batch = SampleOptions.from_config(cfg), cfg.model.position_scheme, \
             local_batch
         self.process_index, self.batch_size = process_index, d.batch_size
@@ -416,10 +450,13 @@ class SyntheticSource(_StepStream):
         super().__init__(fn, 0, fp)
 
 
-def make_train_stream(cfg, process_index: int = 0, process_count: int = 1):
+def make_train_stream(cfg, process_index: int = 0, process_count: int = 1, dims: ModelDims | None = None):
     """The training stream: :class:`CacheStream` over ``data.cache_dir``, or :class:`SyntheticSource` when it is
-    empty (model sizes from ``model.path`` when that folder exists, else Flux Kontext dev's)."""
+    empty, with the model sizes ``dims`` (default: from ``model.path`` when that folder exists, else Flux Kontext
+    dev's)."""
     if cfg.data.cache_dir:
         return CacheStream(cfg, process_index, process_count)
-    dims = ModelDims.from_model_dir(cfg.model.path) if cfg.model.path and Path(cfg.model.path).is_dir() else ModelDims()
+    if dims is None:
+        dims = ModelDims.from_model_dir(cfg.model.path) if cfg.model.path and Path(cfg.model.path).is_dir() \
+            else ModelDims()
     return SyntheticSource(cfg, dims, process_index, process_count)

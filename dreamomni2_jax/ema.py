@@ -4,7 +4,7 @@ After each applied (finite) update ``n`` (0-based), ``ema = d * ema + (1 - d) * 
 ema_decay``, or ``min(ema_decay, (1 + n) / (10 + n))`` with ``train.ema_warmup`` (the warm-up of diffusers'
 ``EMAModel``). A skipped (non-finite) step leaves it unchanged. The EMA starts as a copy of the initial adapters,
 lives in ``TrainState.ema`` with the adapters' shardings and is saved in checkpoints next to them (``"ema"``), so a
-resume continues it exactly. ``convert/lora_to_diffusers.py --ema`` exports it; ``sample.use_ema`` samples with it.
+resume continues it exactly. ``convert/export_lora.py --ema`` exports it; ``sample.use_ema`` samples with it.
 """
 from __future__ import annotations
 

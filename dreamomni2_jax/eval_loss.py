@@ -25,7 +25,7 @@ from flax import nnx
 
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax import train_step as ts
-from dreamomni2_jax.schedule import calculate_shift, time_shift
+from dreamomni2_jax.sampling_sigmas import calculate_shift, time_shift
 
 log = logging.getLogger("dreamomni2_jax.train")
 EVAL_SEED = 0x45564C  # "EVL"

@@ -13,29 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamomni2_jax.tree_paths import dotted, path_parts
+
 ALGORITHM = "wsum32-v1"
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
-def path_parts(path) -> list[str]:
-    """Names of a pytree path's entries (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return parts
-
-
-def key_of(path) -> str:
-    """Dotted key of a pytree path, without the trailing ``value`` of NNX variables (same for saved / restored)."""
-    parts = path_parts(path)
-    while parts and parts[-1] in ("value", "raw_value"):
-        parts.pop()
-    return ".".join(parts)
+key_of = dotted  # dotted key of a pytree path (same for saved / restored states)
 
 
 def _bits_u32(x: jax.Array) -> jax.Array:

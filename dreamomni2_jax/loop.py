@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,6 +26,7 @@ from dreamomni2_jax import sharding as shd
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config
 from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.optimizers import make_optimizer
 from dreamomni2_jax.perf import flux_train_flops, lora_dims, mfu
 
 log = logging.getLogger("dreamomni2_jax.train")
@@ -58,7 +59,8 @@ class LoopContext:
     rng: jax.Array
     step: int = 0
     step_fn: Callable | None = None  # jitted train step (built from ``statics`` on the first batch)
-    extras: dict = field(default_factory=dict)  # flux_config, lora_dims (for FLOPs); free for callbacks
+    flux_config: Any = None  # the transformer's config and ...
+    lora_dims: Any = None  # ... its adapters' sizes (perf.lora_dims): the FLOP count of each step
 
     def model(self, ema: bool = False):
         """The current adapted model (eval mode; shares arrays with ``state``) for sampling / export: the adapters
@@ -108,19 +110,6 @@ def load_model(cfg: Config, mesh, seed: int | None = None):
     return model, paths
 
 
-def make_stream(cfg: Config, flux_config):
-    """This process's batch iterator: ``data.make_train_stream`` over ``data.cache_dir``, else synthetic batches
-    with the model's sizes (``data.synthetic_resolution`` / ``synthetic_refs``)."""
-    from dreamomni2_jax import data
-
-    pi, pc = jax.process_index(), jax.process_count()
-    if cfg.data.cache_dir:
-        return data.make_train_stream(cfg, pi, pc)
-    dims = data.ModelDims(latent_channels=flux_config.in_channels // 4, t5_dim=flux_config.joint_attention_dim,
-                          pooled_dim=flux_config.pooled_projection_dim)
-    return data.SyntheticSource(cfg, dims, pi, pc)
-
-
 def empty_text(cfg: Config, stream) -> dict | None:
     if cfg.data.caption_dropout <= 0:
         return None
@@ -134,9 +123,9 @@ def empty_text(cfg: Config, stream) -> dict | None:
 def make_state(cfg: Config, model, mesh, empty_text: dict | None = None) -> tuple[ts.StepStatics, ts.TrainState]:
     """Optimizer, sharded train state and step statics of an adapted model (abstract model -> abstract state:
     what ``scripts/aot.py`` compiles)."""
-    tx = ts.make_optimizer(cfg.optim, cfg.train.steps)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)  # built once: the state's and the step's
     graphdef, state = ts.init_train_state(model, tx, mesh=mesh, empty_text=empty_text, ema=cfg.train.ema_decay > 0)
-    return ts.make_statics(graphdef, cfg, guidance_embeds=model.config.guidance_embeds, mesh=mesh), state
+    return ts.make_statics(graphdef, cfg, guidance_embeds=model.config.guidance_embeds, tx=tx, mesh=mesh), state
 
 
 def setup(cfg: Config, *, model=None, stream=None, mesh=None) -> LoopContext:
@@ -151,13 +140,15 @@ def setup(cfg: Config, *, model=None, stream=None, mesh=None) -> LoopContext:
 
             meta = lora_metadata(model)  # the adapters' own (lora.init_from: the file's rank / alpha)
             log.info("LoRA rank %d alpha %g on %d modules", meta["rank"], meta["alpha"], len(paths))
-    stream = stream if stream is not None else make_stream(cfg, model.config)
+    if stream is None:  # this process's share; synthetic batches get the loaded model's sizes
+        from dreamomni2_jax import data
+
+        stream = data.make_train_stream(cfg, jax.process_index(), jax.process_count(),
+                                        dims=data.ModelDims.from_flux_config(model.config))
     dims = lora_dims(model)
     statics, state = make_state(cfg, model, mesh, empty_text(cfg, stream))
-    ctx = LoopContext(cfg=cfg, mesh=mesh, statics=statics, state=state, stream=stream,
-                      rng=jax.random.key(cfg.train.seed))
-    ctx.extras["flux_config"], ctx.extras["lora_dims"] = model.config, dims
-    return ctx
+    return LoopContext(cfg=cfg, mesh=mesh, statics=statics, state=state, stream=stream,
+                       rng=jax.random.key(cfg.train.seed), flux_config=model.config, lora_dims=dims)
 
 
 # --------------------------------------------------------------------------- loop
@@ -194,7 +185,7 @@ def step_info(ctx: LoopContext, batch: dict) -> dict:
     b = batch["target"].shape[0]
     t, r, txt = batch["target"].shape[1], batch["references"].shape[1], batch["t5"].shape[1]
     return {"tokens": b * (t + r + txt),
-            "flops": flux_train_flops(ctx.extras["flux_config"], (b, t, r), txt, ctx.extras["lora_dims"])}
+            "flops": flux_train_flops(ctx.flux_config, (b, t, r), txt, ctx.lora_dims)}
 
 
 def _record(info: dict, step: int, raw: dict, dt: float | None, n_devices: int) -> dict:

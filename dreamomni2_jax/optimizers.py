@@ -1,6 +1,6 @@
 """The optimizers of ``optim.name``, all from optax / optax.contrib (no hand-written update rule).
 
-* ``adamw``: ``optax.adamw`` (``b1``, ``b2``, ``eps``, ``weight_decay``) with :func:`schedule.lr_schedule`;
+* ``adamw``: ``optax.adamw`` (``b1``, ``b2``, ``eps``, ``weight_decay``) with :func:`lr_schedule`;
 * ``prodigy``: ``optax.contrib.prodigy`` (learning-rate-free: ``optim.lr`` multiplies its own estimate, use 1.0;
   ``betas=(b1, b2)``, ``eps``, ``weight_decay``, ``estim_lr_coef=prodigy_d_coef``);
 * ``schedule_free_adamw``: ``optax.contrib.schedule_free_adamw`` (``lr``, its own ``schedule_free_warmup``, ``b1``,
@@ -23,9 +23,24 @@ from typing import Any
 import optax
 
 from dreamomni2_jax.config import OptimConfig
-from dreamomni2_jax.schedule import lr_schedule
 
 NAMES = ("adamw", "prodigy", "schedule_free_adamw", "muon", "adafactor")
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``cfg.lr`` over ``warmup_steps`` updates, then constant or cosine decay to 0 at
+    ``total_steps``."""
+    warm = cfg.warmup_steps
+    if cfg.schedule == "constant":
+        if warm == 0:
+            return optax.constant_schedule(cfg.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), optax.constant_schedule(cfg.lr)],
+                                    [warm])
+    decay = max(total_steps - warm, 1)
+    cosine = optax.cosine_decay_schedule(cfg.lr, decay)
+    if warm == 0:
+        return cosine
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), cosine], [warm])
 
 
 def logged_lr(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 
+from dreamomni2_jax.atomic_write import write_text
 from dreamomni2_jax.checkpoint import (
     CheckpointError, RunCheckpointer, complete_steps, open_run, read_config, resolve_checkpoint,
 )
@@ -80,9 +81,7 @@ class RunLock:
 
 def write_config(cfg: Config, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(cfg.to_json())
-    tmp.replace(run_dir / "config.json")
+    write_text(run_dir / "config.json", cfg.to_json())
 
 
 def _records(path: Path) -> list[tuple[int | None, str]]:
@@ -113,9 +112,7 @@ def trim_metrics(run_dir: Path, step: int, moved_to: Path | None = None) -> int:
     moved_to.parent.mkdir(parents=True, exist_ok=True)
     with open(moved_to, "a", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in drop))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(line + "\n" for line in keep))
     return len(drop)
 
 

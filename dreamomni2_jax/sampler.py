@@ -40,9 +40,10 @@ from PIL import Image
 
 from dreamomni2_jax import positions
 from dreamomni2_jax import sharding as shd
+from dreamomni2_jax.atomic_write import atomic_file
 from dreamomni2_jax.images import KONTEXT_AREA, open_image, reference_size, target_size, to_pixels, to_rgb
 from dreamomni2_jax.models.vae import VAE, decode_latents, denormalize_latents, encode_images, normalize_latents
-from dreamomni2_jax.scheduler import FlowMatchConfig, euler_step, set_timesteps
+from dreamomni2_jax.sampling_sigmas import FlowMatchConfig, euler_step, set_timesteps
 
 MULTIPLE = 16  # 2 x VAE downscale: latents must be even for 2x2 packing
 DEFAULT_SIZE = 1024
@@ -385,15 +386,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write one ``[H, W, 3]`` image in [0, 1] (or uint8) as PNG: temp file in the same folder, then rename."""
-    import os
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = image if image.dtype == np.uint8 else to_uint8(image)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

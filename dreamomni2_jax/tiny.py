@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from dreamomni2_jax.atomic_write import atomic_dir
 
 # Latent channels 4 -> packed transformer in_channels 16. Four VAE blocks -> scale factor 8.
 VAE_TINY = dict(
@@ -123,47 +125,57 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / max(fan_in, 1) ** 0.5)
 
 
+def flux_model(seed: int = 0, **kwargs):
+    """The in-memory tiny Flux: our NNX ``FluxTransformer2DModel`` with :data:`FLUX_TINY`, float32 parameters and
+    compute, random init from ``nnx.Rngs(seed)`` (``kwargs``: ``attention_impl``, ``remat``, ...)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
+
+    return FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(seed), dtype=jnp.float32,
+                                  param_dtype=jnp.float32, **kwargs)
+
+
+def save_random(build: Callable[[], Any], out_dir, seed: int, prepare: Callable[[Any], None] | None = None,
+                **save_kwargs) -> Path:
+    """Seed torch, ``build()`` a diffusers / transformers model, give it seeded random weights (then
+    ``prepare(model)``, e.g. buffers) and ``save_pretrained`` it as safetensors (``save_kwargs``: shard size)."""
+    _seed(seed)
+    model = build()
+    _randomize(model, seed)
+    if prepare is not None:
+        prepare(model)
+    model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
+    return Path(out_dir)
+
+
 def save_transformer(out_dir, seed: int = 0, max_shard_size: str = "200KB", **overrides) -> Path:
     """diffusers ``FluxTransformer2DModel`` with :data:`FLUX_TINY` (+ overrides), sharded safetensors."""
     from diffusers import FluxTransformer2DModel
 
-    _seed(seed)
-    model = FluxTransformer2DModel(**{**FLUX_TINY, **overrides})
-    _randomize(model, seed)
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    return Path(out_dir)
+    return save_random(lambda: FluxTransformer2DModel(**{**FLUX_TINY, **overrides}), out_dir, seed,
+                       max_shard_size=max_shard_size)
 
 
 def save_vae(out_dir, seed: int = 1) -> Path:
     from diffusers import AutoencoderKL
 
-    _seed(seed)
-    vae = AutoencoderKL(**VAE_TINY)
-    _randomize(vae, seed)
-    vae.save_pretrained(out_dir, safe_serialization=True)
-    return Path(out_dir)
+    return save_random(lambda: AutoencoderKL(**VAE_TINY), out_dir, seed)
 
 
 def save_clip(out_dir, seed: int = 2, eos_token_id: int = 1) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    _seed(seed)
     cfg = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, bos_token_id=0, eos_token_id=eos_token_id, pad_token_id=1, **CLIP_TINY)
-    model = CLIPTextModel(cfg)
-    _randomize(model, seed)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return Path(out_dir)
+    return save_random(lambda: CLIPTextModel(cfg), out_dir, seed)
 
 
 def save_t5(out_dir, seed: int = 3, max_shard_size: str = "100KB") -> Path:
     from transformers import T5Config, T5EncoderModel
 
-    _seed(seed)
     cfg = T5Config(vocab_size=T5_VOCAB_SIZE, pad_token_id=0, eos_token_id=1, **T5_TINY)
-    model = T5EncoderModel(cfg)
-    _randomize(model, seed)
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    return Path(out_dir)
+    return save_random(lambda: T5EncoderModel(cfg), out_dir, seed, max_shard_size=max_shard_size)
 
 
 def _clip_vocab() -> tuple[dict[str, int], list[str]]:
@@ -239,16 +251,14 @@ def build_pipeline(root, seed: int = 0, guidance_embeds: bool = True, **transfor
     root = Path(root)
     if root.exists():
         raise FileExistsError(f"{root} already exists")
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_transformer(tmp / "transformer", seed, guidance_embeds=guidance_embeds, **transformer_overrides)
-    save_vae(tmp / "vae", seed + 1)
-    save_clip(tmp / "text_encoder", seed + 2)
-    save_t5(tmp / "text_encoder_2", seed + 3)
-    save_tokenizers(tmp / "tokenizer", tmp / "tokenizer_2")
-    save_scheduler(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-    tmp.rename(root)
+    with atomic_dir(root) as tmp:
+        save_transformer(tmp / "transformer", seed, guidance_embeds=guidance_embeds, **transformer_overrides)
+        save_vae(tmp / "vae", seed + 1)
+        save_clip(tmp / "text_encoder", seed + 2)
+        save_t5(tmp / "text_encoder_2", seed + 3)
+        save_tokenizers(tmp / "tokenizer", tmp / "tokenizer_2")
+        save_scheduler(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     return root
 
 

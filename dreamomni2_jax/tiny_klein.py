@@ -11,7 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from dreamomni2_jax.tiny import _randomize, _seed, save_scheduler
+from dreamomni2_jax.atomic_write import atomic_dir
+from dreamomni2_jax.tiny import VAE_TINY, save_random, save_scheduler
 
 # klein-shaped: no guidance embedder, 4 rope axes summing to head_dim, joint_attention_dim = 3 x Qwen3 hidden.
 FLUX2_TINY = dict(
@@ -30,21 +31,10 @@ FLUX2_TINY = dict(
     guidance_embeds=False,
 )
 
-# Latent channels 4 -> patchified 16 = FLUX2_TINY in_channels. Four blocks -> scale factor 8.
-VAE2_TINY = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 16, 16),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=64,
-    use_quant_conv=True,
-    use_post_quant_conv=True,
-    mid_block_add_attention=True,
-)
+# FLUX.1's tiny VAE blocks (latent channels 4 -> patchified 16 = FLUX2_TINY in_channels; scale factor 8) with
+# quant convs and batch-norm latent statistics instead of scaling / shift factors.
+VAE2_TINY = {**{k: v for k, v in VAE_TINY.items() if k not in ("scaling_factor", "shift_factor")},
+             "use_quant_conv": True, "use_post_quant_conv": True}
 
 QWEN3_TINY = dict(
     vocab_size=320,  # >= the tiny tokenizer (256 byte symbols + specials + merges)
@@ -68,11 +58,8 @@ def save_flux2_transformer(out_dir, seed: int = 0, max_shard_size: str = "200KB"
     """diffusers ``Flux2Transformer2DModel`` with :data:`FLUX2_TINY` (+ overrides), sharded safetensors."""
     from diffusers import Flux2Transformer2DModel
 
-    _seed(seed)
-    model = Flux2Transformer2DModel(**{**FLUX2_TINY, **overrides})
-    _randomize(model, seed)
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    return Path(out_dir)
+    return save_random(lambda: Flux2Transformer2DModel(**{**FLUX2_TINY, **overrides}), out_dir, seed,
+                       max_shard_size=max_shard_size)
 
 
 def save_flux2_vae(out_dir, seed: int = 1, **overrides) -> Path:
@@ -80,26 +67,22 @@ def save_flux2_vae(out_dir, seed: int = 1, **overrides) -> Path:
     import torch
     from diffusers import AutoencoderKLFlux2
 
-    _seed(seed)
-    vae = AutoencoderKLFlux2(**{**VAE2_TINY, **overrides})
-    _randomize(vae, seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        vae.bn.running_mean.copy_(0.3 * torch.randn(vae.bn.running_mean.shape, generator=gen))
-        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=gen))
-    vae.save_pretrained(out_dir, safe_serialization=True)
-    return Path(out_dir)
+    def batch_norm_stats(vae):
+        gen = torch.Generator().manual_seed(seed + 100)
+        with torch.no_grad():
+            vae.bn.running_mean.copy_(0.3 * torch.randn(vae.bn.running_mean.shape, generator=gen))
+            vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=gen))
+
+    return save_random(lambda: AutoencoderKLFlux2(**{**VAE2_TINY, **overrides}), out_dir, seed,
+                       prepare=batch_norm_stats)
 
 
 def save_qwen3(out_dir, seed: int = 2, max_shard_size: str = "100KB", **overrides) -> Path:
     """transformers ``Qwen3ForCausalLM`` (the klein pipeline's ``text_encoder`` class) with :data:`QWEN3_TINY`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    _seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(**{**QWEN3_TINY, **overrides}))
-    _randomize(model, seed)
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    return Path(out_dir)
+    return save_random(lambda: Qwen3ForCausalLM(Qwen3Config(**{**QWEN3_TINY, **overrides})), out_dir, seed,
+                       max_shard_size=max_shard_size)
 
 
 # Qwen3's chat template reduced to what the klein pipeline renders (one user turn, generation prompt, thinking off).
@@ -155,10 +138,8 @@ def build_klein_pipeline(root, seed: int = 0, **transformer_overrides) -> Path:
     root = Path(root)
     if root.exists():
         raise FileExistsError(f"{root} already exists")
-    tmp = root.with_name(root.name + ".partial")
     parts = root.with_name(root.name + ".parts")
-    for d in (tmp, parts):
-        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(parts, ignore_errors=True)
     save_flux2_transformer(parts / "transformer", seed, **transformer_overrides)
     save_flux2_vae(parts / "vae", seed + 1)
     save_qwen3(parts / "text_encoder", seed + 2)
@@ -170,9 +151,9 @@ def build_klein_pipeline(root, seed: int = 0, **transformer_overrides) -> Path:
         text_encoder=Qwen3ForCausalLM.from_pretrained(parts / "text_encoder"),
         tokenizer=Qwen2TokenizerFast.from_pretrained(parts / "tokenizer"),
         transformer=Flux2Transformer2DModel.from_pretrained(parts / "transformer"))
-    pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="200KB")
-    shutil.rmtree(parts)
-    index = json.loads((tmp / "model_index.json").read_text())
-    assert index["_class_name"] == "Flux2KleinPipeline", index
-    tmp.rename(root)
+    with atomic_dir(root) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="200KB")
+        shutil.rmtree(parts)
+        index = json.loads((tmp / "model_index.json").read_text())
+        assert index["_class_name"] == "Flux2KleinPipeline", index
     return root

@@ -1,6 +1,6 @@
 """Flow-matching LoRA train step for Flux Kontext / DreamOmni2 (pure function, jitted with explicit shardings).
 
-Batch (numpy or global jax arrays, batch-first; built by the data pipeline or :func:`synthetic_batch`):
+Batch (numpy or global jax arrays, batch-first; built by the data pipeline or :func:`data.synthetic_batch`):
 ``target`` [B, T, 4C] packed clean target latents, ``references`` [B, R, 4C] packed reference latents,
 ``img_ids`` int32 [B, T+R, 3], ``img_mask`` bool [B, T+R] (False = padding), ``t5`` [B, L, D], ``pooled`` [B, Dp].
 
@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -31,9 +30,9 @@ from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.config import Config
 from dreamomni2_jax.lora import LoRAParam, reseed_dropout
 from dreamomni2_jax.loss_mask import per_sample_loss
-from dreamomni2_jax.positions import SampleLayout, batch_layout, round_ids
-from dreamomni2_jax.optimizers import logged_lr, make_optimizer
-from dreamomni2_jax.schedule import loss_weighting, sample_sigmas
+from dreamomni2_jax.positions import round_ids
+from dreamomni2_jax.optimizers import logged_lr
+from dreamomni2_jax.train_sigmas import loss_weighting, sample_sigmas
 
 BATCH_KEYS = ("target", "references", "img_ids", "img_mask", "t5", "pooled")
 OPTIONAL_KEYS = ("loss_weight",)  # [B, T] float per-token loss weight (train.loss_mask; dreamomni2_jax.loss_mask)
@@ -294,10 +293,12 @@ def _abstract(tree) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
-def make_statics(graphdef, cfg: Config, *, guidance_embeds: bool, total_steps: int | None = None,
-                 mesh=None) -> StepStatics:
+def make_statics(graphdef, cfg: Config, *, tx: optax.GradientTransformation, guidance_embeds: bool,
+                 total_steps: int | None = None, mesh=None) -> StepStatics:
+    """Step statics; ``tx`` is the optimizer the state was initialised with (:func:`optimizers.make_optimizer`,
+    built once by the caller)."""
     total = cfg.train.steps if total_steps is None else total_steps
-    return StepStatics(graphdef=graphdef, tx=make_optimizer(cfg.optim, total), lr_fn=logged_lr(cfg.optim, total),
+    return StepStatics(graphdef=graphdef, tx=tx, lr_fn=logged_lr(cfg.optim, total),
                        cfg=StepConfig.from_config(cfg, guidance_embeds), mesh=mesh)
 
 
@@ -315,22 +316,3 @@ def compile_train_step(statics: StepStatics, state: TrainState, batch_example: d
     rep = shd.replicated(mesh)
     return jax.jit(step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                    donate_argnums=(0,))
-
-
-# --------------------------------------------------------------------------- synthetic data
-
-
-def synthetic_batch(rng: np.random.Generator, layouts: Sequence[SampleLayout], *, channels: int = 64,
-                    text_len: int = 512, text_dim: int = 4096, pooled_dim: int = 768, scheme: str = "dreamomni2",
-                    target_len: int | None = None, reference_len: int | None = None) -> dict[str, np.ndarray]:
-    """Random batch in the training format for ``layouts`` (latent sizes), padded per section (zeros)."""
-    lay = batch_layout(layouts, scheme, target_len, reference_len)
-    n = len(layouts)
-    tgt = np.zeros((n, lay.target_len, channels), np.float32)
-    refs = np.zeros((n, lay.reference_len, channels), np.float32)
-    for i, s in enumerate(layouts):
-        tgt[i, : s.target_tokens] = rng.standard_normal((s.target_tokens, channels))
-        refs[i, : s.reference_tokens] = rng.standard_normal((s.reference_tokens, channels))
-    return {"target": tgt, "references": refs, "img_ids": lay.ids, "img_mask": lay.mask,
-            "t5": rng.standard_normal((n, text_len, text_dim)).astype(np.float32),
-            "pooled": rng.standard_normal((n, pooled_dim)).astype(np.float32)}

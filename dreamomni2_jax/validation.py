@@ -33,11 +33,11 @@ import numpy as np
 from PIL import Image
 
 from dreamomni2_jax.config import Config, ValidationSample
+from dreamomni2_jax.dtypes import np_dtype
 from dreamomni2_jax.images import editing_size, open_image
 
 log = logging.getLogger(__name__)
 ROW_HEIGHT = 256
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
 class CachedPrompts:
@@ -164,10 +164,10 @@ class ValidationHook:
         if self._pipe is None:
             from dreamomni2_jax.loaders import load_vae
             from dreamomni2_jax.sampler import Pipeline
-            from dreamomni2_jax.scheduler import FlowMatchConfig
+            from dreamomni2_jax.sampling_sigmas import FlowMatchConfig
             from dreamomni2_jax.text import load_text_encoders
 
-            dtype = _DTYPES[self.cfg.model.compute_dtype]
+            dtype = np_dtype(self.cfg.model.compute_dtype)
             max_len = self.cfg.data.max_sequence_length
             prompts = [s.prompt for s in self.samples]
             if self.cfg.sample.true_cfg_scale > 1:

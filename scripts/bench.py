@@ -17,7 +17,6 @@ test model). ``--reference torch``: the same model size / sequence as a diffuser
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dreamomni2_jax.atomic_write import write_json
 from dreamomni2_jax.config import ConfigError, load_config
 
 MID = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=8, joint_attention_dim=1024,
@@ -64,15 +64,13 @@ def flux_config(size: str, cfg):
 
 
 def layouts(cfg, downscale: int = 8):
-    from dreamomni2_jax.positions import SampleLayout
+    from dreamomni2_jax.data import synthetic_layout
 
-    w, h = cfg.data.synthetic_resolution
-    refs = tuple((rh // downscale, rw // downscale) for rw, rh in cfg.data.synthetic_refs)
-    return [SampleLayout((h // downscale, w // downscale), refs)] * cfg.data.batch_size
+    return [synthetic_layout(cfg, downscale)] * cfg.data.batch_size
 
 
 def make_batch(cfg, fc):
-    from dreamomni2_jax.train_step import synthetic_batch
+    from dreamomni2_jax.data import synthetic_batch
 
     return synthetic_batch(np.random.default_rng(0), layouts(cfg), channels=fc.in_channels,
                            text_len=cfg.data.max_sequence_length, text_dim=fc.joint_attention_dim,
@@ -108,6 +106,7 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
     from dreamomni2_jax import sharding as shd
     from dreamomni2_jax import train_step as ts
     from dreamomni2_jax.attach import attach_lora
+    from dreamomni2_jax.optimizers import make_optimizer
     from dreamomni2_jax.models.flux import FluxTransformer2DModel
 
     mesh = shd.make_mesh(cfg.mesh)
@@ -128,14 +127,15 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
     empty = None
     if cfg.data.caption_dropout > 0:
         empty = {"t5": jnp.zeros(batch["t5"].shape[1:]), "pooled": jnp.zeros(batch["pooled"].shape[1:])}
-    graphdef, state = ts.init_train_state(model, ts.make_optimizer(cfg.optim, cfg.train.steps), mesh=mesh,
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, state = ts.init_train_state(model, tx, mesh=mesh,
                                           empty_text=empty, ema=cfg.train.ema_decay > 0)
     if cfg.train.loss_mask != "none":  # a random half of the real target tokens in the mask
         tm = batch["img_mask"][:, :batch["target"].shape[1]]
         batch = {**batch, "loss_weight": (np.random.default_rng(0).uniform(size=tm.shape) < 0.5) * tm
                  .astype(np.float32)}
     del model
-    statics = ts.make_statics(graphdef, cfg, guidance_embeds=fc.guidance_embeds, mesh=mesh)
+    statics = ts.make_statics(graphdef, cfg, tx=tx, guidance_embeds=fc.guidance_embeds, mesh=mesh)
     gbatch = shd.put_batch(batch, mesh)
     t0 = time.perf_counter()
     step = ts.compile_train_step(statics, state, gbatch).lower(state, gbatch, jax.random.key(0)).compile()
@@ -273,10 +273,7 @@ def main(argv=None) -> int:
         print(f"torch: step {results['torch']['step_s_median'] * 1e3:.1f} ms -> ours/torch = "
               f"{results['ratio_jax_over_torch']:.2f}", flush=True)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out)
+        write_json(Path(args.out), results, indent=2)
     return 0
 
 

@@ -7,7 +7,7 @@ safetensors + tokenizers) and a small drawn-shape dataset with 1-3 references pe
 then runs the production chain with `configs/demo.py`:
 
     convert/pipeline.py -> scripts/cache.py -> scripts/train.py (preempted by SIGTERM after a
-    checkpoint, then resumed) -> convert/lora_to_diffusers.py (diffusers + kohya) -> scripts/sample.py
+    checkpoint, then resumed) -> convert/export_lora.py (diffusers + kohya) -> scripts/sample.py
 
 The same commands with `configs/tpu_v5.py` and a real model folder are the production path.
 """
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
 
     lora_dir.mkdir(exist_ok=True)
     diffusers_lora, kohya_lora = lora_dir / "pytorch_lora_weights.safetensors", lora_dir / "comfyui_kohya.safetensors"
-    run("convert/lora_to_diffusers.py", "--ckpt", str(run_dir), "--out", str(diffusers_lora))
-    run("convert/lora_to_diffusers.py", "--ckpt", str(run_dir), "--format", "kohya", "--out", str(kohya_lora))
+    run("convert/export_lora.py", "--ckpt", str(run_dir), "--out", str(diffusers_lora))
+    run("convert/export_lora.py", "--ckpt", str(run_dir), "--format", "kohya", "--out", str(kohya_lora))
 
     sample = out / "sample.png"
     refs = sorted((data / "img").glob("s1_ref*.png"))

@@ -95,10 +95,10 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import jax.numpy as jnp
     import numpy as np
 
     from dreamomni2_jax import sampler
+    from dreamomni2_jax.dtypes import SHORT
     from dreamomni2_jax.checkpoint import CheckpointError
 
     for i, ref in enumerate(args.ref):  # fail before loading the model
@@ -114,7 +114,7 @@ def _main(argv=None) -> int:
     try:
         if args.enhance:
             prompt = enhance_prompt(args.enhance, args.ref, args.prompt, task, args.enhance_max_tokens)
-        pipe = sampler.load_pipeline(args.model, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32,
+        pipe = sampler.load_pipeline(args.model, SHORT[args.dtype],
                                      lora=args.lora, lora_scale=args.lora_scale)
         t1 = time.time()
         images = pipe(prompt, args.ref, height=args.height, width=args.width, steps=args.steps,

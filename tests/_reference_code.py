@@ -206,3 +206,77 @@ KLEIN_SCRIPT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"] + [
 ]
 # the same script's commented-out alternative: "just train transformer_blocks"
 KLEIN_SCRIPT_DOUBLE_BLOCK_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+# --------------------------------------------------------------------------- diffusers (huggingface/diffusers)
+
+# src/diffusers/loaders/single_file_utils.py ``convert_flux_transformer_checkpoint_to_diffusers`` (0.42), with its
+# hard-coded ``inner_dim = 3072`` a parameter so a tiny BFL checkpoint can go through it. Same key mapping and
+# order of operations; the run of one-line assignments is written as (ours, BFL) name tables.
+def convert_flux_transformer_checkpoint_to_diffusers(checkpoint, inner_dim: int = 3072, mlp_ratio: float = 4.0):
+    import torch
+
+    converted_state_dict = {}
+    for k in list(checkpoint.keys()):
+        if "model.diffusion_model." in k:
+            checkpoint[k.replace("model.diffusion_model.", "")] = checkpoint.pop(k)
+
+    num_layers = list(set(int(k.split(".", 2)[1]) for k in checkpoint if "double_blocks." in k))[-1] + 1
+    num_single_layers = list(set(int(k.split(".", 2)[1]) for k in checkpoint if "single_blocks." in k))[-1] + 1
+
+    def swap_scale_shift(weight):  # BFL's AdaLayerNormContinuous is (shift, scale); diffusers' (scale, shift)
+        shift, scale = weight.chunk(2, dim=0)
+        return torch.cat([scale, shift], dim=0)
+
+    def move(ours, theirs):
+        for p in ("weight", "bias"):
+            converted_state_dict[f"{ours}.{p}"] = checkpoint.pop(f"{theirs}.{p}")
+
+    move("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
+    move("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")
+    move("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")
+    move("time_text_embed.text_embedder.linear_2", "vector_in.out_layer")
+    if any("guidance" in k for k in checkpoint):
+        move("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer")
+        move("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")
+    move("context_embedder", "txt_in")
+    move("x_embedder", "img_in")
+
+    for i in range(num_layers):
+        b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        move(f"{b}norm1.linear", f"{d}img_mod.lin")
+        move(f"{b}norm1_context.linear", f"{d}txt_mod.lin")
+        for p in ("weight", "bias"):
+            sq, sk, sv = torch.chunk(checkpoint.pop(f"{d}img_attn.qkv.{p}"), 3, dim=0)
+            cq, ck, cv = torch.chunk(checkpoint.pop(f"{d}txt_attn.qkv.{p}"), 3, dim=0)
+            for name, t in (("to_q", sq), ("to_k", sk), ("to_v", sv), ("add_q_proj", cq), ("add_k_proj", ck),
+                            ("add_v_proj", cv)):
+                converted_state_dict[f"{b}attn.{name}.{p}"] = torch.cat([t])
+        for ours, theirs in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                             ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            converted_state_dict[f"{b}attn.{ours}.weight"] = checkpoint.pop(f"{d}{theirs}.scale")
+        move(f"{b}ff.net.0.proj", f"{d}img_mlp.0")
+        move(f"{b}ff.net.2", f"{d}img_mlp.2")
+        move(f"{b}ff_context.net.0.proj", f"{d}txt_mlp.0")
+        move(f"{b}ff_context.net.2", f"{d}txt_mlp.2")
+        move(f"{b}attn.to_out.0", f"{d}img_attn.proj")
+        move(f"{b}attn.to_add_out", f"{d}txt_attn.proj")
+
+    for i in range(num_single_layers):
+        b, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        move(f"{b}norm.linear", f"{s}modulation.lin")
+        mlp_hidden_dim = int(inner_dim * mlp_ratio)
+        split_size = (inner_dim, inner_dim, inner_dim, mlp_hidden_dim)
+        for p in ("weight", "bias"):
+            q, k, v, mlp = torch.split(checkpoint.pop(f"{s}linear1.{p}"), split_size, dim=0)
+            for name, t in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
+                converted_state_dict[f"{b}{name}.{p}"] = torch.cat([t])
+        converted_state_dict[f"{b}attn.norm_q.weight"] = checkpoint.pop(f"{s}norm.query_norm.scale")
+        converted_state_dict[f"{b}attn.norm_k.weight"] = checkpoint.pop(f"{s}norm.key_norm.scale")
+        move(f"{b}proj_out", f"{s}linear2")
+
+    move("proj_out", "final_layer.linear")
+    for p in ("weight", "bias"):
+        converted_state_dict[f"norm_out.linear.{p}"] = swap_scale_shift(
+            checkpoint.pop(f"final_layer.adaLN_modulation.1.{p}"))
+    return converted_state_dict

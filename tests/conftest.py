@@ -11,6 +11,11 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# tests/multidevice/ needs 8 fake devices, set before JAX starts its backend: it runs in a process of its own
+# (tests/test_multidevice.py), not in this one.
+if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
+    collect_ignore = ["multidevice"]
+
 import pytest
 
 from dreamomni2_jax import tiny
@@ -30,3 +35,4 @@ def tiny_pipeline_dir_noguidance(tmp_path_factory):
 
 # Converted tiny model, real tiny encoders and a tiny cache (built on first use, shared by all modules).
 from _fixtures_data import tiny_cache, tiny_converted_dir, tiny_encoders  # noqa: E402,F401
+from _fixtures_lora import peft_lora_file  # noqa: E402,F401

@@ -184,7 +184,7 @@ def test_export_and_sample_bad_inputs(tiny_converted_dir, bad_files, tmp_path):
     from PIL import Image
 
     Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(ref)
-    run_table("convert/lora_to_diffusers.py", [
+    run_table("convert/export_lora.py", [
         (["--ckpt", str(d / "missing"), "--out", str(tmp_path / "x.safetensors")],
          [f"checkpoint path {d / 'missing'} does not exist"]),
         (["--ckpt", str(d), "--out", str(d / "folder")], [f"--out {d / 'folder'} is a folder"]),

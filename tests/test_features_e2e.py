@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from dreamomni2_jax.convert.lora_to_diffusers import main as export_main
+from dreamomni2_jax.convert.export_lora import main as export_main
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax.lora_io import load_lora_file
 from test_resume import _argv, _losses, _train_in_process, compile_cache, config_file  # noqa: F401

@@ -8,6 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
+from _asserts import assert_close
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
 from dreamomni2_jax import positions as P
 from dreamomni2_jax.models.attention import attention, splash_attention
@@ -82,8 +83,7 @@ def test_parity_with_diffusers_fp32(request, which):
         want = _reference(src, inputs)
         got = np.asarray(_forward(model, inputs))
         assert got.shape == want.shape == (2, layout.target_tokens + layout.reference_tokens, cfg.out_dim)
-        err = np.abs(got - want).max()
-        assert err <= 1e-4 * np.abs(want).max(), (err, np.abs(want).max())
+        assert_close(got, want, 1e-4, f"seed {seed}")
 
 
 def test_bf16_close_to_fp32(converted, fp32_model):
@@ -94,7 +94,7 @@ def test_bf16_close_to_fp32(converted, fp32_model):
     assert model.transformer_blocks.attn.norm_q.scale[...].dtype == jnp.float32
     got = np.asarray(_forward(model, inputs)).astype(np.float32)
     assert np.isfinite(got).all()
-    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+    assert_close(got, ref, 0.05)
 
 
 def test_masked_padding_does_not_change_real_tokens(fp32_model):
@@ -203,13 +203,10 @@ def test_splash_hook_matches_xla_in_interpret_mode():
 @pytest.mark.parametrize("impl", ["xla", "blocked"])
 def test_n_out_computes_only_the_first_tokens_and_matches_full_output(impl):
     """The train loss reads only target tokens: ``n_out`` skips the rest in the last block, same values."""
-    from flax import nnx
+    from dreamomni2_jax.tiny import flux_model
 
-    from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
-    from dreamomni2_jax.tiny import FLUX_TINY
-
-    fc = FluxConfig.from_dict(FLUX_TINY)
-    m = FluxTransformer2DModel(fc, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, attention_impl=impl)
+    m = flux_model(0, attention_impl=impl)
+    fc = m.config
     r = np.random.default_rng(0)
     n_img, n_txt = 24, 8
     hs = jnp.asarray(r.standard_normal((2, n_img, fc.in_channels)), jnp.float32)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
+from _asserts import rel_err
 from dreamomni2_jax.convert.flux2_transformer import main as convert_main
 from dreamomni2_jax.weights.store import ConversionError
 from dreamomni2_jax import positions_flux2 as P2
@@ -53,10 +54,6 @@ def _forward(model, inputs, n_out=None):
     return model(**inputs, n_out=n_out)
 
 
-def _rel(got, want):
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
 @pytest.fixture(scope="module")
 def klein(tmp_path_factory):
     """Tiny klein-shaped transformer (no guidance) -> converted fp32 folder."""
@@ -84,7 +81,7 @@ def test_klein_parity_fp32(klein):
         want = _reference(ref, inputs)
         got = _forward(model, inputs)
         assert got.shape == want.shape
-        assert _rel(got, want) <= 1e-4
+        assert rel_err(got, want) <= 1e-4
         if seed:
             continue
         # n_out: only the target rows are computed by the last block, same values.
@@ -99,7 +96,7 @@ def test_dev_shaped_parity_on_the_fly_with_remat_and_blocked_attention(dev_shape
         model = load_flux2(src, dtype=jnp.float32, remat=remat, attention_impl=impl)  # converted in memory
         assert model.config.guidance_embeds and model.config.mlp_ratio == 2.0
         inputs = _inputs(model.config, 3)
-        assert _rel(_forward(model, inputs), _reference(ref, inputs)) <= 1e-4
+        assert rel_err(_forward(model, inputs), _reference(ref, inputs)) <= 1e-4
     with pytest.raises(ValueError, match="guidance"):
         model(**{**inputs, "guidance": None})
 
@@ -117,7 +114,7 @@ def test_padding_mask_keeps_real_tokens_exact(klein):
     padded["img_ids"] = np.concatenate([inputs["img_ids"], np.zeros((pad, 4), np.int32)])
     mask = np.concatenate([np.ones((1, n), bool), np.zeros((1, pad), bool)], 1)
     got = _forward(model, {**padded, "attention_mask": mask})[:, :n]
-    assert _rel(got, want) <= 1e-4
+    assert rel_err(got, want) <= 1e-4
 
 
 def test_bfl_single_file_parity(klein, tmp_path):
@@ -137,7 +134,7 @@ def test_bfl_single_file_parity(klein, tmp_path):
                          "--config", str(src / "config.json")]) == 0
     model = load_flux2(out, dtype=jnp.float32)
     inputs = _inputs(model.config, 6)
-    assert _rel(_forward(model, inputs), _reference(ref, inputs)) <= 1e-4
+    assert rel_err(_forward(model, inputs), _reference(ref, inputs)) <= 1e-4
     # shape inference alone (default head_dim 128 does not fit this tiny model) fails with one clear message
     with pytest.raises(ValueError, match="head_dim"):
         load_flux2(path, dtype=jnp.float32)

@@ -103,54 +103,13 @@ def test_nonfinite_lora_is_refused_by_export_and_init_from(tmp_path):
     path = tmp_path / "nan.safetensors"
     save_file({key.format("A"): np.full((2, 32), np.nan, np.float32), key.format("B"): np.zeros((32, 2), np.float32)},
               str(path))
-    from flax import nnx
-    import jax.numpy as jnp
-
     from dreamomni2_jax.config import LoraConfig
     from dreamomni2_jax.attach import attach_lora
-    from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
-    from dreamomni2_jax.tiny import FLUX_TINY
+    from dreamomni2_jax.tiny import flux_model
 
-    model = FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(0), dtype=jnp.float32,
-                                   param_dtype=jnp.float32)
+    model = flux_model(0)
     with pytest.raises(lora_io.LoraFileError, match=f"{path}: 1 adapter tensor\\(s\\) hold NaN"):
         attach_lora(model, config=LoraConfig(rank=2, alpha=2.0, init_from=str(path)))
-
-
-RUNTIME = r"""
-import json, sys
-from pathlib import Path
-import numpy as np
-import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-model, tmp = Path(sys.argv[1]), Path(sys.argv[2])
-import dreamomni2_jax.convert.vae, dreamomni2_jax.convert.pipeline, dreamomni2_jax.convert.lora_to_diffusers  # noqa
-import dreamomni2_jax.loop, dreamomni2_jax.run_dir, dreamomni2_jax.cache, dreamomni2_jax.data  # noqa
-from dreamomni2_jax import integrity, lora_io, sampler, validation
-from dreamomni2_jax.text import load_text_encoders
-
-dreamomni2_jax.convert.vae.convert(model.parent / "src" / "vae", tmp / "vae", progress=False)
-enc = load_text_encoders(model, jnp.float32)
-enc.encode_prompt(["a cat"], max_sequence_length=8)
-w = validation.summary_writer(tmp / "tb")
-w.add_image("v", np.zeros((8, 8, 3), np.uint8), global_step=1, dataformats="HWC")
-w.close()
-flat = {"transformer_blocks.attn.to_q.lora_A": np.ones((1, 32, 2), np.float32),
-        "transformer_blocks.attn.to_q.lora_B": np.ones((1, 2, 32), np.float32)}
-lora_io.load_lora_file(lora_io.save_lora_file(tmp / "l.safetensors", flat, 2.0))
-# digests do not depend on the sharding
-x = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6) / 7
-mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
-tree = {"x": x, "y": jnp.ones((3,), jnp.bfloat16), "n": jnp.int32(5)}
-sharded = {**tree, "x": jax.device_put(x, NamedSharding(mesh, P("a", "b")))}
-flipped = {**tree, "x": x.at[3, 1].set(jax.lax.bitcast_convert_type(
-    jax.lax.bitcast_convert_type(x[3, 1], jnp.uint32) ^ jnp.uint32(1 << 20), jnp.float32))}
-print("RESULT " + json.dumps({"torch_loaded": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
-                              "devices": len(jax.devices()), "digest": integrity.tree_digest(tree),
-                              "sharded": integrity.tree_digest(sharded), "flipped": integrity.tree_digest(flipped)}))
-"""
 
 
 def test_runtime_path_never_imports_torch_and_digest_ignores_sharding(tiny_pipeline_dir, tiny_converted_dir,
@@ -163,8 +122,7 @@ def test_runtime_path_never_imports_torch_and_digest_ignores_sharding(tiny_pipel
     model = tmp_path / "model"
     os.symlink(tiny_converted_dir, model)
     os.symlink(tiny_pipeline_dir, tmp_path / "src")
-    script = tmp_path / "runtime.py"
-    script.write_text(RUNTIME)
+    script = Path(__file__).resolve().parent / "_runtime_imports.py"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "PYTHONPATH": str(REPO)}
     (tmp_path / "out").mkdir()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from _asserts import assert_close
 from dreamomni2_jax.convert import pipeline as cpipe
 from dreamomni2_jax.weights import store
 from dreamomni2_jax import text_klein
@@ -64,7 +65,7 @@ def test_prompt_embeds_match_pipeline_encode_prompt(klein):
     got = text_klein.encode_prompt(load_qwen3(out / "text_encoder", jnp.float32), tok, PROMPTS, MAX_LEN,
                                    QWEN3_TINY_LAYERS)
     assert got.shape == want.shape
-    assert float(np.abs(np.asarray(got) - want.numpy()).max() / np.abs(want.numpy()).max()) <= 1e-4
+    assert_close(got, want.numpy(), 1e-4)
     from dreamomni2_jax.positions_flux2 import text_ids
     np.testing.assert_array_equal(text_ids(MAX_LEN), want_ids[0].numpy())
 
@@ -81,7 +82,7 @@ def test_reference_latents_match_prepare_image_latents(klein):
                                                     torch.device("cpu"), torch.float32)
     vae = load_vae2(out / "vae", jnp.float32)
     got = np.concatenate([np.asarray(encode_tokens(vae, jnp.asarray(x.transpose(0, 2, 3, 1)))) for x in images], 1)
-    assert float(np.abs(got - want.numpy()).max() / np.abs(want.numpy()).max()) <= 1e-4
+    assert_close(got, want.numpy(), 1e-4)
     np.testing.assert_array_equal(P2.reference_ids([(4, 6), (6, 2)]), want_ids[0].numpy())
 
 

@@ -16,7 +16,8 @@ from dreamomni2_jax.attach import attach_lora
 from dreamomni2_jax.config import LoraConfig
 from dreamomni2_jax.models.schemas import lora_presets
 from dreamomni2_jax.loaders import load_flux
-from dreamomni2_jax.train_step import StepConfig, StepStatics, loss_and_grads, sample_draws, synthetic_batch
+from dreamomni2_jax.data import synthetic_batch
+from dreamomni2_jax.train_step import StepConfig, StepStatics, loss_and_grads, sample_draws
 
 ATTN_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]  # peft's spelling of the "attention" preset
 LAYOUT = P.SampleLayout(target=(4, 6), references=((4, 4), (2, 6)))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
+from _asserts import rel_err
 from dreamomni2_jax.convert.qwen3 import main as convert_main
 from dreamomni2_jax.models.qwen3 import Qwen3Config, prompt_embeds
 from dreamomni2_jax.loaders import load_qwen3
@@ -52,10 +53,6 @@ def qwen(tmp_path_factory):
     return src, out, ref, load_qwen3(out, dtype=jnp.float32)
 
 
-def _rel(got, want):
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
 def test_all_hidden_states_match_transformers(qwen):
     src, _, ref, model = qwen
     assert model.config == Qwen3Config.from_json(src / "config.json")
@@ -67,7 +64,7 @@ def test_all_hidden_states_match_transformers(qwen):
     got = nnx.jit(lambda m, i, a: m.hidden_states(i, a))(model, ids, mask)
     assert len(got) == len(want) == QWEN3_TINY["num_hidden_layers"] + 1
     for k, (g, w) in enumerate(zip(got, want)):
-        assert _rel(g, w.numpy()) <= 1e-4, k
+        assert rel_err(g, w.numpy()) <= 1e-4, k
     np.testing.assert_allclose(np.asarray(model(ids, mask)), np.asarray(got[-1]), rtol=0, atol=1e-5)  # = last
 
 
@@ -82,7 +79,7 @@ def test_prompt_embeds_match_klein_pipeline(qwen):
             max_sequence_length=S, hidden_states_layers=QWEN3_TINY_LAYERS).numpy()
     got = nnx.jit(lambda m, i, a: prompt_embeds(m, i, a, QWEN3_TINY_LAYERS))(model, ids, mask)
     assert got.shape == want.shape == (2, S, 3 * QWEN3_TINY["hidden_size"])
-    assert _rel(got, want) <= 1e-4
+    assert rel_err(got, want) <= 1e-4
     # the rows the pipeline feeds the transformer include padded positions: those match too (checked above);
     # real tokens do not depend on what sits in the padded positions
     ids2 = ids.copy()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
-from dreamomni2_jax.convert.lora_to_diffusers import main as export_main
+from dreamomni2_jax.convert.export_lora import main as export_main
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax.lora_io import load_lora_file
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _asserts import assert_close
 from dreamomni2_jax.text import load_text_encoders
 
 LONG = "the dog runs in the park in the sun " * 40
@@ -26,12 +27,6 @@ def pipe(tiny_pipeline_dir):
     return FluxPipeline.from_pretrained(tiny_pipeline_dir, torch_dtype=torch.float32)
 
 
-def _close(ours, ref, tol=1e-4):
-    ref = np.asarray(ref)
-    err = np.abs(np.asarray(ours, np.float32) - ref).max()
-    assert err <= tol * np.abs(ref).max(), (err, np.abs(ref).max())
-
-
 @pytest.mark.parametrize("max_sequence_length", [512, 16])
 def test_encode_prompt_matches_diffusers(encoders, pipe, max_sequence_length):
     # The long prompt really is truncated by both tokenizers.
@@ -41,8 +36,8 @@ def test_encode_prompt_matches_diffusers(encoders, pipe, max_sequence_length):
         ref_embeds, ref_pooled, _ = pipe.encode_prompt(PROMPTS, prompt_2=None, max_sequence_length=max_sequence_length)
     embeds, pooled = encoders.encode_prompt(PROMPTS, max_sequence_length=max_sequence_length)
     assert embeds.shape == (3, max_sequence_length, 32) and pooled.shape == (3, 32)
-    _close(embeds, ref_embeds.numpy())
-    _close(pooled, ref_pooled.numpy())
+    assert_close(embeds, ref_embeds.numpy(), 1e-4)
+    assert_close(pooled, ref_pooled.numpy(), 1e-4)
 
 
 def test_tokenize_matches_pipeline_tokenization(encoders, pipe):

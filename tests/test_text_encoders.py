@@ -10,6 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
+from _asserts import assert_close
 from dreamomni2_jax.convert import clip as cclip
 from dreamomni2_jax.convert import t5 as ct5
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint, save_arrays
@@ -19,12 +20,6 @@ from dreamomni2_jax.loaders import load_clip
 from dreamomni2_jax.loaders import load_t5
 
 TOL = 1e-4
-
-
-def _close(ours, ref, tol=TOL):
-    ref = np.asarray(ref)
-    err = np.abs(np.asarray(ours, np.float32) - ref).max()
-    assert err <= tol * np.abs(ref).max(), (err, np.abs(ref).max())
 
 
 @nnx.jit
@@ -54,8 +49,8 @@ def test_clip_matches_transformers(tiny_pipeline_dir, tmp_path, eos):
     with torch.no_grad():
         o = ref(torch.from_numpy(ids))
     h, pooled = _run(load_clip(out, jnp.float32), jnp.asarray(ids, jnp.int32))
-    _close(h, o.last_hidden_state.numpy())
-    _close(pooled, o.pooler_output.numpy())
+    assert_close(h, o.last_hidden_state.numpy(), TOL)
+    assert_close(pooled, o.pooler_output.numpy(), TOL)
 
 
 def test_clip_transformers4_prefix_and_position_ids(tiny_pipeline_dir, tmp_path):
@@ -90,9 +85,9 @@ def test_t5_matches_transformers(tiny_pipeline_dir, t5_ref, tmp_path):
         ref = t5_ref(torch.from_numpy(ids)).last_hidden_state.numpy()
         ref_masked = t5_ref(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
     model = load_t5(out, jnp.float32)
-    _close(_run(model, jnp.asarray(ids, jnp.int32)), ref)
+    assert_close(_run(model, jnp.asarray(ids, jnp.int32)), ref, TOL)
     masked = nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
-    _close(masked[:, :25], ref_masked[:, :25])  # padded query rows are unused downstream
+    assert_close(masked[:, :25], ref_masked[:, :25], TOL)  # padded query rows are unused downstream
 
 
 def test_t5_bf16_keeps_fp32_where_needed(tiny_pipeline_dir, t5_ref, tmp_path):
@@ -107,7 +102,7 @@ def test_t5_bf16_keeps_fp32_where_needed(tiny_pipeline_dir, t5_ref, tmp_path):
         ref = t5_ref(torch.from_numpy(ids)).last_hidden_state.numpy()
     h = _run(model, jnp.asarray(ids, jnp.int32))
     assert h.dtype == jnp.bfloat16
-    _close(h, ref, tol=0.1)
+    assert_close(h, ref, 0.1)
 
 
 def test_t5_sharded_checkpoint(tmp_path):

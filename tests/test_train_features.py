@@ -21,8 +21,9 @@ from test_train_step import CFG, LAYOUTS, _copy, batch, tiny_model
 
 
 def _setup(cfg, b, ema=False):
-    graphdef, state = ts.init_train_state(tiny_model(), ts.make_optimizer(cfg.optim, cfg.train.steps), ema=ema)
-    statics = ts.make_statics(graphdef, cfg, guidance_embeds=True)
+    tx = optimizers.make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, state = ts.init_train_state(tiny_model(), tx, ema=ema)
+    statics = ts.make_statics(graphdef, cfg, tx=tx, guidance_embeds=True)
     return graphdef, state, statics, ts.compile_train_step(statics, state, b)
 
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from flax import nnx
 
-from dreamomni2_jax import loop, perf, schedule
+from _asserts import assert_trees_close
+from dreamomni2_jax import data, loop, optimizers, perf, train_sigmas
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
 from dreamomni2_jax.attach import attach_lora
-from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
 from dreamomni2_jax.positions import SampleLayout as S
-from dreamomni2_jax.tiny import FLUX_TINY
+from dreamomni2_jax.tiny import flux_model
 
 # Attention adapters plus the output head, so the tiny random model can actually fit a batch.
 LORA = LoraConfig(rank=8, alpha=8.0, targets=(r"norm_out\.linear", r"^proj_out"))
@@ -30,14 +30,13 @@ CFG = Config(lora=LORA, optim=OptimConfig(lr=3e-2, weight_decay=0.0, grad_clip=1
 
 
 def tiny_model(seed=0):
-    model = FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(seed), dtype=jnp.float32,
-                                   param_dtype=jnp.float32)
+    model = flux_model(seed)
     attach_lora(model, config=LORA, seed=seed)
     return model
 
 
 def batch(seed=0, layouts=LAYOUTS):
-    return ts.synthetic_batch(np.random.default_rng(seed), layouts, channels=16, text_len=4, text_dim=32,
+    return data.synthetic_batch(np.random.default_rng(seed), layouts, channels=16, text_len=4, text_dim=32,
                               pooled_dim=32)
 
 
@@ -47,8 +46,9 @@ def _copy(tree):
 
 class Setup:
     def __init__(self, cfg):
-        self.graphdef, self.state = ts.init_train_state(tiny_model(), ts.make_optimizer(cfg.optim, cfg.train.steps))
-        self.statics = ts.make_statics(self.graphdef, cfg, guidance_embeds=True)
+        tx = optimizers.make_optimizer(cfg.optim, cfg.train.steps)
+        self.graphdef, self.state = ts.init_train_state(tiny_model(), tx)
+        self.statics = ts.make_statics(self.graphdef, cfg, tx=tx, guidance_embeds=True)
         self.step = ts.compile_train_step(self.statics, self.state, batch())
 
     def run(self, b, key=0, state=None):
@@ -61,13 +61,6 @@ def setup():
     return Setup(CFG)
 
 
-def _close(a, b, tol, scaled=False):
-    """Leafwise allclose; ``scaled``: atol relative to each leaf's largest magnitude."""
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x), np.asarray(y)
-        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * (np.abs(y).max() if scaled and y.size else 1))
-
-
 def test_grad_accumulation_equals_big_batch(setup):
     acc = Setup(Config(lora=CFG.lora, optim=OptimConfig(**{**CFG.optim.__dict__, "grad_accum": 2}), train=CFG.train))
     b = batch()
@@ -76,9 +69,9 @@ def test_grad_accumulation_equals_big_batch(setup):
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
     # Adam moments hold the (clipped) gradient itself after one update.
-    _close(s2.opt_state, s1.opt_state, 1e-5, scaled=True)
+    assert_trees_close(s2.opt_state, s1.opt_state, 1e-5, scaled=True)
     # Adam's first step is ~lr * sign(g): elements with |g| ~ eps may differ by float noise.
-    _close(s2.lora, s1.lora, 1e-4)
+    assert_trees_close(s2.lora, s1.lora, 1e-4)
     assert not np.allclose(np.asarray(jax.tree.leaves(s1.lora)[1]), np.asarray(jax.tree.leaves(setup.state.lora)[1]))
 
 
@@ -95,7 +88,7 @@ def test_padding_content_is_ignored_and_references_matter(setup):
     assert pad[:, :t].any() and pad[:, t:].any()
     s1, m1 = setup.run(noisy, key=1)
     np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
-    _close(s1.lora, s0.lora, 1e-6)
+    assert_trees_close(s1.lora, s0.lora, 1e-6)
     # Real reference tokens do feed the loss (so the mask is not hiding everything).
     changed = {k: v.copy() for k, v in b.items()}
     changed["references"][3, :4] += 1.0
@@ -119,8 +112,8 @@ def test_nonfinite_steps_are_skipped(setup):
     bad["target"][0, 0, 0] = np.nan
     s1, m1 = setup.run(bad)
     assert not bool(m1["finite"]) and int(m1["nonfinite"]) == 1
-    _close(s1.lora, setup.state.lora, 0)
-    _close(s1.opt_state, setup.state.opt_state, 0)
+    assert_trees_close(s1.lora, setup.state.lora, 0)
+    assert_trees_close(s1.opt_state, setup.state.opt_state, 0)
     s2, m2 = setup.step(s1, bad, jax.random.key(1))
     assert int(s2.nonfinite) == 2 and int(s2.skipped) == 2 and int(s2.step) == 2
     with pytest.raises(loop.NonFiniteError, match="2 consecutive steps"):
@@ -159,7 +152,7 @@ def test_sigma_samplers_match_diffusers(scheme, kw):
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     n = 20000
-    ours = np.asarray(schedule.sample_sigmas(jax.random.split(jax.random.key(0), n), scheme, **kw))
+    ours = np.asarray(train_sigmas.sample_sigmas(jax.random.split(jax.random.key(0), n), scheme, **kw))
     ref = compute_density_for_timestep_sampling(scheme, n, logit_mean=kw.get("logit_mean"),
                                                 logit_std=kw.get("logit_std"), mode_scale=kw.get("mode_scale"),
                                                 generator=torch.Generator().manual_seed(0)).numpy()
@@ -180,7 +173,7 @@ def test_default_sigma_sampling_is_the_reference_trainers_uniform():
 
     assert ts.StepConfig.from_config(Config(model=ModelConfig(ids_dtype="bfloat16"))).ids_dtype == "bfloat16"
     n = 20000
-    ours = np.asarray(schedule.sample_sigmas(jax.random.split(jax.random.key(1), n), step.timestep_sampling))
+    ours = np.asarray(train_sigmas.sample_sigmas(jax.random.split(jax.random.key(1), n), step.timestep_sampling))
     ref = compute_density_for_timestep_sampling("none", n, generator=torch.Generator().manual_seed(1)).numpy()
     q = np.linspace(0.02, 0.98, 25)
     np.testing.assert_allclose(np.quantile(ours, q), np.quantile(ref, q), atol=0.02)
@@ -193,11 +186,11 @@ def test_sigma_sqrt_weight_is_bounded_like_diffusers():
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
-    assert float(sched.sigmas.min()) == pytest.approx(schedule.SIGMA_MIN)
+    assert float(sched.sigmas.min()) == pytest.approx(train_sigmas.SIGMA_MIN)
     ref = compute_loss_weighting_for_sd3("sigma_sqrt", sched.sigmas).numpy()
-    ours = np.asarray(schedule.loss_weighting(jnp.asarray(sched.sigmas.numpy()), "sigma_sqrt"))
+    ours = np.asarray(train_sigmas.loss_weighting(jnp.asarray(sched.sigmas.numpy()), "sigma_sqrt"))
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
-    tiny = np.asarray(schedule.loss_weighting(jnp.asarray([1e-7, 1e-4, 0.0]), "sigma_sqrt"))
+    tiny = np.asarray(train_sigmas.loss_weighting(jnp.asarray([1e-7, 1e-4, 0.0]), "sigma_sqrt"))
     np.testing.assert_allclose(tiny, ref.max(), rtol=1e-5)
 
 
@@ -209,12 +202,12 @@ def test_sigmoid_shift_matches_flux_dynamic_shift():
     t = np.linspace(0.01, 0.99, 50).astype(np.float32)
     for seq in (256, 1024, 4096):
         mu = calculate_shift(seq, 256, 4096, 0.5, 1.15)
-        assert float(schedule.calculate_shift(seq)) == pytest.approx(mu, rel=1e-6)
+        assert float(train_sigmas.calculate_shift(seq)) == pytest.approx(mu, rel=1e-6)
         ref = sched.time_shift(mu, 1.0, torch.from_numpy(t)).numpy()
-        np.testing.assert_allclose(np.asarray(schedule.time_shift(mu, jnp.asarray(t))), ref, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(train_sigmas.time_shift(mu, jnp.asarray(t))), ref, rtol=1e-5)
     keys = jax.random.split(jax.random.key(1), 4000)
-    lo = np.asarray(schedule.sample_sigmas(keys, "sigmoid_shift", seq_len=jnp.full(4000, 256.0)))
-    hi = np.asarray(schedule.sample_sigmas(keys, "sigmoid_shift", seq_len=jnp.full(4000, 4096.0)))
+    lo = np.asarray(train_sigmas.sample_sigmas(keys, "sigmoid_shift", seq_len=jnp.full(4000, 256.0)))
+    hi = np.asarray(train_sigmas.sample_sigmas(keys, "sigmoid_shift", seq_len=jnp.full(4000, 4096.0)))
     assert np.all(hi > lo)  # bigger images -> noisier timesteps
     np.testing.assert_allclose(np.median(hi), math.exp(1.15) / (math.exp(1.15) + 1), atol=0.02)
 
@@ -225,14 +218,14 @@ def test_loss_weighting_matches_diffusers(weighting):
 
     sig = np.linspace(0.05, 0.95, 19).astype(np.float32)
     ref = compute_loss_weighting_for_sd3(weighting, torch.from_numpy(sig)).numpy()
-    np.testing.assert_allclose(np.asarray(schedule.loss_weighting(jnp.asarray(sig), weighting)), ref, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(train_sigmas.loss_weighting(jnp.asarray(sig), weighting)), ref, rtol=1e-6)
 
 
 def test_lr_schedules():
-    cos = schedule.lr_schedule(OptimConfig(lr=1.0, schedule="cosine", warmup_steps=10), total_steps=110)
+    cos = optimizers.lr_schedule(OptimConfig(lr=1.0, schedule="cosine", warmup_steps=10), total_steps=110)
     assert float(cos(0)) == 0 and float(cos(5)) == pytest.approx(0.5) and float(cos(10)) == pytest.approx(1.0)
     assert float(cos(60)) == pytest.approx(0.5, abs=1e-6) and float(cos(110)) == pytest.approx(0.0, abs=1e-7)
-    const = schedule.lr_schedule(OptimConfig(lr=2.0, warmup_steps=4), total_steps=100)
+    const = optimizers.lr_schedule(OptimConfig(lr=2.0, warmup_steps=4), total_steps=100)
     assert [float(const(i)) for i in (0, 2, 4, 99)] == [0.0, 1.0, 2.0, 2.0]
 
 
@@ -293,11 +286,11 @@ def test_loop_writes_metrics_and_stops_on_nonfinite(tmp_path, setup):
     def context(steps, run, stream, max_nonfinite=5):
         cfg = Config(lora=LORA, optim=OptimConfig(**{**CFG.optim.__dict__, "max_nonfinite": max_nonfinite}),
                      data=DataConfig(batch_size=4), train=TrainConfig(steps=steps, run_dir=str(tmp_path / run)))
+        model = nnx.merge(setup.graphdef, setup.state.lora, setup.state.frozen)
         ctx = loop.LoopContext(cfg=cfg, mesh=loop.shd.make_mesh(cfg.mesh), statics=setup.statics,
                                state=_copy(setup.state), stream=stream, rng=jax.random.key(0),
-                               step_fn=setup.step)  # reuse the compiled step
-        model = nnx.merge(setup.graphdef, setup.state.lora, setup.state.frozen)
-        ctx.extras.update(flux_config=model.config, lora_dims=perf.lora_dims(model))
+                               step_fn=setup.step,  # reuse the compiled step
+                               flux_config=model.config, lora_dims=perf.lora_dims(model))
         return ctx
 
     rec = Recorder()
@@ -327,5 +320,5 @@ def test_nonfinite_update_is_skipped_even_with_finite_loss_and_grads(setup):
     s1, m1 = step(_copy(setup.state), batch(), jax.random.key(0))
     assert np.isfinite(float(m1["loss"])) and np.isfinite(float(m1["grad_norm"]))
     assert not bool(m1["finite"]) and int(s1.skipped) == 1 and int(s1.nonfinite) == 1
-    _close(s1.lora, setup.state.lora, 0)
-    _close(s1.opt_state, setup.state.opt_state, 0)
+    assert_trees_close(s1.lora, setup.state.lora, 0)
+    assert_trees_close(s1.opt_state, setup.state.opt_state, 0)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _asserts import assert_close
 from dreamomni2_jax.convert import vae as cvae
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint, save_arrays
 from dreamomni2_jax.weights.store import ConversionError
@@ -18,12 +19,6 @@ from dreamomni2_jax.models.vae import (
 )
 
 TOL = 1e-4
-
-
-def _close(ours, ref):
-    ref = np.asarray(ref)
-    err = np.abs(np.asarray(ours, np.float32) - ref).max()
-    assert err <= TOL * np.abs(ref).max(), (err, np.abs(ref).max())
 
 
 def _nchw(x):
@@ -59,8 +54,8 @@ def _check_parity(vae, ref_vae, images):
     with torch.no_grad():
         mode = ref_vae.encode(images).latent_dist.mode()
         dec = ref_vae.decode(mode).sample
-    _close(_nchw(encode_images(vae, _nhwc(images), batch_chunk=2)), mode.numpy())
-    _close(_nchw(decode_latents(vae, _nhwc(mode.numpy()), batch_chunk=2)), dec.numpy())
+    assert_close(_nchw(encode_images(vae, _nhwc(images), batch_chunk=2)), mode.numpy(), TOL)
+    assert_close(_nchw(decode_latents(vae, _nhwc(mode.numpy()), batch_chunk=2)), dec.numpy(), TOL)
 
 
 def test_encode_decode_match_diffusers(converted, ref_vae, images):

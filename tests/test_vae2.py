@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _asserts import rel_err
 from dreamomni2_jax.weights.store import ConversionError
 from dreamomni2_jax.convert.vae2 import main as convert_main
 from dreamomni2_jax import positions_flux2 as P2
@@ -30,10 +31,6 @@ def vae2(tmp_path_factory):
     return src, out, pipe, load_vae2(out, dtype=jnp.float32)
 
 
-def _rel(got, want):
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
 def test_encode_tokens_match_klein_pipeline(vae2):
     src, out, pipe, model = vae2
     assert model.flux2_config == Flux2VAEConfig.from_json(src / "config.json")
@@ -43,7 +40,7 @@ def test_encode_tokens_match_klein_pipeline(vae2):
         want = pipe._pack_latents(pipe._encode_vae_image(torch.from_numpy(images), generator=None)).numpy()
     got = encode_tokens(model, jnp.asarray(images.transpose(0, 2, 3, 1)), batch_chunk=1)
     assert got.shape == want.shape == (2, 2 * 3, 16)
-    assert _rel(got, want) <= 1e-4
+    assert rel_err(got, want) <= 1e-4
     np.testing.assert_array_equal(np.asarray(model.bn.running_var[...]), pipe.vae.bn.running_var.numpy())
 
 
@@ -57,7 +54,7 @@ def test_decode_tokens_match_klein_pipeline(vae2):
         std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
         want = pipe.vae.decode(pipe._unpatchify_latents(lat * std + mean), return_dict=False)[0].numpy()
     got = model.decode_tokens(jnp.asarray(tokens), 4, 6)
-    assert _rel(np.asarray(got).transpose(0, 3, 1, 2), want) <= 1e-4
+    assert rel_err(np.asarray(got).transpose(0, 3, 1, 2), want) <= 1e-4
 
 
 def test_converter_checks_class_and_tensors(vae2, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
-from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component, read_transformers_config  # noqa: F401
+from dreamomni2_jax.convert.component import DTYPES, component_cli, read_transformers_config  # noqa: F401
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)
@@ -64,17 +64,7 @@ def build_plan(src: str | Path, param_dtype=np.float32):
     return Plan(reader, expand(RULES, {"i": cfg.num_hidden_layers}), spec, ignore=IGNORE), cfg
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "source", overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
-        src_help='transformers CLIPTextModel folder (text_encoder/)',
-        config_help=None)
+convert, main = component_cli(build_plan, __doc__, src_help='transformers CLIPTextModel folder (text_encoder/)')
 
 
 if __name__ == "__main__":

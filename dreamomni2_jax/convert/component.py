@@ -14,13 +14,13 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
+from dreamomni2_jax.dtypes import SHORT, short_name
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 from dreamomni2_jax.weights.store import write_checkpoint
 
-DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
+DTYPES = SHORT  # converter --dtype names
 SOURCE = "source"  # keep the source checkpoint's dtype (the default: a converter is lossless unless asked)
 DTYPE_CHOICES = (SOURCE, *sorted(DTYPES))
 
@@ -30,12 +30,8 @@ def source_dtype(reader) -> str:
     found = set()
     for k in reader.keys():
         dt = np.dtype(reader.dtype(k))
-        if dt == np.dtype(ml_dtypes.bfloat16):
-            found.add("bf16")
-        elif dt == np.float16:
-            found.add("fp16")
-        elif dt.kind == "f":
-            found.add("fp32")
+        if dt.kind == "f" or dt == SHORT["bf16"]:
+            found.add(short_name(dt) or "fp32")
     return found.pop() if len(found) == 1 else "fp32"
 
 
@@ -109,3 +105,26 @@ def component_main(convert: Callable, *, description: str, src_help: str, defaul
         return 0
 
     return cli.run(run, None, extra=(ValueError,))
+
+
+def component_cli(build_plan: Callable, doc: str, *, src_help: str, config_help: str | None = None,
+                  before: Callable[[], None] | None = None) -> tuple[Callable[..., Path], Callable[..., int]]:
+    """A converter module's ``(convert, main)`` from its ``build_plan`` and module docstring ``doc``.
+
+    ``convert(src, out, dtype="source", *, config=None, overwrite=False, progress=True) -> out`` streams ``src``
+    into the folder ``out`` (:func:`convert_component`; ``config`` only where ``config_help`` offers it);
+    ``main(argv)`` is the command line of :func:`component_main`.
+    """
+    def convert(src: str | Path, out: str | Path, dtype: str = SOURCE, *, config=None, overwrite: bool = False,
+                progress: bool = True) -> Path:
+        if config is not None and not config_help:
+            raise TypeError("this converter takes no config")
+        kw = {"config": config} if config_help else {}
+        return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress, **kw)
+
+    def main(argv: list[str] | None = None) -> int:
+        return component_main(convert, description=doc.split("\n\n")[0], default_dtype=SOURCE, argv=argv,
+                              src_help=src_help, config_help=config_help, before=before)
+
+    convert.__doc__ = f"Convert ``src`` into the folder ``out``: {doc.split(chr(10))[0]}"
+    return convert, main

@@ -24,7 +24,6 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from dreamomni2_jax.atomic_write import atomic_dir, write_json
 from dreamomni2_jax.weights import store
 
 log = logging.getLogger(__name__)
@@ -135,20 +135,8 @@ def validate_source(src: str | Path) -> dict:
 
 
 def _copy_dir(src: Path, out: Path) -> None:
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(src, tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _want_dtype(c: Component, src: Path, dtype: str, small_dtype: str) -> str:
@@ -264,8 +252,8 @@ def convert_pipeline(src: str | Path, out: str | Path, dtype: str = "source", sm
             log.info("%s: done in %.1fs", tag, time.time() - t0)
         components[c.name] = {"class": c.class_name, "kind": "converted", "dtype": want,
                               "converter": f"convert.{c.converter}"}
-    _write_json(out / "model_index.json", index)
-    _write_json(out / MANIFEST, {"format": FORMAT, "version": 1, "source": str(src),
+    write_json(out / "model_index.json", index)
+    write_json(out / MANIFEST, {"format": FORMAT, "version": 1, "source": str(src),
                                  "pipeline_class": index.get("_class_name"), "family": family,
                                  "components": components})
     return out

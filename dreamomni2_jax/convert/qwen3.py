@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ml_dtypes
 
-from dreamomni2_jax.convert.component import component_main, convert_component, read_transformers_config
+from dreamomni2_jax.convert.component import component_cli, read_transformers_config
 from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
@@ -68,16 +68,8 @@ def make_plan(reader: Reader, cfg, param_dtype=ml_dtypes.bfloat16, ignore=()) ->
     return Plan(reader, expand(rules(cfg), {"i": cfg.num_hidden_layers}), spec, ignore=ignore)
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "source", overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
-        src_help="transformers Qwen3ForCausalLM / Qwen3Model folder (klein text_encoder/)", config_help=None)
+convert, main = component_cli(build_plan, __doc__,
+                              src_help="transformers Qwen3ForCausalLM / Qwen3Model folder (klein text_encoder/)")
 
 
 if __name__ == "__main__":

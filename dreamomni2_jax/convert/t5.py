@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_dtypes
 
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
-from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component, read_transformers_config  # noqa: F401
+from dreamomni2_jax.convert.component import DTYPES, component_cli, read_transformers_config  # noqa: F401
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,7 @@ def build_plan(src: str | Path, param_dtype=ml_dtypes.bfloat16):
     return Plan(reader, expand(rules(cfg, embed), {"i": cfg.num_layers}), spec, ignore=ignore), cfg
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "source", overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    return convert_component(build_plan, src, out, dtype, overwrite=overwrite, progress=progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
-        src_help='transformers T5EncoderModel folder (text_encoder_2/)',
-        config_help=None)
+convert, main = component_cli(build_plan, __doc__, src_help='transformers T5EncoderModel folder (text_encoder_2/)')
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
-from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from dreamomni2_jax.convert.component import DTYPES, component_cli  # noqa: F401
 from dreamomni2_jax.convert.table import CONV, IDENTITY, LINEAR, Plan, Rule, chain, reshape, target_spec
 
 log = logging.getLogger(__name__)
@@ -167,17 +167,8 @@ def _check_class(cfg_path: Path, want: str) -> None:
         raise ValueError(f"{cfg_path}: _class_name is {got!r}, expected {want!r}")
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
-        src_help='diffusers vae/ folder or BFL ae.safetensors',
-        config_help="AutoencoderKL config.json overriding the folder's / inferred one")
+convert, main = component_cli(build_plan, __doc__, src_help='diffusers vae/ folder or BFL ae.safetensors',
+                              config_help="AutoencoderKL config.json overriding the folder's / inferred one")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamomni2_jax.convert.component import component_main, convert_component
+from dreamomni2_jax.convert.component import component_cli
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 from dreamomni2_jax.convert.table import Plan, Rule, target_spec
 from dreamomni2_jax.convert.vae import _check_class, rules as vae_rules
@@ -49,17 +49,8 @@ def build_plan(src: str | Path, config=None, param_dtype=np.float32):
     return Plan(reader, rules(config), spec, ignore=IGNORE), config
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv,
-        src_help="diffusers AutoencoderKLFlux2 vae/ folder",
-        config_help="AutoencoderKLFlux2 config.json overriding the folder's")
+convert, main = component_cli(build_plan, __doc__, src_help="diffusers AutoencoderKLFlux2 vae/ folder",
+                              config_help="AutoencoderKLFlux2 config.json overriding the folder's")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from dreamomni2_jax.atomic_write import atomic_file
+
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, np.dtype] = {
@@ -185,7 +187,7 @@ def open_checkpoint(path: str | Path) -> Reader:
 def write_safetensors(path: str | Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
                       produce: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Stream tensors into ``path``: header from ``specs`` (key -> (shape, dtype)), then ``produce(key)`` one at a
-    time in ``specs`` order. Written to ``path.tmp`` and renamed."""
+    time in ``specs`` order. Written to a temporary sibling and renamed."""
     path = Path(path)
     header, offset = {}, 0
     for key, (shape, dtype) in specs.items():
@@ -197,8 +199,7 @@ def write_safetensors(path: str | Path, specs: dict[str, tuple[tuple[int, ...], 
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for key, (shape, dtype) in specs.items():
             arr = np.ascontiguousarray(produce(key))
@@ -206,7 +207,6 @@ def write_safetensors(path: str | Path, specs: dict[str, tuple[tuple[int, ...], 
                 raise ValueError(f"{key}: produced {arr.dtype}{list(arr.shape)}, "
                                  f"declared {np.dtype(dtype)}{list(shape)}")
             f.write(arr.reshape(-1).view(np.uint8).data)
-    os.replace(tmp, path)
 
 
 def save_arrays(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+
+from dreamomni2_jax.atomic_write import atomic_dir
+from dreamomni2_jax.tree_paths import dotted
 
 Shape = tuple[int, ...]
 TargetSpec = dict[str, tuple[Shape, np.dtype]]
@@ -36,11 +37,6 @@ ParamSharding = Callable[[str, Shape], Any]  # (dotted path, full shape) -> jax.
 
 class ConversionError(ValueError):
     """All problems found while validating a conversion, one per line."""
-
-
-def dotted(path: Sequence[Any]) -> str:
-    """``("a", 0, "b")`` -> ``"a.0.b"`` (the dotted param paths used in every table)."""
-    return ".".join(str(p) for p in path)
 
 
 # --------------------------------------------------------------------------------------------- output format
@@ -105,10 +101,7 @@ def write_checkpoint(out_dir: str | Path, items: Iterable[tuple[str, np.ndarray]
     if out.exists():
         check_replaceable(out, config.get("_converter"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         group: dict[str, np.ndarray] = {}
         size, saves = 0, 0
         for path, arr in items:
@@ -123,16 +116,6 @@ def write_checkpoint(out_dir: str | Path, items: Iterable[tuple[str, np.ndarray]
         del group
         ocp.partial.finalize(tmp / PARAMS_DIR)
         (tmp / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -86,10 +87,17 @@ def flux_sigmas(steps: int) -> np.ndarray:
     return np.linspace(1.0, 1.0 / steps, steps)
 
 
-def _time_shift(cfg: FlowMatchConfig, mu: float, t: np.ndarray) -> np.ndarray:
-    if cfg.time_shift_type == "exponential":
-        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
-    return mu / (mu + (1 / t - 1) ** 1.0)
+def time_shift(mu, t, sigma: float = 1.0, kind: str = "exponential"):
+    """diffusers ``FlowMatchEulerDiscreteScheduler._time_shift_exponential`` (``kind="linear"``: ``_linear``).
+
+    A Python-number ``mu`` (the sampler's host-side numpy schedule) is exponentiated with ``math.exp`` as diffusers
+    does; an array ``mu`` (training's per-sample ``sigmoid_shift``, traced) with ``jnp.exp``.
+    """
+    if kind == "linear":
+        m = mu
+    else:
+        m = jnp.exp(mu) if isinstance(mu, jax.Array) else math.exp(mu)
+    return m / (m + (1.0 / t - 1.0) ** sigma)
 
 
 def set_timesteps(cfg: FlowMatchConfig, steps: int, image_seq_len: int | None = None,
@@ -109,7 +117,7 @@ def set_timesteps(cfg: FlowMatchConfig, steps: int, image_seq_len: int | None = 
                 raise ValueError("dynamic shifting needs image_seq_len or mu")
             mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len,
                                  cfg.base_shift, cfg.max_shift)
-        sig = _time_shift(cfg, mu, sig)
+        sig = time_shift(mu, sig, kind=cfg.time_shift_type)
     else:
         sig = cfg.shift * sig / (1 + (cfg.shift - 1) * sig)
     if cfg.shift_terminal:

@@ -1,6 +1,6 @@
 """Export the LoRA of a training checkpoint as a diffusers (or kohya/ComfyUI) safetensors file.
 
-    python convert/lora_to_diffusers.py --ckpt RUN_OR_CKPT_DIR [--step N] --out pytorch_lora_weights.safetensors \
+    python convert/export_lora.py --ckpt RUN_OR_CKPT_DIR [--step N] --out pytorch_lora_weights.safetensors \
         [--dtype bf16|fp16|fp32] [--format diffusers|kohya] [--ema]
 
 ``--ckpt``: a run directory, its ``checkpoints/`` folder or one step folder (latest complete step by default).

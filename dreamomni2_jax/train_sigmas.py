@@ -1,4 +1,4 @@
-"""Flow-matching noise levels, loss weightings and learning-rate schedules (pure JAX / optax).
+"""Training noise levels σ and their loss weightings (pure JAX).
 
 σ ∈ (0, 1) is the noise level of ``x_t = (1 - σ) x0 + σ ε`` (FlowMatchEulerDiscreteScheduler sigmas); the Flux
 transformer takes ``timestep = σ`` (it multiplies by 1000 inside, like diffusers).
@@ -24,19 +24,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from dreamomni2_jax.config import OptimConfig
-from dreamomni2_jax.scheduler import calculate_shift  # the Flux dynamic-shift mu, shared with sampling
+from dreamomni2_jax.sampling_sigmas import calculate_shift, time_shift  # Flux's dynamic shift, shared with sampling
 
 SAMPLERS = ("uniform", "logit_normal", "mode", "sigmoid_shift")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 SIGMA_MIN = 1e-3  # smallest training sigma of diffusers' FlowMatchEulerDiscreteScheduler (1 / 1000 timesteps)
-
-
-def time_shift(mu, t, sigma: float = 1.0):
-    """diffusers ``FlowMatchEulerDiscreteScheduler._time_shift_exponential``."""
-    return jnp.exp(mu) / (jnp.exp(mu) + (1.0 / t - 1.0) ** sigma)
 
 
 def sample_sigmas(keys: jax.Array, sampling: str, *, logit_mean: float = 0.0, logit_std: float = 1.0,
@@ -66,19 +59,3 @@ def loss_weighting(sigmas: jax.Array, weighting: str) -> jax.Array:
     if weighting == "none":
         return jnp.ones_like(sigmas)
     raise ValueError(f"loss weighting {weighting!r} is not one of {WEIGHTINGS}")
-
-
-def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``cfg.lr`` over ``warmup_steps`` updates, then constant or cosine decay to 0 at
-    ``total_steps``."""
-    warm = cfg.warmup_steps
-    if cfg.schedule == "constant":
-        if warm == 0:
-            return optax.constant_schedule(cfg.lr)
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), optax.constant_schedule(cfg.lr)],
-                                    [warm])
-    decay = max(total_steps - warm, 1)
-    cosine = optax.cosine_decay_schedule(cfg.lr, decay)
-    if warm == 0:
-        return cosine
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), cosine], [warm])
