@@ -22,11 +22,12 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from dreamomni2_jax import families
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config
 from dreamomni2_jax.lora_io import init_lora
-from dreamomni2_jax.perf import flux_train_flops, lora_dims, mfu
+from dreamomni2_jax.perf import lora_dims, mfu
 
 log = logging.getLogger("dreamomni2_jax.train")
 
@@ -98,11 +99,10 @@ def transformer_path(model_path: str | Path) -> Path:
 def load_model(cfg: Config, mesh, seed: int | None = None):
     """``load_flux`` (base weights created sharded by :func:`sharding.param_sharding`) + LoRA from the config
     (fresh adapters, or ``lora.init_from``'s file via ``lora_io.init_lora``)."""
-    from dreamomni2_jax.loaders import load_flux
-
-    model = load_flux(transformer_path(cfg.model.path), dtype=_dtype(cfg.model.compute_dtype),
-                      param_dtype=_dtype(cfg.model.param_dtype), param_sharding=shd.param_sharding(mesh),
-                      attention_impl=cfg.model.attention, remat=cfg.model.remat)
+    family = families.for_path(cfg.model.path)  # FLUX.1 / FLUX.2 [klein]: recorded in the converted folder
+    model = family.load_transformer(transformer_path(cfg.model.path), dtype=_dtype(cfg.model.compute_dtype),
+                                    param_dtype=_dtype(cfg.model.param_dtype), param_sharding=shd.param_sharding(mesh),
+                                    attention_impl=cfg.model.attention, remat=cfg.model.remat)
     paths = init_lora(model, cfg.lora, seed=cfg.train.seed if seed is None else seed)  # lora.init_from aware
     return model, paths
 
@@ -115,8 +115,7 @@ def make_stream(cfg: Config, flux_config):
     pi, pc = jax.process_index(), jax.process_count()
     if cfg.data.cache_dir:
         return data.make_train_stream(cfg, pi, pc)
-    dims = data.ModelDims(latent_channels=flux_config.in_channels // 4, t5_dim=flux_config.joint_attention_dim,
-                          pooled_dim=flux_config.pooled_projection_dim)
+    dims = families.for_config(flux_config).model_dims(flux_config)
     return data.SyntheticSource(cfg, dims, pi, pc)
 
 
@@ -141,6 +140,7 @@ def make_state(cfg: Config, model, mesh, empty_text: dict | None = None) -> tupl
 def setup(cfg: Config, *, model=None, stream=None, mesh=None) -> LoopContext:
     """Mesh, model (+ LoRA), data stream, train state and statics; ``model`` / ``stream`` / ``mesh`` may be given
     (tests, benchmarks). The step is compiled lazily by :func:`train` on the first batch."""
+    cfg = families.resolve_config(cfg)
     mesh = mesh or shd.make_mesh(cfg.mesh)
     shd.check_batch_size(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
     if model is None:
@@ -192,20 +192,24 @@ def step_info(ctx: LoopContext, batch: dict) -> dict:
     """Tokens (image + text, padded) and analytic FLOPs of one step on ``batch`` (global shapes)."""
     b = batch["target"].shape[0]
     t, r, txt = batch["target"].shape[1], batch["references"].shape[1], batch["t5"].shape[1]
+    fc = ctx.extras["flux_config"]
     return {"tokens": b * (t + r + txt),
-            "flops": flux_train_flops(ctx.extras["flux_config"], (b, t, r), txt, ctx.extras["lora_dims"])}
+            "flops": families.for_config(fc).train_flops(fc, (b, t, r), txt, ctx.extras["lora_dims"])}
 
 
 def _record(info: dict, step: int, raw: dict, dt: float | None, n_devices: int) -> dict:
     rec = {"step": step, **{k: float(v) for k, v in raw.items() if k not in ("finite", "nonfinite")},
-           "finite": bool(raw["finite"]), "nonfinite": int(raw["nonfinite"]), "flops_per_step": info["flops"]}
+           "finite": bool(raw["finite"]), "nonfinite": int(raw["nonfinite"])}
+    if info["flops"] is not None:  # None: no FLOP model for this family
+        rec["flops_per_step"] = info["flops"]
     if dt:
         rec["step_time_s"] = dt
         rec["tokens_per_s"] = info["tokens"] / dt
-        rec["flops_per_s"] = info["flops"] / dt
-        util = mfu(info["flops"], dt, n_devices)
-        if util is not None:
-            rec["mfu"] = util
+        if info["flops"] is not None:
+            rec["flops_per_s"] = info["flops"] / dt
+            util = mfu(info["flops"], dt, n_devices)
+            if util is not None:
+                rec["mfu"] = util
     return rec
 
 
