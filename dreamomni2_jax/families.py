@@ -37,6 +37,11 @@ class Family:
 
         return FluxConfig
 
+    def model_class(self):
+        from dreamomni2_jax.models.flux import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+
     def load_transformer(self, path, **kw):
         from dreamomni2_jax.loaders import load_flux
 
@@ -125,6 +130,11 @@ class Flux2Klein(Family):
         from dreamomni2_jax.models.flux2 import Flux2Config
 
         return Flux2Config
+
+    def model_class(self):
+        from dreamomni2_jax.models.flux2 import Flux2Transformer2DModel
+
+        return Flux2Transformer2DModel
 
     def load_transformer(self, path, **kw):
         from dreamomni2_jax.loaders import load_flux2

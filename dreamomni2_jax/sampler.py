@@ -107,7 +107,8 @@ KLEIN_REFERENCE_AREA = 1024 * 1024  # Flux2KleinPipeline: larger references are 
 def klein_reference_pixels(image: ImageLike, where: str = "reference") -> np.ndarray:
     """One reference as ``Flux2KleinPipeline`` prepares it: above 1024² pixels lanczos-resized to that area
     (``Flux2ImageProcessor._resize_to_target_area``), then centre-cropped to multiples of 16; float32 ``[H, W, 3]``
-    in [-1, 1]. Float arrays in [0, 1] are cropped (and resized per channel in float when too large)."""
+    in [-1, 1]. Float arrays in [0, 1] are cropped (and resized per channel in float when too large). The pipeline's
+    input checks (sides >= 64 px, aspect <= 8:1) are not applied: smaller references work here."""
     if isinstance(image, (str, Path)):
         image = open_image(str(image), where)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
