@@ -129,6 +129,9 @@ def test_cache_holds_the_pipelines_latents_and_prompt_embeds(chain, torch_pipe):
     np.testing.assert_allclose(np.asarray(first["t5"], np.float32), want_text[0].numpy(), rtol=0,
                                atol=1e-4 * float(want_text.abs().max()))
     assert first["pooled"].shape == (0,)
+    from dreamomni2_jax.data import ModelDims  # synthetic batches of a klein folder: its transformer's sizes
+
+    assert ModelDims.from_model_dir(chain / "model") == ModelDims(latent_channels=4, t5_dim=96, pooled_dim=0)
 
 
 def test_train_kill9_then_resume_is_exact_and_validates(chain, straight, compile_cache):
