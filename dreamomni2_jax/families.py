@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -30,6 +31,7 @@ class Family:
     position_scheme: str | None = None  # None: the config's ``model.position_scheme``
     has_pooled = True
     guidance_is_cfg = False  # True: ``guidance`` is a CFG scale against the empty prompt (no guidance embedding)
+    fits_output_area = True  # the sampler fits the output size to ``max_area`` (Kontext); False: floor to 16 only
 
     # ---- transformer
     def config_class(self):
@@ -74,6 +76,12 @@ class Family:
         from dreamomni2_jax.models.vae import denormalize_latents
 
         return denormalize_latents(z, vae.config)
+
+    def reference_pixels(self, image, auto_resize: bool, where: str, area: int):
+        """One sampling reference as float32 ``[H, W, 3]`` in [-1, 1] (Kontext resolutions)."""
+        from dreamomni2_jax.sampler import reference_pixels
+
+        return reference_pixels(image, auto_resize, where, area)
 
     def load_text(self, root, dtype, param_sharding=None):
         from dreamomni2_jax.text import load_text_encoders
@@ -125,6 +133,7 @@ class Flux2Klein(Family):
     position_scheme = positions.FLUX2
     has_pooled = False
     guidance_is_cfg = True
+    fits_output_area = False
 
     def config_class(self):
         from dreamomni2_jax.models.flux2 import Flux2Config
@@ -161,6 +170,11 @@ class Flux2Klein(Family):
         h, w = z.shape[1:3]
         return positions.unpack_latents(vae.bn.denormalize(positions.pack_latents(z)), h, w)
 
+    def reference_pixels(self, image, auto_resize: bool, where: str, area: int):
+        from dreamomni2_jax.sampler import klein_reference_pixels
+
+        return klein_reference_pixels(image, where)  # the pipeline's own preprocessing (no Kontext resolutions)
+
     def load_text(self, root, dtype, param_sharding=None):
         from dreamomni2_jax.text_klein import load_klein_text
 
@@ -183,7 +197,8 @@ class Flux2Klein(Family):
         return None  # the FLOP model does not cover FLUX.2 yet: no FLOPs / MFU in the metrics
 
 
-FAMILIES: dict[str, Family] = {"flux1": Family(), "flux2-klein": Flux2Klein()}
+# family name (as ``convert/pipeline.py`` records it) -> its behaviour (stateless; read-only)
+FAMILIES: Mapping[str, Family] = MappingProxyType({"flux1": Family(), "flux2-klein": Flux2Klein()})
 
 
 def get(name: str) -> Family:

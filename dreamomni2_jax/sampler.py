@@ -255,10 +255,11 @@ class Pipeline:
         if not seeds:
             raise ValueError("seeds must not be empty")
         fam = self._family
-        if fam.guidance_is_cfg:  # klein: the guidance scale is CFG against the empty prompt; no area fit
+        if fam.guidance_is_cfg:  # klein: the guidance scale is CFG against the (empty) negative prompt
             true_cfg_scale = guidance if guidance > 1 and not self.distilled else 1.0
             negative_prompt = "" if negative_prompt is None else negative_prompt
-            scheme, max_area = fam.scheme(scheme), None
+        scheme = fam.scheme(scheme)
+        max_area = max_area if fam.fits_output_area else None
         refs = self._references(prompts, references, auto_resize, reference_area)
         neg = self._negative(prompts, negative_prompt, true_cfg_scale)
         if scheme not in positions.schemes():
@@ -314,9 +315,7 @@ class Pipeline:
             row = []
             for j, img in enumerate(refs):
                 if id(img) not in cache:
-                    where = f"prompt {i} reference {j}"
-                    cache[id(img)] = (reference_pixels(img, auto_resize, where, area) if not self._family.guidance_is_cfg
-                                      else klein_reference_pixels(img, where))
+                    cache[id(img)] = self._family.reference_pixels(img, auto_resize, f"prompt {i} reference {j}", area)
                 row.append(cache[id(img)])
             out.append(row)
         return out
@@ -366,7 +365,8 @@ class Pipeline:
         cfg = model.config
         g = None if not cfg.guidance_embeds else jnp.full((embeds.shape[0],), guidance, jnp.float32)
         seq = positions.num_tokens(lh, lw)
-        timesteps, sigmas = set_timesteps(self.scheduler, steps, image_seq_len=seq, mu=self._family.sample_mu(seq, steps))
+        timesteps, sigmas = set_timesteps(self.scheduler, steps, image_seq_len=seq,
+                                          mu=self._family.sample_mu(seq, steps))
         graphdef, state = nnx.split(model)
         inputs = (noise, ref_tokens, embeds, pooled, img_ids, txt_ids, g, timesteps, sigmas,
                   np.float32(true_cfg_scale))

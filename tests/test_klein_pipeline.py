@@ -53,6 +53,19 @@ def test_layout_family_and_weights(klein):
                                   pipe.transformer.proj_out.weight.detach().numpy().T)
 
 
+def test_family_is_read_from_every_kind_of_model_folder(klein, tmp_path):
+    from dreamomni2_jax import families
+
+    src, out, _ = klein
+    klein_family = families.get("flux2-klein")
+    for p in (out, src, out / "transformer", src / "transformer"):  # converted, diffusers, transformer folders
+        assert families.for_path(p) is klein_family, p
+    assert families.for_path(tmp_path) is families.get("flux1")
+    assert families.for_model(load_flux2(out / "transformer", dtype=jnp.float32)) is klein_family
+    with pytest.raises(ValueError, match="unknown model family"):
+        families.get("flux3")
+
+
 def test_prompt_embeds_match_pipeline_encode_prompt(klein):
     _, out, pipe = klein
     with torch.no_grad():
