@@ -3,7 +3,8 @@ explicit shardings; the model call goes through :mod:`dreamomni2_jax.families`).
 
 Batch (numpy or global jax arrays, batch-first; built by the data pipeline or :func:`synthetic_batch`):
 ``target`` [B, T, 4C] packed clean target latents, ``references`` [B, R, 4C] packed reference latents,
-``img_ids`` int32 [B, T+R, 3], ``img_mask`` bool [B, T+R] (False = padding), ``t5`` [B, L, D], ``pooled`` [B, Dp].
+``img_ids`` int32 [B, T+R, 3] (4 axes for FLUX.2), ``img_mask`` bool [B, T+R] (False = padding), ``t5`` [B, L, D]
+(FLUX.2: the Qwen3 prompt embeddings), ``pooled`` [B, Dp] (FLUX.2: Dp = 0).
 
 Loss (diffusers Kontext LoRA training): ``x_t = (1 - σ) x0 + σ ε``, model input ``[x_t | references]`` with the
 batch's ids, prediction of the target part vs ``ε - x0``; squared error averaged per sample over its real target
