@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - tiny end-to-end run on CPU (convert -> cache -> train -> resume -> export -> sample)
+#   make demo-klein - the same chain on a tiny random FLUX.2 [klein] pipeline
 #   make test   - the test suite (what CI runs)
 # Both create/reuse .venv and install the package with the `ref` extra (torch CPU, diffusers, peft: the
 # numerical references the tests compare against and the tiny-model builder uses) and the `aot` extra (libtpu and
@@ -10,11 +11,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-klein bench clean
 
 # The demo and the tests run on the CPU. The `aot` extra installs the CUDA compiler plugin, whose start-up on a
 # machine without a GPU prints a long "Unable to load CUDA" traceback unless JAX is told to use the CPU.
-test demo: export JAX_PLATFORMS ?= cpu
+test demo demo-klein: export JAX_PLATFORMS ?= cpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +32,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py --out demo_out
 
+demo-klein: $(STAMP)
+	$(PY) scripts/demo.py --family klein --out demo_klein_out
+
 bench: $(STAMP)
 	$(PY) scripts/bench.py --config configs/demo.py
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out demo_klein_out .pytest_cache

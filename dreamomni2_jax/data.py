@@ -342,7 +342,8 @@ class ModelDims:
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "ModelDims":
-        """From a converted (or diffusers) folder's ``vae/``, ``text_encoder/``, ``text_encoder_2/`` configs."""
+        """From a converted (or diffusers) folder's ``vae/``, ``text_encoder/``, ``text_encoder_2/`` configs (FLUX.2
+        [klein]: ``vae/`` and ``transformer/``)."""
         root = Path(path)
 
         def cfg(sub):
@@ -352,15 +353,23 @@ class ModelDims:
             return json.loads(p.read_text())
 
         vae = cfg("vae")
+        from dreamomni2_jax import families
+
+        fam = families.for_path(root)
+        if not fam.has_pooled:  # FLUX.2 [klein]: sizes from the transformer (Qwen3 features, no pooled embedding)
+            dims = cls.from_flux_config(fam.config_class().from_dict(cfg("transformer"), source=str(root / "transformer")))
+            return cls(latent_channels=dims.latent_channels, t5_dim=dims.t5_dim, pooled_dim=0,
+                       downscale=2 ** (len(vae["block_out_channels"]) - 1))
         return cls(latent_channels=int(vae["latent_channels"]), t5_dim=int(cfg("text_encoder_2")["d_model"]),
                    pooled_dim=int(cfg("text_encoder")["hidden_size"]),
                    downscale=2 ** (len(vae["block_out_channels"]) - 1))
 
     @classmethod
     def from_flux_config(cls, fc) -> "ModelDims":
-        """From a transformer's ``FluxConfig`` (packed input width = 4 latent channels; VAE downscale 8)."""
+        """From a transformer's ``FluxConfig`` / ``Flux2Config`` (packed input width = 4 latent channels; VAE
+        downscale 8; FLUX.2 has no pooled text embedding)."""
         return cls(latent_channels=fc.in_channels // 4, t5_dim=fc.joint_attention_dim,
-                   pooled_dim=fc.pooled_projection_dim)
+                   pooled_dim=getattr(fc, "pooled_projection_dim", 0) or 0)
 
 
 # --------------------------------------------------------------------------- synthetic batches

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from dreamomni2_jax import families
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import Config
@@ -99,12 +100,12 @@ def transformer_path(model_path: str | Path) -> Path:
 
 def load_model(cfg: Config, mesh, seed: int | None = None):
     """``load_flux`` (base weights created sharded by :func:`sharding.param_sharding`) + LoRA from the config
-    (fresh adapters, or ``lora.init_from``'s file; :func:`dreamomni2_jax.attach.attach_lora`)."""
-    from dreamomni2_jax.loaders import load_flux
-
-    model = load_flux(transformer_path(cfg.model.path), dtype=_dtype(cfg.model.compute_dtype),
-                      param_dtype=_dtype(cfg.model.param_dtype), param_sharding=shd.param_sharding(mesh),
-                      attention_impl=cfg.model.attention, remat=cfg.model.remat)
+    (fresh adapters, or ``lora.init_from``'s file; :func:`dreamomni2_jax.attach.attach_lora`). The transformer
+    class comes from the family recorded in the converted folder (FLUX.1 / FLUX.2 [klein])."""
+    family = families.for_path(cfg.model.path)
+    model = family.load_transformer(transformer_path(cfg.model.path), dtype=_dtype(cfg.model.compute_dtype),
+                                    param_dtype=_dtype(cfg.model.param_dtype), param_sharding=shd.param_sharding(mesh),
+                                    attention_impl=cfg.model.attention, remat=cfg.model.remat)
     meta = attach_lora(model, config=cfg.lora, seed=cfg.train.seed if seed is None else seed)  # init_from aware
     paths = tuple(meta["targets"])
     return model, paths
@@ -131,6 +132,7 @@ def make_state(cfg: Config, model, mesh, empty_text: dict | None = None) -> tupl
 def setup(cfg: Config, *, model=None, stream=None, mesh=None) -> LoopContext:
     """Mesh, model (+ LoRA), data stream, train state and statics; ``model`` / ``stream`` / ``mesh`` may be given
     (tests, benchmarks). The step is compiled lazily by :func:`train` on the first batch."""
+    cfg = families.resolve_config(cfg)
     mesh = mesh or shd.make_mesh(cfg.mesh)
     shd.check_batch_size(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
     if model is None:
@@ -190,14 +192,17 @@ def step_info(ctx: LoopContext, batch: dict) -> dict:
 
 def _record(info: dict, step: int, raw: dict, dt: float | None, n_devices: int) -> dict:
     rec = {"step": step, **{k: float(v) for k, v in raw.items() if k not in ("finite", "nonfinite")},
-           "finite": bool(raw["finite"]), "nonfinite": int(raw["nonfinite"]), "flops_per_step": info["flops"]}
+           "finite": bool(raw["finite"]), "nonfinite": int(raw["nonfinite"])}
+    if info["flops"] is not None:  # None: no FLOP model for this family
+        rec["flops_per_step"] = info["flops"]
     if dt:
         rec["step_time_s"] = dt
         rec["tokens_per_s"] = info["tokens"] / dt
-        rec["flops_per_s"] = info["flops"] / dt
-        util = mfu(info["flops"], dt, n_devices)
-        if util is not None:
-            rec["mfu"] = util
+        if info["flops"] is not None:
+            rec["flops_per_s"] = info["flops"] / dt
+            util = mfu(info["flops"], dt, n_devices)
+            if util is not None:
+                rec["mfu"] = util
     return rec
 
 

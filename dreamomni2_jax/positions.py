@@ -61,8 +61,13 @@ SCHEMES: Mapping[str, SchemeFn] = MappingProxyType({
 })
 
 
+# FLUX.2's 4-axis ids ``(T, H, W, L)`` (:mod:`dreamomni2_jax.positions_flux2`): a scheme name wherever the 3-axis
+# ones go (:meth:`SampleLayout.ids`, :func:`batch_layout`); not a ``column_offsets`` function.
+FLUX2 = "flux2"
+
+
 def schemes() -> tuple[str, ...]:
-    return tuple(SCHEMES)
+    return tuple(SCHEMES) + (FLUX2,)
 
 
 def column_offsets(scheme: str | SchemeFn) -> SchemeFn:
@@ -153,7 +158,11 @@ class SampleLayout:
         return sum(num_tokens(h, w) for h, w in self.references)
 
     def ids(self, scheme: str | SchemeFn = "dreamomni2") -> np.ndarray:
-        """``[target_tokens + reference_tokens, 3]``: target ids then reference ids."""
+        """``[target_tokens + reference_tokens, 3]``: target ids then reference ids (4 axes for ``"flux2"``)."""
+        if scheme == FLUX2:
+            from dreamomni2_jax import positions_flux2
+
+            return positions_flux2.sample_ids(self)
         return np.concatenate([target_ids(*self.target), reference_ids(self.references, scheme)], axis=0)
 
 
@@ -184,6 +193,10 @@ def batch_layout(
     ``target_len``/``reference_len`` default to the batch maxima (pass fixed values for
     static shapes under jit).
     """
+    if scheme == FLUX2:
+        from dreamomni2_jax import positions_flux2
+
+        return positions_flux2.batch_layout(samples, target_len, reference_len)
     if not samples:
         raise ValueError("batch_layout needs at least one sample")
     t_max = max(s.target_tokens for s in samples)

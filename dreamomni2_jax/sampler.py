@@ -38,11 +38,11 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from dreamomni2_jax import positions
+from dreamomni2_jax import families, positions
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.atomic_write import atomic_file
 from dreamomni2_jax.images import KONTEXT_AREA, open_image, reference_size, target_size, to_pixels, to_rgb
-from dreamomni2_jax.models.vae import VAE, decode_latents, denormalize_latents, encode_images, normalize_latents
+from dreamomni2_jax.models.vae import VAE, decode_latents, encode_images
 from dreamomni2_jax.sampling_sigmas import FlowMatchConfig, euler_step, set_timesteps
 
 MULTIPLE = 16  # 2 x VAE downscale: latents must be even for 2x2 packing
@@ -102,6 +102,41 @@ def reference_pixels(image: ImageLike, auto_resize: bool = True, where: str = "r
     return image * 2.0 - 1.0
 
 
+KLEIN_REFERENCE_AREA = 1024 * 1024  # Flux2KleinPipeline: larger references are scaled down to this area
+
+
+def klein_reference_pixels(image: ImageLike, where: str = "reference") -> np.ndarray:
+    """One reference as ``Flux2KleinPipeline`` prepares it: above 1024² pixels lanczos-resized to that area
+    (``Flux2ImageProcessor._resize_to_target_area``), then centre-cropped to multiples of 16; float32 ``[H, W, 3]``
+    in [-1, 1]. Float arrays in [0, 1] are cropped (and resized per channel in float when too large). The pipeline's
+    input checks (sides >= 64 px, aspect <= 8:1) are not applied: smaller references work here."""
+    if isinstance(image, (str, Path)):
+        image = open_image(str(image), where)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        image = to_rgb(image)
+        w, h = image.size
+        if w * h > KLEIN_REFERENCE_AREA:
+            scale = (KLEIN_REFERENCE_AREA / (w * h)) ** 0.5
+            image = image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+        x = np.asarray(image, np.float32) / 255.0
+    elif isinstance(image, np.ndarray):
+        x = image.astype(np.float32)
+        if x.ndim != 3 or x.shape[-1] != 3 or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise ValueError(f"{where}: expected an RGB float array [H, W, 3] in [0, 1], got shape {x.shape}")
+        h, w = x.shape[:2]
+        if w * h > KLEIN_REFERENCE_AREA:
+            scale = (KLEIN_REFERENCE_AREA / (w * h)) ** 0.5
+            x = _resize_float(x, (int(w * scale), int(h * scale)))
+    else:
+        raise TypeError(f"{where}: expected a path, PIL image or numpy array, got {type(image).__name__}")
+    h, w = x.shape[:2]
+    cw, ch = _floor16(w, h, where)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return x[top:top + ch, left:left + cw] * 2.0 - 1.0
+
+
 def output_size(height: int | None, width: int | None, first_ref: tuple[int, int] | None,
                 max_area: int | None) -> tuple[int, int]:
     """``(height, width)`` of the generated image (first_ref = ``(h, w)`` of the first reference's pixels)."""
@@ -130,6 +165,7 @@ def _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidanc
             return _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidance, timesteps,
                             sigmas, cfg_scale, tick)
     model = nnx.merge(graphdef, state)
+    family = families.for_model(model)
     b, n = x.shape[0], x.shape[1]
     cfg = embeds.shape[0] == 2 * b
 
@@ -138,7 +174,8 @@ def _denoise(graphdef, state, x, refs, embeds, pooled, img_ids, txt_ids, guidanc
         inp = jnp.concatenate([lat.astype(refs.dtype), refs], axis=1)
         if cfg:
             inp = jnp.concatenate([inp, inp], axis=0)
-        out = model(inp, embeds, pooled, t / 1000.0, img_ids, txt_ids, guidance, n_out=n).astype(jnp.float32)
+        out = family.forward(model, inp, embeds, pooled, t / 1000.0, img_ids, txt_ids, guidance,
+                             n_out=n).astype(jnp.float32)
         if cfg:
             out = out[b:] + cfg_scale * (out[:b] - out[b:])
         if tick is not None:  # None: no progress callback (compiling for a GPU without one: scripts/aot.py)
@@ -171,8 +208,15 @@ class _Progress:
 
 @dataclasses.dataclass
 class Pipeline:
-    """Flux Kontext components. ``transformer`` may carry LoRA adapters; ``__call__(transformer=...)`` overrides it
-    (e.g. the training loop's current, LoRA-patched model)."""
+    """Flux Kontext (or FLUX.2 [klein], ``family``) components. ``transformer`` may carry LoRA adapters;
+    ``__call__(transformer=...)`` overrides it (e.g. the training loop's current, LoRA-patched model).
+
+    FLUX.2 [klein] (``family=families.get("flux2-klein")``, ``text`` a :class:`~dreamomni2_jax.text_klein.KleinText`)
+    follows ``Flux2KleinPipeline``: references capped at 1024² (area-preserving lanczos), floored to multiples of 16
+    by a centre crop; the output defaults to the first reference's size (else 1024²), floored to 16 (no area fit);
+    4-axis ids; ``compute_empirical_mu`` shift; ``guidance`` > 1 is classifier-free guidance against
+    ``negative_prompt`` (default ``""``) unless ``distilled`` (model_index ``is_distilled``); ``scheme``,
+    ``true_cfg_scale``, ``auto_resize``, ``max_area`` and ``reference_area`` are FLUX.1 settings and are ignored."""
 
     transformer: nnx.Module
     vae: VAE
@@ -180,6 +224,8 @@ class Pipeline:
     scheduler: FlowMatchConfig
     dtype: Any = jnp.bfloat16
     max_sequence_length: int = 512
+    family: Any = None  # dreamomni2_jax.families.Family; None: FLUX.1
+    distilled: bool = False  # klein: step-distilled checkpoint (no CFG), model_index.json ``is_distilled``
     _progress: _Progress = dataclasses.field(default_factory=_Progress, repr=False)
 
     def __call__(self, prompts: str | Sequence[str], references: Sequence | None = None, *,
@@ -209,6 +255,12 @@ class Pipeline:
         seeds = [seeds] if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
         if not seeds:
             raise ValueError("seeds must not be empty")
+        fam = self._family
+        if fam.guidance_is_cfg:  # klein: the guidance scale is CFG against the (empty) negative prompt
+            true_cfg_scale = guidance if guidance > 1 and not self.distilled else 1.0
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+        scheme = fam.scheme(scheme)
+        max_area = max_area if fam.fits_output_area else None
         refs = self._references(prompts, references, auto_resize, reference_area)
         neg = self._negative(prompts, negative_prompt, true_cfg_scale)
         if scheme not in positions.schemes():
@@ -246,8 +298,11 @@ class Pipeline:
         f = self.vae.config.downscale
         return h // f, w // f
 
-    @staticmethod
-    def _references(prompts, references, auto_resize, area) -> list[list[np.ndarray]]:
+    @property
+    def _family(self):
+        return self.family if self.family is not None else families.get("flux1")
+
+    def _references(self, prompts, references, auto_resize, area) -> list[list[np.ndarray]]:
         if references is None:
             references = []
         references = list(references)
@@ -261,7 +316,7 @@ class Pipeline:
             row = []
             for j, img in enumerate(refs):
                 if id(img) not in cache:
-                    cache[id(img)] = reference_pixels(img, auto_resize, f"prompt {i} reference {j}", area)
+                    cache[id(img)] = self._family.reference_pixels(img, auto_resize, f"prompt {i} reference {j}", area)
                 row.append(cache[id(img)])
             out.append(row)
         return out
@@ -286,7 +341,7 @@ class Pipeline:
         for j in range(len(refs[0])):
             shared = all(r[j] is refs[0][j] for r in refs)  # one image for every prompt: encode it once
             x = refs[0][j][None] if shared else np.stack([r[j] for r in refs])
-            z = normalize_latents(encode_images(self.vae, jnp.asarray(x)).astype(jnp.float32), self.vae.config)
+            z = self._family.normalize(self.vae, encode_images(self.vae, jnp.asarray(x)).astype(jnp.float32))
             sizes.append(tuple(z.shape[1:3]))
             tokens = positions.pack_latents(z)
             parts.append(jnp.broadcast_to(tokens, (len(refs), *tokens.shape[1:])))
@@ -307,10 +362,12 @@ class Pipeline:
         reps = np.repeat(np.arange(embeds.shape[0]), s)  # [pos (B*s) ; neg (B*s)], seeds innermost
         embeds, pooled = embeds[reps], pooled[reps]
         img_ids = positions.round_ids(positions.SampleLayout((lh, lw), tuple(ref_sizes)).ids(scheme), ids_dtype)
-        txt_ids = positions.text_ids(embeds.shape[1]).astype(img_ids.dtype)
+        txt_ids = self._family.text_ids(embeds.shape[1]).astype(img_ids.dtype)
         cfg = model.config
         g = None if not cfg.guidance_embeds else jnp.full((embeds.shape[0],), guidance, jnp.float32)
-        timesteps, sigmas = set_timesteps(self.scheduler, steps, image_seq_len=positions.num_tokens(lh, lw))
+        seq = positions.num_tokens(lh, lw)
+        timesteps, sigmas = set_timesteps(self.scheduler, steps, image_seq_len=seq,
+                                          mu=self._family.sample_mu(seq, steps))
         graphdef, state = nnx.split(model)
         inputs = (noise, ref_tokens, embeds, pooled, img_ids, txt_ids, g, timesteps, sigmas,
                   np.float32(true_cfg_scale))
@@ -329,7 +386,7 @@ class Pipeline:
             if self._progress.bar is not None:
                 self._progress.bar.close()
             self._progress.bar = None
-        z = denormalize_latents(positions.unpack_latents(lat, lh, lw), self.vae.config)
+        z = self._family.denormalize(self.vae, positions.unpack_latents(lat, lh, lw))
         images = decode_latents(self.vae, z.astype(self.vae.dtype))
         return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -355,23 +412,24 @@ def _tqdm(total: int):
 def load_pipeline(model_dir: str | Path, dtype=jnp.bfloat16, *, lora: str | Path | None = None,
                   lora_scale: float = 1.0, vae_dtype=None, attention_impl: str = "auto",
                   max_sequence_length: int = 512) -> Pipeline:
-    """Load transformer, VAE, CLIP + T5 and the scheduler config from a converted folder (``convert/pipeline.py``
-    output) or a diffusers Flux Kontext folder (converted on the fly), optionally with a LoRA at ``lora_scale``."""
-    from dreamomni2_jax.loaders import load_flux
-    from dreamomni2_jax.loaders import load_vae
-    from dreamomni2_jax.text import load_text_encoders
-
+    """Load transformer, VAE, text encoder(s) and the scheduler config from a converted folder (``convert/pipeline.py``
+    output) or a diffusers Flux Kontext / FLUX.2 [klein] folder (converted on the fly), optionally with a LoRA at
+    ``lora_scale``. The model family comes from the folder (:func:`dreamomni2_jax.families.for_path`)."""
     root = Path(model_dir)
-    missing = [s for s in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                           "scheduler") if not (root / s).is_dir()]
+    fam = families.for_path(root)
+    text_dirs = ("text_encoder", "tokenizer") if not fam.has_pooled else ("text_encoder", "text_encoder_2",
+                                                                          "tokenizer", "tokenizer_2")
+    missing = [s for s in ("transformer", "vae", *text_dirs, "scheduler") if not (root / s).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{root}: not a Flux Kontext model folder, missing {missing}")
+        raise FileNotFoundError(f"{root}: not a {fam.name} model folder, missing {missing}")
+    index = families.json_dict(root / "model_index.json")
     pipe = Pipeline(
-        transformer=load_flux(root / "transformer", dtype=dtype, attention_impl=attention_impl),
-        vae=load_vae(root / "vae", vae_dtype or dtype),
-        text=load_text_encoders(root, dtype),
+        transformer=fam.load_transformer(root / "transformer", dtype=dtype, attention_impl=attention_impl),
+        vae=fam.load_vae(root / "vae", vae_dtype or dtype),
+        text=fam.load_text(root, dtype),
         scheduler=FlowMatchConfig.from_json(root / "scheduler" / "scheduler_config.json"),
-        dtype=dtype, max_sequence_length=max_sequence_length)
+        dtype=dtype, max_sequence_length=max_sequence_length, family=fam,
+        distilled=bool(index.get("is_distilled", False)))
     if lora is not None:
         from dreamomni2_jax.attach import attach_lora
 

@@ -51,3 +51,42 @@ def encode_prompt(model: Qwen3Model, tokenizer, prompts: str | Sequence[str], ma
     (text ids: :func:`dreamomni2_jax.positions_flux2.text_ids`)."""
     ids, mask = tokenize(tokenizer, prompts, max_sequence_length)
     return _embeds(model, ids, mask, tuple(int(i) for i in layers))
+
+
+def out_layers(num_hidden_layers: int) -> tuple[int, ...]:
+    """Hidden-state layers the klein pipeline concatenates: ``(9, 18, 27)`` of the 36 layers of Qwen3-4B / 8B
+    (``text_encoder_out_layers``), i.e. a quarter, half and three quarters of the depth; the same fractions for
+    other depths (the tiny test encoder's 4 layers give ``(1, 2, 3)``)."""
+    n = int(num_hidden_layers)
+    if n < 4:
+        raise ValueError(f"a klein text encoder needs >= 4 layers, got {n}")
+    return (n // 4, n // 2, 3 * n // 4)
+
+
+class KleinText:
+    """The klein text side with the interface of :class:`dreamomni2_jax.text.TextEncoders`: ``encode_prompt``
+    returns ``(prompt_embeds [B, L, 3 * hidden], pooled [B, 0])`` (FLUX.2 has no pooled embedding)."""
+
+    def __init__(self, model: Qwen3Model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.layers = out_layers(model.config.num_hidden_layers)
+
+    def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512):
+        import jax.numpy as jnp
+
+        embeds = encode_prompt(self.model, self.tokenizer, prompts, max_sequence_length, self.layers)
+        return embeds, jnp.zeros((embeds.shape[0], 0), embeds.dtype)
+
+
+def load_klein_text(root: str | Path, dtype=None, param_sharding=None) -> KleinText:
+    """Qwen3 ``text_encoder/`` + ``tokenizer/`` of a converted (or diffusers) klein folder."""
+    import jax.numpy as jnp
+
+    from dreamomni2_jax.loaders import load_qwen3
+
+    root = Path(root)
+    for sub in ("text_encoder", "tokenizer"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"{root / sub}: klein text encoder / tokenizer folder missing")
+    model = load_qwen3(root / "text_encoder", jnp.bfloat16 if dtype is None else dtype, param_sharding=param_sharding)
+    return KleinText(model, load_tokenizer(root / "tokenizer"))

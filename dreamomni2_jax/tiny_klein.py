@@ -157,3 +157,18 @@ def build_klein_pipeline(root, seed: int = 0, **transformer_overrides) -> Path:
         index = json.loads((tmp / "model_index.json").read_text())
         assert index["_class_name"] == "Flux2KleinPipeline", index
     return root
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write a tiny random Flux2KleinPipeline folder (diffusers layout)")
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    path = build_klein_pipeline(args.out, args.seed)
+    print(f"tiny FLUX.2 [klein] pipeline written to {path}")
+
+
+if __name__ == "__main__":
+    main()

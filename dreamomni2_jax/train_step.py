@@ -1,8 +1,10 @@
-"""Flow-matching LoRA train step for Flux Kontext / DreamOmni2 (pure function, jitted with explicit shardings).
+"""Flow-matching LoRA train step for Flux Kontext / DreamOmni2 and FLUX.2 [klein] (pure function, jitted with
+explicit shardings; the model call goes through :mod:`dreamomni2_jax.families`).
 
 Batch (numpy or global jax arrays, batch-first; built by the data pipeline or :func:`data.synthetic_batch`):
 ``target`` [B, T, 4C] packed clean target latents, ``references`` [B, R, 4C] packed reference latents,
-``img_ids`` int32 [B, T+R, 3], ``img_mask`` bool [B, T+R] (False = padding), ``t5`` [B, L, D], ``pooled`` [B, Dp].
+``img_ids`` int32 [B, T+R, 3] (4 axes for FLUX.2), ``img_mask`` bool [B, T+R] (False = padding), ``t5`` [B, L, D]
+(FLUX.2: the Qwen3 prompt embeddings), ``pooled`` [B, Dp] (FLUX.2: Dp = 0).
 
 Loss (diffusers Kontext LoRA training): ``x_t = (1 - σ) x0 + σ ε``, model input ``[x_t | references]`` with the
 batch's ids, prediction of the target part vs ``ε - x0``; squared error averaged per sample over its real target
@@ -26,6 +28,7 @@ import optax
 from flax import nnx, struct
 
 from dreamomni2_jax import ema as ema_lib
+from dreamomni2_jax import families
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.config import Config
 from dreamomni2_jax.lora import LoRAParam, reseed_dropout
@@ -160,9 +163,10 @@ def per_sample_losses(model, batch: dict, draws: dict, cfg: StepConfig, empty_te
         pooled = jnp.where(drop[:, None], empty_text["pooled"][None].astype(pooled.dtype), pooled)
     hidden = jnp.concatenate([x_t, batch["references"].astype(jnp.float32)], axis=1)
     img_ids = round_ids(batch["img_ids"], cfg.ids_dtype)
-    txt_ids = jnp.zeros((t5.shape[1], 3), img_ids.dtype)
-    pred = model(hidden, t5, pooled, sigmas, img_ids, txt_ids, guidance=cfg.guidance,
-                 attention_mask=mask, n_out=t)  # target tokens only: the reference outputs are unused
+    family = families.for_model(model)  # FLUX.1: pooled + 3-axis ids; FLUX.2: neither, 4-axis ids
+    txt_ids = jnp.asarray(family.text_ids(t5.shape[1]), img_ids.dtype)
+    pred = family.forward(model, hidden, t5, pooled, sigmas, img_ids, txt_ids, guidance=cfg.guidance,
+                          attention_mask=mask, n_out=t)  # target tokens only: the reference outputs are unused
     err = jnp.square(pred.astype(jnp.float32) - (noise - x0))
     per_sample = per_sample_loss(err, tmask, batch.get("loss_weight"), cfg.mask_floor)
     return loss_weighting(sigmas, cfg.weighting) * per_sample, per_sample

@@ -162,21 +162,23 @@ class ValidationHook:
 
     def _pipeline(self):
         if self._pipe is None:
-            from dreamomni2_jax.loaders import load_vae
+            from dreamomni2_jax import families
             from dreamomni2_jax.sampler import Pipeline
             from dreamomni2_jax.sampling_sigmas import FlowMatchConfig
-            from dreamomni2_jax.text import load_text_encoders
 
+            fam = families.for_path(self.model_dir)  # FLUX.1 / FLUX.2 [klein] VAE and text encoder
             dtype = np_dtype(self.cfg.model.compute_dtype)
             max_len = self.cfg.data.max_sequence_length
             prompts = [s.prompt for s in self.samples]
-            if self.cfg.sample.true_cfg_scale > 1:
+            if self.cfg.sample.true_cfg_scale > 1 or fam.guidance_is_cfg:
                 prompts.append(self.cfg.sample.negative_prompt)
-            text = CachedPrompts(load_text_encoders(self.model_dir, dtype), prompts, max_len)
+            text = CachedPrompts(fam.load_text(self.model_dir, dtype), prompts, max_len)
+            index = families.json_dict(self.model_dir / "model_index.json")
             self._pipe = Pipeline(
-                transformer=None, vae=load_vae(self.model_dir / "vae", dtype), text=text,
+                transformer=None, vae=fam.load_vae(self.model_dir / "vae", dtype), text=text,
                 scheduler=FlowMatchConfig.from_json(self.model_dir / "scheduler" / "scheduler_config.json"),
-                dtype=dtype, max_sequence_length=max_len)
+                dtype=dtype, max_sequence_length=max_len, family=fam,
+                distilled=bool(index.get("is_distilled", False)))
         return self._pipe
 
     def sample(self, model) -> list[tuple[list[np.ndarray], np.ndarray]]:

@@ -11,7 +11,9 @@ jitted init with out_shardings; nothing unsharded on a host), LoRA from the conf
 (w, h)), ``data.max_sequence_length`` T5 tokens. ``--model-size``: ``full`` (the config's model: ``model.path``'s
 transformer config if present, else FLUX.1 Kontext dev), ``mid`` (~36M params, 2 double + 4 single blocks,
 8 heads x 64, joint 1024, default sequence 1024 target + 1024 reference + 128 text tokens) or ``tiny`` (the
-test model). ``--reference torch``: the same model size / sequence as a diffusers ``FluxTransformer2DModel``
+test model); FLUX.2 [klein] shapes: ``klein-mid`` (2 double + 4 single blocks, 8 heads x 64, 4 rope axes, joint
+1536 = 3 x 512 Qwen3 features, 128 latent channels, no guidance; the ``mid`` sequence), ``klein-4b`` / ``klein-9b``
+(the published transformer configs). FLUX.2 has no FLOP model yet: its FLOPs / MFU are reported as null. ``--reference torch``: the same model size / sequence as a diffusers ``FluxTransformer2DModel``
 + peft LoRA step (eager, fp32, CPU, AdamW), timed the same way -> ratio ours / torch.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ from dreamomni2_jax.config import ConfigError, load_config
 
 MID = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=8, joint_attention_dim=1024,
            pooled_projection_dim=768, in_channels=64, axes_dims_rope=(8, 28, 28), guidance_embeds=True)
+KLEIN_MID = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=8,
+                 joint_attention_dim=1536, in_channels=128, axes_dims_rope=(16, 16, 16, 16), guidance_embeds=False)
 MID_DATA = dict(synthetic_resolution=(512, 512), synthetic_refs=((512, 512),), max_sequence_length=128)
 
 
@@ -39,7 +43,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--model-size", choices=("tiny", "mid", "full"), default="full")
+    ap.add_argument("--model-size", choices=("tiny", "mid", "full", "klein-mid", "klein-4b", "klein-9b"),
+                    default="full")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--reference", choices=("torch",), default=None)
     ap.add_argument("--out", default=None, help="write the results JSON here")
@@ -47,19 +52,25 @@ def parse_args(argv=None):
 
 
 def flux_config(size: str, cfg):
+    from dreamomni2_jax import families
     from dreamomni2_jax.models.flux import FluxConfig
+    from dreamomni2_jax.models.flux2 import FLUX2_PRESETS, Flux2Config
     from dreamomni2_jax.tiny import FLUX_TINY
 
     if size == "tiny":
         return FluxConfig.from_dict(FLUX_TINY)
     if size == "mid":
         return FluxConfig(**MID)
+    if size == "klein-mid":
+        return Flux2Config(**KLEIN_MID)
+    if size.startswith("klein-"):
+        return FLUX2_PRESETS[size]
     if cfg.model.path:
         from dreamomni2_jax.loop import transformer_path
 
         p = transformer_path(cfg.model.path) / "config.json"
         if p.is_file():
-            return FluxConfig.from_json(p)
+            return families.for_path(cfg.model.path).config_class().from_json(p)
     return FluxConfig()
 
 
@@ -71,10 +82,12 @@ def layouts(cfg, downscale: int = 8):
 
 def make_batch(cfg, fc):
     from dreamomni2_jax.data import synthetic_batch
+    from dreamomni2_jax.families import for_config
 
+    fam = for_config(fc)
     return synthetic_batch(np.random.default_rng(0), layouts(cfg), channels=fc.in_channels,
                            text_len=cfg.data.max_sequence_length, text_dim=fc.joint_attention_dim,
-                           pooled_dim=fc.pooled_projection_dim, scheme=cfg.model.position_scheme)
+                           pooled_dim=getattr(fc, "pooled_projection_dim", 0) or 0, scheme=fam.scheme(cfg.model.position_scheme))
 
 
 def _peak_memory():
@@ -106,14 +119,14 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
     from dreamomni2_jax import sharding as shd
     from dreamomni2_jax import train_step as ts
     from dreamomni2_jax.attach import attach_lora
+    from dreamomni2_jax.families import for_config
     from dreamomni2_jax.optimizers import make_optimizer
-    from dreamomni2_jax.models.flux import FluxTransformer2DModel
 
     mesh = shd.make_mesh(cfg.mesh)
     shd.check_batch_size(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
 
     def build():
-        m = FluxTransformer2DModel(fc, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.model.compute_dtype),
+        m = for_config(fc).model_class()(fc, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.model.compute_dtype),
                                    param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
                                    remat=cfg.model.remat)
         attach_lora(m, config=cfg.lora, seed=0, fresh=True)
@@ -156,7 +169,8 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
                x.size for x in jax.tree.leaves(state.lora) if hasattr(x, "size"))),
            "init_s": init_s, "compile_s": compile_s, "step_s_median": med, "step_s_all": times,
            "tokens_per_s": n * (t + r + batch["t5"].shape[1]) / med, "flops_per_step": flops,
-           "flops_per_s": flops / med, "mfu": perf.mfu(flops, med, jax.device_count()),
+           "flops_per_s": None if flops is None else flops / med,
+           "mfu": None if flops is None else perf.mfu(flops, med, jax.device_count()),
            "loss_first_last": [losses[0], losses[-1]], **_peak_memory()}
     return out
 
@@ -242,7 +256,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        if args.model_size == "mid":  # default ~2.2k-token sequence unless --set explicitly
+        if args.model_size in ("mid", "klein-mid"):  # default ~2.2k-token sequence unless --set explicitly
             explicit = {s.split("=", 1)[0].strip() for s in args.set}
             cfg = replace(cfg, data=replace(cfg.data, **{k: v for k, v in MID_DATA.items()
                                                          if f"data.{k}" not in explicit}))
@@ -265,9 +279,13 @@ def main(argv=None) -> int:
                "flux_config": fc.to_dict(), "jax": bench_jax(cfg, fc, batch, args.steps)}
     j = results["jax"]
     print(f"jax: compile {j['compile_s']:.1f}s, step {j['step_s_median'] * 1e3:.1f} ms, "
-          f"{j['tokens_per_s']:.0f} tokens/s, {j['flops_per_s'] / 1e12:.3f} TFLOP/s"
+          f"{j['tokens_per_s']:.0f} tokens/s"
+          + (f", {j['flops_per_s'] / 1e12:.3f} TFLOP/s" if j["flops_per_s"] is not None else "")
           + (f", MFU {j['mfu']:.1%}" if j["mfu"] is not None else ""), flush=True)
     if args.reference == "torch":
+        if not hasattr(fc, "pooled_projection_dim"):
+            print("error: --reference torch compares FLUX.1 only", file=sys.stderr)
+            return 2
         results["torch"] = bench_torch(cfg, fc, batch, args.steps)
         results["ratio_jax_over_torch"] = j["step_s_median"] / results["torch"]["step_s_median"]
         print(f"torch: step {results['torch']['step_s_median'] * 1e3:.1f} ms -> ours/torch = "

@@ -1,4 +1,4 @@
-"""Cache stage: encode training images and instructions once (VAE latents, CLIP/T5 embeddings).
+"""Cache stage: encode training images and instructions once (VAE latents, CLIP/T5 or Qwen3 embeddings).
 
     python scripts/cache.py --config configs/X.py --data MANIFEST.jsonl_OR_FOLDER --out CACHE_DIR \
         [--set model.path=CONVERTED_MODEL] [--skip-bad] [--enhance QWEN2_5_VL_DIR]
@@ -16,7 +16,8 @@ import logging
 import sys
 import time
 
-from dreamomni2_jax.cache import CacheError, JaxEncoders, build_cache
+from dreamomni2_jax import families
+from dreamomni2_jax.cache import CacheError, build_cache
 from dreamomni2_jax.config import ConfigError, load_config
 from dreamomni2_jax.images import TASKS, BadInput
 
@@ -60,9 +61,10 @@ def _main(argv: list[str] | None = None) -> int:
 
             enhancer = QwenEnhancer(args.enhance, max_new_tokens=args.enhance_max_tokens)
 
-        def encoders():
-            return JaxEncoders(cfg.model.path, cfg.model.param_dtype, cfg.data.max_sequence_length,
-                               image_batch=args.image_batch, text_batch=args.text_batch)
+        def encoders():  # the model family (FLUX.1 / FLUX.2 [klein]) recorded in the converted folder
+            return families.for_path(cfg.model.path).make_encoders(
+                cfg.model.path, cfg.model.param_dtype, cfg.data.max_sequence_length, image_batch=args.image_batch,
+                text_batch=args.text_batch)
 
         t0 = time.perf_counter()
         index = build_cache(cfg, args.data, args.out, encoders, skip_bad=args.skip_bad, shard_size=args.shard_size,

@@ -1,10 +1,12 @@
 """End-to-end demo on a tiny random model, CPU only (the README's `make demo`).
 
     python scripts/demo.py --out demo_out
+    python scripts/demo.py --family klein --out demo_klein_out     # FLUX.2 [klein] (`make demo-klein`)
 
-Writes a tiny random Flux Kontext model folder in the real diffusers layout (configs +
+Writes a tiny random Flux Kontext (or ``Flux2KleinPipeline``) model folder in the real diffusers layout (configs +
 safetensors + tokenizers) and a small drawn-shape dataset with 1-3 references per sample,
-then runs the production chain with `configs/demo.py`:
+then runs the production chain with `configs/demo.py` (`configs/klein_demo.py`); every command after the
+conversion reads the model family from the converted folder:
 
     convert/pipeline.py -> scripts/cache.py -> scripts/train.py (preempted by SIGTERM after a
     checkpoint, then resumed) -> convert/export_lora.py (diffusers + kohya) -> scripts/sample.py
@@ -32,6 +34,9 @@ def _cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
+# --family -> (tiny model builder module, config, sample size in pixels)
+FAMILIES = {"kontext": ("dreamomni2_jax.tiny", "configs/demo.py", 128),
+            "klein": ("dreamomni2_jax.tiny_klein", "configs/klein_demo.py", 64)}
 DEMO_ENV = "DREAMOMNI2_DEMO_OUT"  # configs/demo.py puts its paths (validation references, ...) under it
 
 
@@ -71,6 +76,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="demo folder (relative to the repo root)")
     ap.add_argument("--fresh", action="store_true", help="delete the demo folder first")
+    ap.add_argument("--family", default="kontext", choices=FAMILIES, help="tiny model to run the chain on")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve()
     os.environ[DEMO_ENV] = str(out)  # inherited by every command below
@@ -82,17 +88,19 @@ def main(argv=None) -> int:
     hf_model, model, data, cache, run_dir = (out / n for n in ("hf_model", "model", "data", "cache", "run"))
     lora_dir = out / "lora"
     # Stand-ins for a download: tiny random model (real diffusers layout) and a drawn-shape dataset.
+    builder, config, size = FAMILIES[args.family]
     if not hf_model.exists():
-        run("-m", "dreamomni2_jax.tiny", str(hf_model), "--seed", "0")
+        run("-m", builder, str(hf_model), "--seed", "0")
     if not (data / "train.jsonl").exists():
         from dreamomni2_jax.tiny import write_jsonl
 
         write_jsonl(data)
         print(f"-- wrote {data / 'train.jsonl'} (6 samples, 1-3 references each)")
 
-    run("scripts/layout.py", "--config", "configs/demo.py", "--refs", "3")
+    if args.family == "kontext":  # scripts/layout.py describes the FLUX.1 3-axis ids
+        run("scripts/layout.py", "--config", config, "--refs", "3")
     run("convert/pipeline.py", "--src", str(hf_model), "--out", str(model), "--dtype", "fp32")
-    common = ["--config", "configs/demo.py", "--set", f"model.path={model}"]
+    common = ["--config", config, "--set", f"model.path={model}"]
     run("scripts/cache.py", *common, "--data", str(data / "train.jsonl"), "--out", str(cache))
 
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo trains from scratch each time
@@ -103,13 +111,14 @@ def main(argv=None) -> int:
     lora_dir.mkdir(exist_ok=True)
     diffusers_lora, kohya_lora = lora_dir / "pytorch_lora_weights.safetensors", lora_dir / "comfyui_kohya.safetensors"
     run("convert/export_lora.py", "--ckpt", str(run_dir), "--out", str(diffusers_lora))
-    run("convert/export_lora.py", "--ckpt", str(run_dir), "--format", "kohya", "--out", str(kohya_lora))
+    if args.family == "kontext":  # the FLUX.2 kohya/BFL layout is not there yet
+        run("convert/export_lora.py", "--ckpt", str(run_dir), "--format", "kohya", "--out", str(kohya_lora))
 
     sample = out / "sample.png"
     refs = sorted((data / "img").glob("s1_ref*.png"))
     run("scripts/sample.py", "--model", str(model), "--prompt", "put the hat from image 2 on the person in image 1",
         *[a for r in refs for a in ("--ref", str(r))], "--lora", str(diffusers_lora), "--steps", "4",
-        "--height", "128", "--width", "128", "--max-area", str(128 * 128), "--ref-area", str(128 * 128),
+        "--height", str(size), "--width", str(size), "--max-area", str(size * size), "--ref-area", str(size * size),
         "--seed", "0", "--dtype", "fp32", "--out", str(sample))
 
     losses = [m["loss"] for m in _metrics(run_dir)]
@@ -121,7 +130,8 @@ def main(argv=None) -> int:
     print(f"run (ckpts, metrics)   {run_dir}   ({len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     print(f"validation samples     {run_dir / 'samples'}")
     print(f"LoRA (diffusers)       {diffusers_lora}")
-    print(f"LoRA (kohya/ComfyUI)   {kohya_lora}")
+    if args.family == "kontext":
+        print(f"LoRA (kohya/ComfyUI)   {kohya_lora}")
     print(f"sample with the LoRA   {sample}")
     return 0
 

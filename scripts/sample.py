@@ -14,6 +14,11 @@ inference_edit.py / inference_gen.py. ``--num-images N`` uses seeds ``seed .. se
 checkpoint folder. ``--enhance`` rewrites the prompt with DreamOmni2's Qwen2.5-VL first, as its scripts do: the
 VLM sees the references and the prompt followed by " It is editing task." / " It is generation task."; Flux gets
 the VLM's answer (the task suffix is never part of the Flux prompt). Needs torch (``pip install .[vlm]``).
+
+A FLUX.2 [klein] folder (the family recorded by ``convert/pipeline.py``) samples like ``Flux2KleinPipeline``:
+references only capped at 1024² and centre-cropped to multiples of 16, the output at the first reference's size
+(else 1024²), ``--guidance`` = classifier-free guidance against ``--negative-prompt`` (default empty);
+``--scheme``, ``--true-cfg``, ``--max-area``, ``--ref-area`` and ``--no-auto-resize`` are FLUX.1 options.
 """
 from __future__ import annotations
 

@@ -59,7 +59,9 @@ def main(argv=None, callbacks=(), after_save=None) -> int:
 
 
 def _main(args, callbacks, after_save=None) -> int:
-    cfg = load_config(args.config, args.set)
+    from dreamomni2_jax.families import resolve_config
+
+    cfg = resolve_config(load_config(args.config, args.set))  # settings the model family fixes (FLUX.2 ids)
     if args.print_config:
         print(cfg.to_json())
         return 0

@@ -54,6 +54,19 @@ def test_layout_family_and_weights(klein):
                                   pipe.transformer.proj_out.weight.detach().numpy().T)
 
 
+def test_family_is_read_from_every_kind_of_model_folder(klein, tmp_path):
+    from dreamomni2_jax import families
+
+    src, out, _ = klein
+    klein_family = families.get("flux2-klein")
+    for p in (out, src, out / "transformer", src / "transformer"):  # converted, diffusers, transformer folders
+        assert families.for_path(p) is klein_family, p
+    assert families.for_path(tmp_path) is families.get("flux1")
+    assert families.for_model(load_flux2(out / "transformer", dtype=jnp.float32)) is klein_family
+    with pytest.raises(ValueError, match="unknown model family"):
+        families.get("flux3")
+
+
 def test_prompt_embeds_match_pipeline_encode_prompt(klein):
     _, out, pipe = klein
     with torch.no_grad():
@@ -99,3 +112,61 @@ def test_bad_klein_folder_names_every_problem(klein, tmp_path):
     assert "Flux2KleinPipeline" in msg and "'text_encoder'" in msg and "vae" in msg
     with pytest.raises(ValueError, match="not a converted pipeline"):
         cpipe.read_family(tmp_path)
+
+
+# --------------------------------------------------------------------------- sampler parity
+
+STEPS = 3
+PROMPT = "put the hat from image 2 on the person in image 1"
+H, W = 32, 48  # output: 2 x 3 tokens
+
+
+def _image(seed: int, w: int, h: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def jax_pipe(klein):
+    from dreamomni2_jax import sampler
+
+    return sampler.load_pipeline(klein[1], jnp.float32, max_sequence_length=MAX_LEN)
+
+
+@pytest.mark.parametrize("refs,guidance", [
+    ([(96, 64)], 4.0),  # CFG against the empty prompt
+    ([(96, 64), (64, 80)], 1.0),  # no CFG
+    ([(64, 64), (80, 64), (70, 83)], 2.5),  # last reference centre-cropped to 64 x 80
+])
+def test_sampler_matches_flux2_klein_pipeline(klein, jax_pipe, refs, guidance):
+    """``Flux2KleinPipeline.__call__`` (1-3 references, CFG on/off, ``compute_empirical_mu`` shift) and our sampler
+    from the same initial latents give the same images."""
+    from dreamomni2_jax import families
+
+    _, _, pipe = klein
+    assert jax_pipe.family is families.get("flux2-klein")
+    images = [_image(i, w, h) for i, (w, h) in enumerate(refs)]
+    c4 = pipe.transformer.config.in_channels
+    lat = np.random.default_rng(len(refs)).standard_normal((1, c4, H // 16, W // 16)).astype(np.float32)
+    with torch.no_grad():
+        want = pipe(image=images, prompt=PROMPT, height=H, width=W, num_inference_steps=STEPS,
+                    guidance_scale=guidance, latents=torch.from_numpy(lat), output_type="np",
+                    max_sequence_length=MAX_LEN, text_encoder_out_layers=QWEN3_TINY_LAYERS).images
+    packed = lat.reshape(1, c4, -1).transpose(0, 2, 1)  # the pipeline's _pack_latents
+    got = jax_pipe(PROMPT, images, height=H, width=W, steps=STEPS, guidance=guidance, latents=packed,
+                   progress=False)
+    assert got.shape == want.shape == (1, H, W, 3)
+    assert float(np.abs(want - 0.5).max()) > 0.05  # not a flat image
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_compute_empirical_mu_is_the_pipelines():
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu as want
+
+    from dreamomni2_jax.families import compute_empirical_mu
+
+    for seq, steps in ((6, 3), (1024, 4), (4096, 50), (4301, 28), (16384, 50)):
+        assert compute_empirical_mu(seq, steps) == want(seq, steps)

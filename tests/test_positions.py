@@ -79,7 +79,7 @@ def test_text_ids_and_unknown_scheme():
 def test_caller_scheme_without_a_registry():
     ids = P.reference_ids([(4, 4), (4, 4)], lambda sizes: [7 * i for i in range(len(sizes))])
     assert ids[4:, 2].min() == 7
-    assert "test_double" not in P.SCHEMES and sorted(P.schemes()) == ["dreamomni2", "kontext"]
+    assert "test_double" not in P.SCHEMES and sorted(P.schemes()) == ["dreamomni2", "flux2", "kontext"]
     with pytest.raises(TypeError):
         P.SCHEMES["test_double"] = lambda sizes: [0] * len(sizes)  # read-only: no process-wide edits
 
