@@ -1,7 +1,7 @@
 """FLUX.2 [klein] end to end, on a tiny random ``Flux2KleinPipeline`` folder written by diffusers:
 convert/pipeline.py -> scripts/cache.py (cached latents / prompt embeddings = the pipeline's) -> scripts/train.py
 (kill -9 after a checkpoint, resume: the same losses bit for bit; validation sampling) ->
-convert/lora_to_diffusers.py -> diffusers ``load_lora_weights`` (same transformer output as ours) and
+convert/export_lora.py -> diffusers ``load_lora_weights`` (same transformer output as ours) and
 scripts/sample.py with 2 references. The model family is read from the converted folder by every command."""
 from __future__ import annotations
 
@@ -139,10 +139,10 @@ def test_train_kill9_then_resume_is_exact_and_validates(chain, straight, compile
     assert sorted(want) == list(range(1, STEPS + 1)) and all(np.isfinite(list(want.values())))
     assert (straight / "samples" / f"step_{STEPS:06d}.png").is_file()  # validation sampling with the klein sampler
     run = chain / "killed"
-    env = {**os.environ, C.KILL_ENV: "2", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *_train_argv(run)], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_kill_after_save.py"), "2", *_train_argv(run)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert C.complete_steps(run / "checkpoints") == [2]
     assert _script("scripts/train.py")(_train_argv(run)) == 0  # resumes from checkpoint 2 by itself
@@ -154,10 +154,10 @@ def test_train_kill9_then_resume_is_exact_and_validates(chain, straight, compile
 def test_exported_lora_loads_in_diffusers_with_the_same_output(chain, straight, torch_pipe, tmp_path):
     from dreamomni2_jax import positions_flux2 as P2
     from dreamomni2_jax.loaders import load_flux2
-    from dreamomni2_jax.sampler import load_lora
+    from dreamomni2_jax.attach import attach_lora
 
     out = tmp_path / "pytorch_lora_weights.safetensors"
-    assert _script("convert/lora_to_diffusers.py")(["--ckpt", str(straight), "--out", str(out),
+    assert _script("convert/export_lora.py")(["--ckpt", str(straight), "--out", str(out),
                                                      "--dtype", "fp32"]) == 0
     rng = np.random.default_rng(0)
     c = torch_pipe.transformer.config
@@ -182,7 +182,7 @@ def test_exported_lora_loads_in_diffusers_with_the_same_output(chain, straight, 
     finally:
         torch_pipe.unload_lora_weights()
     model = load_flux2(chain / "model" / "transformer", dtype=jnp.float32)
-    meta = load_lora(model, out)
+    meta = attach_lora(model, out)
     assert meta["rank"] == 4 and len(meta["targets"]) == 10
     got = np.asarray(model(jnp.asarray(hidden), jnp.asarray(text), jnp.asarray(t), jnp.asarray(img_ids),
                            jnp.asarray(txt_ids)))
