@@ -139,6 +139,8 @@ class LoraConfig(_Section):
     # lora_A init (lora_B = 0): gaussian N(0, 1/rank²) as diffusers' Kontext script and qflux
     # (peft init_lora_weights="gaussian"); kaiming: peft's default Kaiming-uniform, ~6x smaller at Flux widths
     init: str = "gaussian"
+    # "dora": DoRA (peft's use_dora): a trained magnitude per output feature on top of the low-rank update
+    variant: str = "lora"
 
     def _validate(self):
         _positive("lora.rank", self.rank)
@@ -146,6 +148,7 @@ class LoraConfig(_Section):
         _choice("lora.preset", self.preset, (*LORA_PRESETS, "custom"))
         _choice("lora.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("lora.init", self.init, ("gaussian", "kaiming"))
+        _choice("lora.variant", self.variant, ("lora", "dora"))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if self.preset == "custom" and not self.targets:
