@@ -299,10 +299,13 @@ class SampleConfig(_Section):
     every_steps: int = 0  # validation sampling during training; 0 disables
     validation: tuple[ValidationSample, ...] = ()
     use_ema: bool = False  # validation samples with the EMA adapters (needs train.ema_decay > 0)
+    # also preview the first N records of data.eval_cache_dir: references | sample | target (decoded from the cache)
+    eval_records: int = 0
 
     def _validate(self):
         _positive("sample.steps", self.steps)
         _positive("sample.every_steps", self.every_steps, allow_zero=True)
+        _positive("sample.eval_records", self.eval_records, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -371,6 +374,8 @@ class Config:
             section._validate()
         if self.train.eval_every > 0 and not self.data.eval_cache_dir:
             raise ConfigError("train.eval_every > 0 needs data.eval_cache_dir (a cache of held-out records)")
+        if self.sample.eval_records > 0 and not self.data.eval_cache_dir:
+            raise ConfigError("sample.eval_records > 0 needs data.eval_cache_dir (a cache of held-out records)")
         if self.sample.use_ema and self.train.ema_decay <= 0:
             raise ConfigError("sample.use_ema=true needs train.ema_decay > 0 (no EMA adapters are kept)")
 
