@@ -438,8 +438,8 @@ def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> t
     ``{module.lora_A|B: array}``, DoRA: also ``module.lora_magnitude_vector``; metadata). A schedule-free run's
     adapters are its evaluation point (``optimizers.saved_eval_params``).
 
-    metadata: ``{"rank", "alpha", "variant", "targets", "step", "step_dir"}``; alpha comes from the adapter metadata saved
-    with the checkpoint, else from the saved config (``lora.alpha``).
+    metadata: ``{"rank", "alpha", "variant", "targets", "step", "step_dir"}``; alpha comes from the adapter metadata
+    saved with the checkpoint, else from the saved config (``lora.alpha``).
     """
     state, step, step_dir = load_state(path, step)
     if not isinstance(state, dict) or "lora" not in state:

@@ -34,8 +34,9 @@ from flax import nnx
 from dreamomni2_jax import dora
 from dreamomni2_jax.config import LoraConfig
 
-__all__ = ["LORA_INITS", "init_lora_a", "LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "apply_lora_config", "lora_modules",
-           "lora_state", "reset_magnitudes", "set_lora_state", "lora_metadata", "linear_paths", "reseed_dropout", "LoraError"]
+__all__ = ["LORA_INITS", "init_lora_a", "LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "apply_lora_config",
+           "lora_modules", "lora_state", "reset_magnitudes", "set_lora_state", "lora_metadata", "linear_paths",
+           "reseed_dropout", "LoraError"]
 
 
 class LoraError(ValueError):

@@ -624,6 +624,6 @@ def init_lora(model, lora_cfg, seed: int = 0) -> tuple[str, ...]:
     return tuple(lora_modules(model))
 
 
-__all__ = ["Adapter", "LoraFileError", "MAGNITUDE", "is_dora", "unstack", "stack", "to_diffusers", "from_diffusers", "to_kohya",
-           "from_kohya", "check_finite", "read_adapters", "write_adapters", "save_lora_file", "load_lora_file", "detect_format",
-           "layer_counts", "apply_lora_file", "apply_adapters", "init_lora"]
+__all__ = ["Adapter", "LoraFileError", "MAGNITUDE", "is_dora", "unstack", "stack", "to_diffusers", "from_diffusers",
+           "to_kohya", "from_kohya", "check_finite", "read_adapters", "write_adapters", "save_lora_file",
+           "load_lora_file", "detect_format", "layer_counts", "apply_lora_file", "apply_adapters", "init_lora"]
