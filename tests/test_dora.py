@@ -260,3 +260,29 @@ def test_dora_init_from_plain_lora_file_keeps_its_output(base_model, inputs, tmp
     L.init_lora(model, LoraConfig(variant="dora", init_from=str(path)))
     assert lora_metadata(model)["variant"] == "dora"
     _close(_jax_out(model, inputs), _jax_out(src, inputs), _jax_out(base_model, inputs))
+
+
+def test_import_dora_saved_by_diffusers_from_peft(base_model, inputs, tiny_pipeline_dir, tmp_path):
+    """A DoRA LoRA trained in PyTorch (peft ``use_dora=True``, written by diffusers' ``save_lora_weights``) loads into
+    the JAX model as DoRA with peft's output."""
+    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    ref = FluxTransformer2DModel.from_pretrained(tiny_pipeline_dir / "transformer", torch_dtype=torch.float32)
+    base = _torch_out(ref, inputs)
+    ref.add_adapter(PeftLoraConfig(r=3, lora_alpha=5, target_modules=["to_q", "to_v", "proj_out", "ff.net.0.proj"],
+                                   init_lora_weights=False, use_dora=True))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if MAG in name:
+                p.mul_(1.0 + 0.3 * torch.rand_like(p))
+    FluxKontextPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(ref),
+                                          transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
+    want = _torch_out(ref, inputs)
+    model = nnx.clone(base_model)
+    meta = L.apply_lora_file(model, tmp_path / "pytorch_lora_weights.safetensors")
+    assert meta["variant"] == "dora" and meta["rank"] == 3 and meta["alpha"] == 5.0
+    assert lora_metadata(model)["variant"] == "dora"
+    _close(_jax_out(model, inputs), want, base)
