@@ -22,9 +22,9 @@ from flax import nnx
 
 from dreamomni2_jax.config import LoraConfig
 from dreamomni2_jax.lora import (
-    LoraError, apply_lora, linear_paths, lora_metadata, lora_modules, set_lora_state,
+    LoraError, apply_lora, linear_paths, lora_metadata, lora_modules, lora_state, reset_magnitudes, set_lora_state,
 )
-from dreamomni2_jax.lora_io import LoraFileError, check_finite, load_lora_file
+from dreamomni2_jax.lora_io import MAGNITUDE, LoraFileError, check_finite, load_lora_file
 from dreamomni2_jax.models.schemas import lora_target_patterns, schema_for, stacked_groups
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,17 @@ def layer_counts(model) -> dict[str, int]:
 
 def attach_lora(model: nnx.Module, source: str | Path | None = None, *, config: LoraConfig | None = None,
                 scale: float = 1.0, step: int | None = None, ema: bool = False, seed: int | jax.Array = 0,
-                dtype=None, dropout: float | None = None, fresh: bool = False) -> dict:
+                dtype=None, dropout: float | None = None, fresh: bool = False, variant: str | None = None) -> dict:
     """Attach adapters to ``model`` (see the module docstring) -> ``{"rank", "alpha", "targets", ...}``.
 
     ``source`` None: fresh adapters from ``config`` (``seed`` draws ``lora_A``), or ``config.init_from``'s file
     (``fresh=True``: fresh ones regardless, e.g. for shape-only models).
     ``source`` a file: its adapters at strength ``scale``; a folder: the run checkpoint's (``step``: that step,
-    ``ema``: the EMA adapters). ``dtype`` / ``dropout`` of new adapters: ``config``'s, else float32 / 0.
+    ``ema``: the EMA adapters). ``dtype`` / ``dropout`` / ``variant`` of new adapters: ``config``'s, else
+    float32 / 0 / the source's. DoRA sources (``lora_magnitude_vector`` keys) make DoRA layers; ``variant="dora"``
+    with a plain LoRA (a model without adapters only) makes DoRA layers whose magnitudes start at the norm of
+    ``W + scale * A @ B``, which computes exactly what the LoRA computes (``lora.init_from`` a LoRA file with
+    ``lora.variant=dora``).
     A LoRA that does not fit the model raises ``LoraFileError`` / ``LoraError`` naming the modules, a bad run
     folder ``CheckpointError``."""
     if dtype is None:
@@ -57,7 +61,11 @@ def attach_lora(model: nnx.Module, source: str | Path | None = None, *, config: 
     if dropout is None:
         dropout = config.dropout if config is not None else 0.0
     if source is None and config is not None and config.init_from and not fresh:
-        meta = attach_lora(model, config.init_from, scale=scale, dtype=dtype, dropout=dropout)
+        meta = attach_lora(model, config.init_from, scale=scale, dtype=dtype, dropout=dropout,
+                           variant=config.variant)
+        if meta["variant"] != config.variant:
+            log.warning("lora.init_from=%s is a DoRA LoRA: training it as DoRA (config: lora.variant=%s)",
+                        config.init_from, config.variant)
         if (meta["rank"], meta["alpha"]) != (config.rank, config.alpha):
             log.warning("lora.init_from=%s: using the file's rank %d / alpha %g (config: %d / %g)", config.init_from,
                         meta["rank"], meta["alpha"], config.rank, config.alpha)
@@ -73,7 +81,7 @@ def attach_lora(model: nnx.Module, source: str | Path | None = None, *, config: 
         flat, meta = read_checkpoint_lora(path, step, ema=ema)
     else:
         flat, meta = load_lora_file(path, layer_counts(model), schema=schema_for(model))
-    return _set_adapters(model, flat, meta, scale, dtype=dtype, dropout=dropout)
+    return _set_adapters(model, flat, meta, scale, dtype=dtype, dropout=dropout, variant=variant)
 
 
 def _fresh(model: nnx.Module, cfg: LoraConfig, seed) -> dict:
@@ -83,18 +91,19 @@ def _fresh(model: nnx.Module, cfg: LoraConfig, seed) -> dict:
     patterns = lora_target_patterns(cfg, model)
     preset = [p for p in patterns[:len(patterns) - len(cfg.targets)] if any(re.search(p, h) for h in have)]
     apply_lora(model, preset + list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-               dtype=jnp.dtype(cfg.dtype), seed=seed, init=cfg.init)
+               dtype=jnp.dtype(cfg.dtype), seed=seed, init=cfg.init, variant=cfg.variant)
     return {**lora_metadata(model), "source": None}
 
 
 def _set_adapters(model, flat: Mapping[str, np.ndarray], meta: Mapping, scale: float = 1.0, *, dtype=None,
-                  dropout: float = 0.0) -> dict:
+                  dropout: float = 0.0, variant: str | None = None) -> dict:
     """Attach adapters in our flat layout (``meta``: ``rank``, ``alpha``, ``targets``, optional ``source`` /
     ``step_dir``) with strength ``scale`` (folded into ``lora_B``). A model without adapters gets exactly these
     targets, rank and alpha; a model that already has adapters must have the same modules and rank (alpha is
     folded in). Any mismatch raises :class:`LoraFileError` listing the keys."""
     src = meta.get("source") or meta.get("step_dir") or "LoRA"
     check_finite(flat, src)
+    file_variant = "dora" if any(k.endswith(f".{MAGNITUDE}") for k in flat) else "lora"
     existing = lora_modules(model)
     factor = float(scale)
     if existing:
@@ -106,6 +115,9 @@ def _set_adapters(model, flat: Mapping[str, np.ndarray], meta: Mapping, scale: f
         mm = lora_metadata(model)
         if mm["rank"] != meta["rank"]:
             raise LoraFileError(f"{src}: rank {meta['rank']} != the model adapters' rank {mm['rank']}")
+        if mm["variant"] != file_variant:
+            raise LoraFileError(f"{src}: a {file_variant} adapter cannot be loaded into the model's "
+                                f"{mm['variant']} adapters")
         factor *= (meta["alpha"] / meta["rank"]) / (mm["alpha"] / mm["rank"])
     else:
         available = set(linear_paths(model))
@@ -114,14 +126,20 @@ def _set_adapters(model, flat: Mapping[str, np.ndarray], meta: Mapping, scale: f
             raise LoraFileError(f"{src}: LoRA targets that are not Linear modules of the model: {unknown}; model "
                                 f"Linear paths: {sorted(available)}")
         apply_lora(model, [f"^{re.escape(t)}$" for t in meta["targets"]], rank=meta["rank"], alpha=meta["alpha"],
-                   dropout=dropout, dtype=jnp.dtype(dtype or jnp.float32))
+                   dropout=dropout, dtype=jnp.dtype(dtype or jnp.float32),
+                   variant="dora" if "dora" in (variant, file_variant) else "lora")
     if factor != 1.0:
         flat = {k: v * np.float32(factor) if k.endswith(".lora_B") else v for k, v in flat.items()}
+    fill = not existing and variant == "dora" and file_variant == "lora"
+    if fill:  # magnitudes come from the adapted weights below
+        flat = {**flat, **{k: v for k, v in lora_state(model).items() if k.endswith(f".{MAGNITUDE}")}}
     try:
         set_lora_state(model, flat)
     except LoraError as e:
         raise LoraFileError(f"{src}: {e}") from None
-    return dict(meta)
+    if fill:
+        reset_magnitudes(model)
+    return {**meta, "variant": lora_metadata(model)["variant"]}
 
 
 __all__ = ["attach_lora", "layer_counts"]

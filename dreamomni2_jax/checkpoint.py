@@ -349,11 +349,11 @@ def _lora_key(path) -> str:
 
 def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """The LoRA adapters of a checkpoint (``state["lora"]``; ``ema``: their EMA, ``state["ema"]``) -> (flat
-    ``{module.lora_A|B: array}``, metadata). A schedule-free run's adapters are its evaluation point
-    (``optimizers.saved_eval_params``).
+    ``{module.lora_A|B: array}``, DoRA: also ``module.lora_magnitude_vector``; metadata). A schedule-free run's
+    adapters are its evaluation point (``optimizers.saved_eval_params``).
 
-    metadata: ``{"rank", "alpha", "targets", "step", "step_dir"}``; alpha comes from the adapter metadata saved
-    with the checkpoint, else from the saved config (``lora.alpha``).
+    metadata: ``{"rank", "alpha", "variant", "targets", "step", "step_dir"}``; alpha comes from the adapter metadata
+    saved with the checkpoint, else from the saved config (``lora.alpha``).
     """
     state, step, step_dir = load_state(path, step)
     if not isinstance(state, dict) or "lora" not in state:
@@ -367,7 +367,7 @@ def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> t
 
         adapters = saved_eval_params(state.get("opt_state"), adapters)
     flat = {_lora_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(adapters)[0]}
-    bad = sorted(k for k in flat if not k.endswith((".lora_A", ".lora_B")))
+    bad = sorted(k for k in flat if not k.endswith((".lora_A", ".lora_B", ".lora_magnitude_vector")))
     if bad or not flat:
         raise CheckpointError(f"{step_dir / 'state'}: 'lora' entry has non-adapter leaves {bad[:20]} "
                               f"({len(flat)} leaves)")
@@ -383,7 +383,9 @@ def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> t
         alpha = cfg.lora.alpha
     rank = int(next(v for k, v in flat.items() if k.endswith(".lora_A")).shape[-1])
     targets = sorted({k.rsplit(".", 1)[0] for k in flat})
-    return flat, {"rank": rank, "alpha": alpha, "targets": targets, "step": step, "step_dir": str(step_dir)}
+    variant = "dora" if any(k.endswith(".lora_magnitude_vector") for k in flat) else "lora"
+    return flat, {"rank": rank, "alpha": alpha, "variant": variant, "targets": targets, "step": step,
+                  "step_dir": str(step_dir)}
 
 
 __all__ = ["CheckpointError", "RunCheckpointer", "open_run", "read_config", "load_state", "resolve_checkpoint",

@@ -128,6 +128,8 @@ class LoraConfig(_Section):
     # lora_A init (lora_B = 0): gaussian N(0, 1/rank²) as diffusers' Kontext script and qflux
     # (peft init_lora_weights="gaussian"); kaiming: peft's default Kaiming-uniform, ~6x smaller at Flux widths
     init: str = "gaussian"
+    # "dora": DoRA (peft's use_dora): a trained magnitude per output feature on top of the low-rank update
+    variant: str = "lora"
 
     def _validate(self):
         _positive("lora.rank", self.rank)
@@ -136,6 +138,7 @@ class LoraConfig(_Section):
             raise ConfigError(f"lora.preset={self.preset!r} must be a preset name or 'custom'")
         _choice("lora.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("lora.init", self.init, ("gaussian", "kaiming"))
+        _choice("lora.variant", self.variant, ("lora", "dora"))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if self.preset == "custom" and not self.targets:
@@ -282,10 +285,13 @@ class SampleConfig(_Section):
     every_steps: int = 0  # validation sampling during training; 0 disables
     validation: tuple[ValidationSample, ...] = ()
     use_ema: bool = False  # validation samples with the EMA adapters (needs train.ema_decay > 0)
+    # also preview the first N records of data.eval_cache_dir: references | sample | target (decoded from the cache)
+    eval_records: int = 0
 
     def _validate(self):
         _positive("sample.steps", self.steps)
         _positive("sample.every_steps", self.every_steps, allow_zero=True)
+        _positive("sample.eval_records", self.eval_records, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -354,6 +360,8 @@ class Config:
             section._validate()
         if self.train.eval_every > 0 and not self.data.eval_cache_dir:
             raise ConfigError("train.eval_every > 0 needs data.eval_cache_dir (a cache of held-out records)")
+        if self.sample.eval_records > 0 and not self.data.eval_cache_dir:
+            raise ConfigError("sample.eval_records > 0 needs data.eval_cache_dir (a cache of held-out records)")
         if self.sample.use_ema and self.train.ema_decay <= 0:
             raise ConfigError("sample.use_ema=true needs train.ema_decay > 0 (no EMA adapters are kept)")
 

@@ -13,7 +13,12 @@ script and qflux use): ``N(0, (1/rank)²)``; ``kaiming`` (peft's ``True``): Kaim
 ``U(-1/sqrt(in), 1/sqrt(in))``), ≈6x smaller at Flux widths (in=3072, rank 16), so B's early gradients are smaller.
 
 The flat-dict helpers (:func:`lora_state`, :func:`set_lora_state`, :func:`lora_metadata`) are the interface for
-LoRA export/import: keys are ``<dotted module path>.lora_A`` / ``.lora_B``; stacked modules keep the layer axis.
+LoRA export/import: keys are ``<dotted module path>.lora_A`` / ``.lora_B`` (DoRA: and ``.lora_magnitude_vector``);
+stacked modules keep the layer axis.
+
+``variant="dora"`` (``lora.variant``) adds peft's DoRA magnitude vector ``lora_magnitude_vector`` ``[..., out]`` (a
+:class:`LoRAParam`, so it trains, shards, averages and checkpoints with the adapters); the math is in
+:mod:`dreamomni2_jax.dora`.
 """
 from __future__ import annotations
 
@@ -26,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dreamomni2_jax import dora
 
 __all__ = ["LORA_INITS", "init_lora_a", "LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "lora_modules",
-           "lora_state", "set_lora_state", "lora_metadata", "linear_paths", "reseed_dropout", "LoraError"]
+           "lora_state", "reset_magnitudes", "set_lora_state", "lora_metadata", "linear_paths", "reseed_dropout",
+           "LoraError"]
 
 
 class LoraError(ValueError):
@@ -36,7 +43,7 @@ class LoraError(ValueError):
 
 
 class LoRAParam(nnx.Param):
-    """A trainable LoRA adapter weight (``lora_A`` / ``lora_B``)."""
+    """A trainable LoRA adapter weight (``lora_A`` / ``lora_B``; DoRA: ``lora_magnitude_vector``)."""
 
 
 class LoRADropoutKey(nnx.Variable):
@@ -71,7 +78,7 @@ class LoRALinear(nnx.Linear):
     """
 
     def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, key: jax.Array, dropout: float = 0.0,
-                 dtype=jnp.float32, init: str = "gaussian"):
+                 dtype=jnp.float32, init: str = "gaussian", variant: str = "lora"):
         if isinstance(base, LoRALinear):
             raise LoraError("module already has a LoRA adapter")
         for name in ("kernel", "bias", "in_features", "out_features", "use_bias", "dtype", "param_dtype",
@@ -81,6 +88,12 @@ class LoRALinear(nnx.Linear):
         self.lora_A = LoRAParam(init_lora_a(key, (*lead, din, rank), init).astype(dtype))
         self.lora_B = LoRAParam(jnp.zeros((*lead, rank, dout), dtype))
         self.lora_rank, self.lora_alpha, self.lora_scale = int(rank), float(alpha), float(alpha) / rank
+        if variant not in dora.VARIANTS:
+            raise LoraError(f"LoRA variant {variant!r} is not one of {list(dora.VARIANTS)}")
+        self.lora_variant = variant
+        if variant == "dora":  # peft: m = ||W + scale * B @ A|| of the initial adapters
+            self.lora_magnitude_vector = LoRAParam(dora.weight_norm(
+                self.kernel[...], self.lora_A[...], self.lora_B[...], self.lora_scale).astype(dtype))
         self.lora_dropout = float(dropout)
         self.deterministic = True
         if dropout > 0:
@@ -89,12 +102,17 @@ class LoRALinear(nnx.Linear):
     def __call__(self, inputs, out_sharding=None):
         y = super().__call__(inputs, out_sharding=out_sharding)
         x = inputs
-        if self.lora_dropout > 0 and not self.deterministic:
+        dropped = self.lora_dropout > 0 and not self.deterministic
+        if dropped:
             key = jax.random.wrap_key_data(self.lora_dropout_key[...])
             keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.lora_dropout), jnp.zeros_like(x))
         a, b = self.lora_A[...], self.lora_B[...]
         cdt = self.dtype if self.dtype is not None else jnp.result_type(x, a)
+        if self.lora_variant == "dora":
+            return dora.output(y, x, kernel=self.kernel[...], bias=self.bias[...] if self.bias is not None else None,
+                               lora_a=a, lora_b=b, magnitude=self.lora_magnitude_vector[...], scale=self.lora_scale,
+                               cdt=cdt, dropped=dropped)
         delta = (x.astype(cdt) @ a.astype(cdt)) @ b.astype(cdt)
         return y + (delta * jnp.asarray(self.lora_scale, cdt)).astype(y.dtype)
 
@@ -126,17 +144,20 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
 
 
 def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: float, dropout: float = 0.0,
-               dtype=jnp.float32, seed: int | jax.Array = 0, init: str = "gaussian") -> tuple[str, ...]:
+               dtype=jnp.float32, seed: int | jax.Array = 0, init: str = "gaussian",
+               variant: str = "lora") -> tuple[str, ...]:
     """Replace every ``nnx.Linear`` whose dotted path ``re.search``-matches a pattern by a :class:`LoRALinear`.
 
     Returns the adapted paths (sorted). Raises :class:`LoraError` listing the available Linear paths when nothing
     matches; patterns that match nothing (e.g. single-block targets on a model without single blocks) are
     reported with a warning. ``seed``: int or PRNG key for the ``lora_A`` init (one fold per path); ``init``: one of
-    :data:`LORA_INITS`.
+    :data:`LORA_INITS`; ``variant``: ``"lora"`` or ``"dora"`` (adds the DoRA magnitude vector).
     """
     patterns = tuple(patterns)
     if init not in LORA_INITS:
         raise LoraError(f"LoRA init {init!r} is not one of {list(LORA_INITS)}")
+    if variant not in dora.VARIANTS:
+        raise LoraError(f"LoRA variant {variant!r} is not one of {list(dora.VARIANTS)}")
     if not patterns:
         raise LoraError("no LoRA target patterns given")
     try:
@@ -164,18 +185,19 @@ def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: 
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     for i, (name, path, module) in enumerate(matched):
         new = LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout, dtype=dtype, key=jax.random.fold_in(key, i),
-                         init=init)
+                         init=init, variant=variant)
         _replace(model, path, new)
     return tuple(m[0] for m in matched)
 
 
+def _adapter_vars(m: LoRALinear) -> tuple[str, ...]:
+    return ("lora_A", "lora_B") + ((dora.MAGNITUDE,) if m.lora_variant == "dora" else ())
+
+
 def lora_state(model: nnx.Module) -> dict[str, jax.Array]:
-    """Flat ``{"<module path>.lora_A" | ".lora_B": array}`` of every adapter (stacked ones keep the layer axis)."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"{name}.lora_A"] = m.lora_A[...]
-        out[f"{name}.lora_B"] = m.lora_B[...]
-    return out
+    """Flat ``{"<module path>.lora_A" | ".lora_B" | ".lora_magnitude_vector" (DoRA): array}`` of every adapter
+    (stacked ones keep the layer axis)."""
+    return {f"{name}.{k}": getattr(m, k)[...] for name, m in lora_modules(model).items() for k in _adapter_vars(m)}
 
 
 def set_lora_state(model: nnx.Module, flat: Mapping[str, jax.Array]) -> None:
@@ -183,7 +205,7 @@ def set_lora_state(model: nnx.Module, flat: Mapping[str, jax.Array]) -> None:
 
     Arrays are cast to each adapter's dtype and keep the sharding of the array given."""
     modules = lora_modules(model)
-    expected = {f"{n}.{k}": getattr(m, k) for n, m in modules.items() for k in ("lora_A", "lora_B")}
+    expected = {f"{n}.{k}": getattr(m, k) for n, m in modules.items() for k in _adapter_vars(m)}
     missing, unknown = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
     if missing or unknown:
         raise LoraError(f"LoRA state mismatch: missing keys {missing}, unknown keys {unknown}")
@@ -195,16 +217,27 @@ def set_lora_state(model: nnx.Module, flat: Mapping[str, jax.Array]) -> None:
 
 
 def lora_metadata(model: nnx.Module) -> dict:
-    """``{"rank", "alpha", "dropout", "targets": [dotted module paths]}`` of the adapted model."""
+    """``{"rank", "alpha", "dropout", "variant", "targets": [dotted module paths]}`` of the adapted model."""
     modules = lora_modules(model)
     if not modules:
         raise LoraError("model has no LoRA adapters")
     ranks = {m.lora_rank for m in modules.values()}
     alphas = {m.lora_alpha for m in modules.values()}
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise LoraError(f"adapters have mixed rank/alpha: ranks {sorted(ranks)}, alphas {sorted(alphas)}")
+    variants = {m.lora_variant for m in modules.values()}
+    if len(ranks) != 1 or len(alphas) != 1 or len(variants) != 1:
+        raise LoraError(f"adapters have mixed rank/alpha/variant: ranks {sorted(ranks)}, alphas {sorted(alphas)}, "
+                        f"variants {sorted(variants)}")
     return {"rank": ranks.pop(), "alpha": alphas.pop(), "dropout": next(iter(modules.values())).lora_dropout,
-            "targets": list(modules)}
+            "variant": variants.pop(), "targets": list(modules)}
+
+
+def reset_magnitudes(model: nnx.Module) -> None:
+    """Set every DoRA magnitude to the norm of its current adapted weight (``W + scale * A @ B``): the DoRA layer then
+    computes exactly what the plain LoRA with these ``A`` / ``B`` computes (used to start DoRA from a LoRA file)."""
+    for m in lora_modules(model).values():
+        if m.lora_variant == "dora":
+            m.lora_magnitude_vector[...] = dora.weight_norm(m.kernel[...], m.lora_A[...], m.lora_B[...],
+                                                            m.lora_scale).astype(m.lora_magnitude_vector.dtype)
 
 
 def reseed_dropout(state: nnx.State, rng: jax.Array) -> nnx.State:

@@ -19,6 +19,11 @@ Three layouts of the same adapters:
   one Linear each in diffusers, ``to_qkv_mlp_proj`` / ``to_out``).
 
 The neutral in-memory form is ``{unstacked diffusers module path: Adapter(down [r, in], up [out, r], alpha)}``.
+
+DoRA adapters (``lora.variant = "dora"``) also carry peft's magnitude vector (``Adapter.magnitude`` ``[out]``; ours:
+``.lora_magnitude_vector`` ``[L, out]``), written as ``transformer.<module>.lora_magnitude_vector`` with
+``use_dora: true`` in the adapter metadata (what peft's ``get_peft_model_state_dict`` and diffusers'
+``save_lora_weights`` write). The kohya layout has no DoRA form here: exporting DoRA as kohya is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 from typing import Mapping
 
@@ -57,6 +63,7 @@ class Adapter:
     down: np.ndarray  # [r, in]   (diffusers lora_A.weight, kohya lora_down.weight)
     up: np.ndarray  # [out, r]    (diffusers lora_B.weight, kohya lora_up.weight)
     alpha: float
+    magnitude: Optional[np.ndarray] = None  # [out]: DoRA's magnitude vector (peft lora_magnitude_vector), else None
 
     @property
     def rank(self) -> int:
@@ -76,22 +83,37 @@ def _split_stacked(path: str) -> tuple[str, str] | None:
     return (head, rest) if head in STACKED and rest else None
 
 
+MAGNITUDE = "lora_magnitude_vector"  # = dreamomni2_jax.dora.MAGNITUDE (peft's name)
+STATE_SUFFIXES = (".lora_A", ".lora_B", f".{MAGNITUDE}")
+
+
+def is_dora(adapters: Mapping[str, Adapter]) -> bool:
+    """True when the adapters are DoRA (all carry a magnitude); mixing DoRA and plain adapters is refused."""
+    with_m = sorted(p for p, a in adapters.items() if a.magnitude is not None)
+    if with_m and len(with_m) != len(adapters):
+        raise LoraFileError(f"DoRA magnitude vectors for {len(with_m)} of {len(adapters)} modules only; without "
+                            f"one: {sorted(set(adapters) - set(with_m))[:20]}")
+    return bool(with_m)
+
+
 def unstack(flat: Mapping[str, np.ndarray], alpha: float) -> dict[str, Adapter]:
     """Our flat state (:func:`lora_state` format) -> ``{diffusers module path: Adapter}`` (one per layer)."""
     modules = sorted({k.rsplit(".", 1)[0] for k in flat})
-    bad = [k for k in flat if not k.endswith((".lora_A", ".lora_B"))]
+    bad = [k for k in flat if not k.endswith(STATE_SUFFIXES)]
     missing = [f"{m}.{s}" for m in modules for s in ("lora_A", "lora_B") if f"{m}.{s}" not in flat]
     if bad or missing:
-        raise LoraFileError(f"LoRA state: keys not ending in .lora_A/.lora_B {bad}; missing {missing}")
+        raise LoraFileError(f"LoRA state: keys not ending in .lora_A/.lora_B/.{MAGNITUDE} {bad}; missing {missing}")
     out = {}
     for m in modules:
         a, b = np.asarray(flat[f"{m}.lora_A"]), np.asarray(flat[f"{m}.lora_B"])
+        mag = np.asarray(flat[f"{m}.{MAGNITUDE}"]) if f"{m}.{MAGNITUDE}" in flat else None
         if _split_stacked(m):
             head, rest = _split_stacked(m)
             for i in range(a.shape[0]):
-                out[f"{head}.{i}.{rest}"] = Adapter(a[i].T, b[i].T, float(alpha))
+                out[f"{head}.{i}.{rest}"] = Adapter(a[i].T, b[i].T, float(alpha), None if mag is None else mag[i])
         else:
-            out[m] = Adapter(a.T, b.T, float(alpha))
+            out[m] = Adapter(a.T, b.T, float(alpha), mag)
+    is_dora(out)
     return out
 
 
@@ -116,8 +138,11 @@ def stack(adapters: Mapping[str, Adapter], layer_counts: Mapping[str, int] | Non
           dtype=np.float32) -> tuple[dict[str, np.ndarray], int, float]:
     """``{module: Adapter}`` -> (our flat state, rank, alpha). Per-layer adapters are stacked along a leading axis
     of ``layer_counts[block]`` (default: highest index + 1); layers without an adapter get zeros (no effect).
-    Mixed ranks/alphas are zero-padded to the largest rank with each scale folded into ``lora_B`` (exact)."""
+    Mixed ranks/alphas are zero-padded to the largest rank with each scale folded into ``lora_B`` (exact).
+    DoRA magnitudes are stacked the same way; a DoRA module adapted in only some of its layers is refused (the
+    magnitude of an unadapted layer is its base weight's norm, which a LoRA file does not hold)."""
     rank, alpha = _uniform(adapters)
+    dora = is_dora(adapters)
 
     def fit(ad: Adapter) -> tuple[np.ndarray, np.ndarray]:
         a, b = ad.down.T.astype(np.float32), ad.up.T.astype(np.float32)  # [in, r], [r, out]
@@ -133,6 +158,8 @@ def stack(adapters: Mapping[str, Adapter], layer_counts: Mapping[str, int] | Non
             groups.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = ad
         else:
             flat[f"{path}.lora_A"], flat[f"{path}.lora_B"] = fit(ad)
+            if dora:
+                flat[f"{path}.{MAGNITUDE}"] = np.asarray(ad.magnitude, np.float32).astype(dtype)
     for name, layers in sorted(groups.items()):
         head = name.partition(".")[0]
         n = (layer_counts or {}).get(head, max(layers) + 1)
@@ -148,7 +175,13 @@ def stack(adapters: Mapping[str, Adapter], layer_counts: Mapping[str, int] | Non
                 raise LoraFileError(f"{head}.{i}.{name.partition('.')[2]}: in/out {ad.down.shape[1]}/"
                                     f"{ad.up.shape[0]} differ from other layers' {shape_a[0]}/{shape_b[1]}")
             a[i], b[i] = fit(ad)
-        if len(layers) < n:
+        if dora:
+            if len(layers) < n:
+                raise LoraFileError(f"DoRA LoRA has {name} for layers {sorted(layers)} of {n} only; DoRA adapters "
+                                    "must cover every layer of a stacked module")
+            flat[f"{name}.{MAGNITUDE}"] = np.stack([np.asarray(layers[i].magnitude, np.float32)
+                                                    for i in range(n)]).astype(dtype)
+        elif len(layers) < n:
             log.warning("LoRA file has %s for layers %s only; the other of %d layers get a zero adapter",
                         name, sorted(layers), n)
         flat[f"{name}.lora_A"], flat[f"{name}.lora_B"] = a, b
@@ -161,12 +194,15 @@ def to_diffusers(adapters: Mapping[str, Adapter], dtype=np.float32) -> tuple[dic
     rank, alpha = _uniform(adapters)
     if any(a.rank != rank or not _close(a.alpha, alpha) for a in adapters.values()):
         raise LoraFileError("diffusers export needs one rank/alpha for all modules; stack() the adapters first")
+    dora = is_dora(adapters)
     tensors = {}
     for path, ad in sorted(adapters.items()):
         tensors[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(ad.down.astype(dtype))
         tensors[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(ad.up.astype(dtype))
+        if dora:
+            tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = np.ascontiguousarray(np.asarray(ad.magnitude).astype(dtype))
     cfg = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(adapters), "lora_dropout": 0.0, "bias": "none",
-           "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}}
+           "use_dora": dora, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}}
     meta = {f"{PREFIX}{k}": v for k, v in cfg.items()}
     return tensors, {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
 
@@ -199,7 +235,7 @@ def from_diffusers(tensors: Mapping[str, np.ndarray], file_meta: Mapping[str, st
     body = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
     parts: dict[str, dict[str, np.ndarray]] = {}
     for k, v in body.items():
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|alpha)", k)
+        m = re.fullmatch(rf"(.+)\.(lora_A\.weight|lora_B\.weight|alpha|{MAGNITUDE})(?:\.weight)?", k)
         if m:
             parts.setdefault(m.group(1), {})[m.group(2)] = v
         else:
@@ -210,8 +246,11 @@ def from_diffusers(tensors: Mapping[str, np.ndarray], file_meta: Mapping[str, st
                             + (f"; modules without both lora_A and lora_B: {incomplete}" if incomplete else "")
                             + " (supported: Flux transformer LoRA in diffusers/PEFT or kohya format)")
     meta = _peft_meta(file_meta, source)
-    if meta and meta.get("use_dora"):
-        raise LoraFileError(f"{source}: DoRA adapters (use_dora=true) are not supported")
+    n_mag = sum(MAGNITUDE in p for p in parts.values())
+    if (meta and meta.get("use_dora") and n_mag != len(parts)) or 0 < n_mag < len(parts):
+        raise LoraFileError(f"{source}: DoRA LoRA (use_dora or {MAGNITUDE} keys) with a magnitude vector for "
+                            f"{n_mag} of {len(parts)} modules; modules without one: "
+                            f"{sorted(pre + m for m, p in parts.items() if MAGNITUDE not in p)[:20]}")
     out = {}
     for module, p in sorted(parts.items()):
         down, up = np.asarray(p["lora_A.weight"]), np.asarray(p["lora_B.weight"])
@@ -228,7 +267,11 @@ def from_diffusers(tensors: Mapping[str, np.ndarray], file_meta: Mapping[str, st
             alpha = scale * r  # peft's scale, whatever r the config names
         else:
             alpha = float(r)  # diffusers/PEFT convention without metadata: scale 1
-        out[module] = Adapter(down, up, alpha)
+        mag = p.get(MAGNITUDE)
+        if mag is not None and np.asarray(mag).shape != (up.shape[0],):
+            raise LoraFileError(f"{source}: {pre}{module}.{MAGNITUDE}: shape {list(np.asarray(mag).shape)} is not "
+                                f"[out] = [{up.shape[0]}]")
+        out[module] = Adapter(down, up, alpha, None if mag is None else np.asarray(mag))
     return out
 
 
@@ -251,6 +294,9 @@ def to_kohya(adapters: Mapping[str, Adapter], dtype=np.float32, schema=None
              ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """-> (tensors, metadata) with ``lora_unet_<bfl name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
     ``schema``: the model's (name, schema or config); default: the first schema declaring every module."""
+    if is_dora(adapters):
+        raise LoraFileError("kohya/ComfyUI export of DoRA adapters (lora.variant=dora) is not supported; export "
+                            "--format diffusers (peft's lora_magnitude_vector keys)")
     schema = _schema_of(adapters, schema)
     remaining = dict(adapters)
     tensors: dict[str, np.ndarray] = {}
@@ -460,6 +506,7 @@ def save_lora_file(path: str | Path, flat: Mapping[str, np.ndarray], alpha: floa
     check_finite(flat, "LoRA to export")
     adapters = unstack({k: np.asarray(v, np.float32) for k, v in flat.items()}, alpha)
     info = {"rank": next(iter(adapters.values())).rank, "alpha": float(alpha),
+            "variant": "dora" if is_dora(adapters) else "lora",
             "targets": sorted({k.rsplit(".", 1)[0] for k in flat})}
     extra = {OUR_METADATA_KEY: json.dumps(info), **(extra_metadata or {})}
     return write_adapters(path, adapters, format, dtype, extra, schema)
@@ -469,16 +516,17 @@ def load_lora_file(path: str | Path, layer_counts: Mapping[str, int] | None = No
                    dtype=np.float32, schema=None) -> tuple[dict[str, np.ndarray], dict]:
     """Read a diffusers/PEFT or kohya LoRA file -> (our flat state, metadata).
 
-    metadata: ``{"rank", "alpha", "targets": [our module paths], "format", "source"}``. ``layer_counts``
+    metadata: ``{"rank", "alpha", "variant", "targets": [our module paths], "format", "source"}``. ``layer_counts``
     (``{"transformer_blocks": 19, ...}``) sets the stacked length (default: highest layer index in the file + 1);
     ``schema``: as for :func:`read_adapters`.
     """
     adapters, info = read_adapters(path, schema)
     flat, rank, alpha = stack(adapters, layer_counts, dtype)
     targets = sorted({k.rsplit(".", 1)[0] for k in flat})
-    return flat, {"rank": rank, "alpha": alpha, "targets": targets, "format": info["format"], "source": str(path)}
+    return flat, {"rank": rank, "alpha": alpha, "variant": "dora" if is_dora(adapters) else "lora",
+                  "targets": targets, "format": info["format"], "source": str(path)}
 
 
-__all__ = ["Adapter", "LoraFileError", "unstack", "stack", "to_diffusers", "from_diffusers", "to_kohya",
+__all__ = ["Adapter", "LoraFileError", "MAGNITUDE", "is_dora", "unstack", "stack", "to_diffusers", "from_diffusers", "to_kohya",
            "from_kohya", "kohya_table", "check_finite", "read_adapters", "write_adapters", "save_lora_file",
            "load_lora_file", "detect_format"]

@@ -10,7 +10,7 @@ Follows diffusers' ``FluxKontextPipeline.__call__`` with the DreamOmni2 pipeline
 3. references are VAE-encoded (mode, ``(z - shift) * scale``), packed and concatenated after the target tokens;
    ids from :mod:`dreamomni2_jax.positions` (``scheme``: ``"dreamomni2"`` = domain i+1 and cumulative column
    offsets, ``"kontext"`` = no offsets; both equal Kontext's ids for one reference);
-4. FlowMatch Euler with dynamic shift (:mod:`dreamomni2_jax.scheduler`), guidance embedding, optional true CFG
+4. FlowMatch Euler with dynamic shift (:mod:`dreamomni2_jax.sampling_sigmas`), guidance embedding, optional true CFG
    (``true_cfg_scale > 1`` and a ``negative_prompt``: ``neg + scale * (pos - neg)``, positive and negative in one
    doubled batch), all steps in ONE jitted ``lax.scan``; progress comes from the scan through
    ``jax.debug.callback`` into a tqdm bar on the host;

@@ -10,8 +10,11 @@ Each ``cfg.sample.validation`` entry (prompt, reference paths, seed, size) is sa
 (LoRA-patched) transformer ``transformer_getter(model)`` through :class:`dreamomni2_jax.sampler.Pipeline`, with
 ``cfg.sample`` steps / guidance / true CFG, ``cfg.model.position_scheme`` ids, the entry's height x width (floored
 to 16, no area refit; :func:`preview_size` when 0: an editing entry at its source's size as cached, a generation
-entry square) and references sized like the cache stage does (Kontext resolutions at the reference area budget). The grid has one row per entry: its prompt on a line above, then its references and the output side by side, all
-scaled to one row height.
+entry square) and references sized like the cache stage does (Kontext resolutions at the reference area budget).
+With ``sample.eval_records`` = N > 0, the first N records of ``data.eval_cache_dir`` are previewed too
+(:mod:`dreamomni2_jax.eval_previews`): cached prompt embeddings, references and target decoded from their latents,
+sampled at the target's size. The grid has one row per entry: its prompt on a line above, then its references, the
+output and (held-out records) the target side by side, all scaled to one row height.
 Written to ``run_dir/samples/step_XXXXXX.png`` (temp + rename) and ``run_dir/tb`` (tensorboardX, tag
 ``validation``) by process 0; every process runs the sampling (it is SPMD when the model is sharded).
 
@@ -43,10 +46,16 @@ ROW_HEIGHT = 256
 class CachedPrompts:
     """``encode_prompt`` over a fixed prompt set: embeddings computed once, the encoders not kept."""
 
-    def __init__(self, text, prompts, max_sequence_length: int):
+    def __init__(self, text, prompts, max_sequence_length: int, cached: dict | None = None):
+        """``text``: encoders, or a zero-argument callable loading them (called only when ``prompts`` is not
+        empty); ``cached``: ``{prompt: (embeds [L, D], pooled [Dp])}`` already encoded (held-out records)."""
         self.max_sequence_length = max_sequence_length
-        self.table: dict[str, tuple[jax.Array, jax.Array]] = {}
-        for p in dict.fromkeys(prompts):
+        self.table: dict[str, tuple[jax.Array, jax.Array]] = {
+            p: (jnp.asarray(e), jnp.asarray(q)) for p, (e, q) in (cached or {}).items()}
+        prompts = [p for p in dict.fromkeys(prompts) if p not in self.table]
+        if prompts and callable(text) and not hasattr(text, "encode_prompt"):
+            text = text()
+        for p in prompts:
             embeds, pooled = text.encode_prompt([p], max_sequence_length)
             self.table[p] = (embeds[0], pooled[0])
 
@@ -142,6 +151,12 @@ class ValidationHook:
         self.reference_area = cfg.data.reference_max_area
         self._pipe = None
         self._writer = None
+        self.eval_records = []
+        if self.every > 0 and cfg.sample.eval_records > 0:  # read now: a bad cache fails at start-up
+            from dreamomni2_jax.eval_previews import read_eval_records
+
+            self.eval_records = read_eval_records(cfg.data.eval_cache_dir, cfg.sample.eval_records,
+                                                  cfg.data.max_sequence_length)
         if self.enabled:
             for i, s in enumerate(self.samples):  # fail at start-up, not hours into training
                 if s.task not in ("", "editing", "generation") or (s.task == "editing" and not s.references):
@@ -154,7 +169,7 @@ class ValidationHook:
 
     @property
     def enabled(self) -> bool:
-        return self.every > 0 and len(self.samples) > 0
+        return self.every > 0 and (len(self.samples) > 0 or len(self.eval_records) > 0)
 
     def __call__(self, step: int, model) -> None:
         if self.enabled and step > 0 and step % self.every == 0:
@@ -172,7 +187,8 @@ class ValidationHook:
             prompts = [s.prompt for s in self.samples]
             if self.cfg.sample.true_cfg_scale > 1 or fam.guidance_is_cfg:
                 prompts.append(self.cfg.sample.negative_prompt)
-            text = CachedPrompts(fam.load_text(self.model_dir, dtype), prompts, max_len)
+            cached = {r.prompt: (r.t5, r.pooled) for r in self.eval_records}
+            text = CachedPrompts(lambda: fam.load_text(self.model_dir, dtype), prompts, max_len, cached)
             index = families.json_dict(self.model_dir / "model_index.json")
             self._pipe = Pipeline(
                 transformer=None, vae=fam.load_vae(self.model_dir / "vae", dtype), text=text,
@@ -181,8 +197,10 @@ class ValidationHook:
                 distilled=bool(index.get("is_distilled", False)))
         return self._pipe
 
-    def sample(self, model) -> list[tuple[list[np.ndarray], np.ndarray]]:
-        """``[(reference images uint8, output uint8)]`` per validation entry (every process)."""
+    def sample(self, model) -> list[tuple[list[np.ndarray], np.ndarray, np.ndarray | None]]:
+        """``[(reference images uint8, output uint8, target uint8 or None)]`` per validation entry, then per held-out
+        record (every process)."""
+        from dreamomni2_jax.eval_previews import decode_latent
         from dreamomni2_jax.sampler import to_uint8
 
         pipe, transformer, sc = self._pipeline(), self.transformer_getter(model), self.cfg.sample
@@ -195,7 +213,17 @@ class ValidationHook:
                        negative_prompt=sc.negative_prompt, max_area=None, reference_area=self.reference_area,
                        transformer=transformer, progress=False, task=preview_task(s),
                        ids_dtype=self.cfg.model.ids_dtype)[0]
-            out.append(([np.asarray(r) for r in refs], to_uint8(img)))
+            out.append(([np.asarray(r) for r in refs], to_uint8(img), None))
+        f = pipe.vae.config.downscale
+        for i, r in enumerate(self.eval_records):
+            refs = [decode_latent(pipe.vae, z) for z in r.references]
+            img = pipe(r.prompt, refs, height=r.target.shape[0] * f, width=r.target.shape[1] * f, steps=sc.steps,
+                       guidance=sc.guidance, seeds=[i], scheme=self.cfg.model.position_scheme,
+                       true_cfg_scale=sc.true_cfg_scale, negative_prompt=sc.negative_prompt, max_area=None,
+                       reference_area=self.reference_area, transformer=transformer, progress=False,
+                       task=r.task if r.task in ("editing", "generation") else None,
+                       ids_dtype=self.cfg.model.ids_dtype)[0]
+            out.append((refs, to_uint8(img), decode_latent(pipe.vae, r.target)))
         return out
 
     def run(self, step: int, model) -> Path | None:
@@ -206,8 +234,9 @@ class ValidationHook:
         results = self.sample(model)
         if jax.process_index() != 0:
             return None
-        grid = make_grid([refs + [img] for refs, img in results], self.row_height,
-                         captions=[s.prompt for s in self.samples])
+        grid = make_grid([refs + [img] + ([] if target is None else [target]) for refs, img, target in results],
+                         self.row_height, captions=[s.prompt for s in self.samples] + [r.prompt for r in
+                                                                                        self.eval_records])
         path = save_png(self.run_dir / "samples" / f"step_{step:06d}.png", grid)
         if self._writer is None:
             self._writer = summary_writer(self.run_dir / "tb")

@@ -1,10 +1,12 @@
-"""Step-time overhead of the training features (masked loss, EMA, each optimizer) vs the plain AdamW step.
+"""Step-time overhead of the training features (masked loss, EMA, each optimizer, DoRA) vs the plain AdamW LoRA step.
 
     python scripts/bench_features.py --config configs/demo.py [--model-size mid] [--steps 5] [--out f.json]
 
 Every variant runs ``scripts/bench.py``'s ``bench_jax`` (same model size, synthetic batch and timing) in one
-process, back to back; the baseline runs first and last, and each variant's ratio is its median step time over
-the mean of the two baseline medians (on a shared CPU, absolute times drift; ratios measured back to back less).
+process, back to back, with a baseline run before the first variant and after every variant; each variant's ratio
+is its median step time over the mean of the medians of the baselines just before and just after it (on a shared
+CPU absolute times drift; a ratio against its neighbouring baselines drifts least). ``--only NAME`` (repeatable)
+runs a subset of the variants.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ VARIANTS = {
     "schedule_free_adamw": ["optim.name=schedule_free_adamw", "optim.schedule=constant", "optim.warmup_steps=0"],
     "muon": ["optim.name=muon"],
     "adafactor": ["optim.name=adafactor"],
+    "DoRA": ["lora.variant=dora"],
 }
 
 
@@ -34,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-size", choices=("tiny", "mid", "full"), default="mid")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", action="append", default=[], choices=list(VARIANTS), help="variant(s) to run")
     args = ap.parse_args(argv)
     bench = runpy.run_path(str(Path(__file__).with_name("bench.py")))
     cfg = load_config(args.config)
@@ -41,21 +45,27 @@ def main(argv=None) -> int:
         cfg = replace(cfg, data=replace(cfg.data, **bench["MID_DATA"]))
     fc = bench["flux_config"](args.model_size, cfg)
     batch = bench["make_batch"](cfg, fc)
-    runs = [("baseline", [])] + list(VARIANTS.items()) + [("baseline", [])]
-    med = {}
-    for name, sets in runs:
+    variants = [(n, s) for n, s in VARIANTS.items() if not args.only or n in args.only]
+
+    def timed(name, sets) -> float:
         r = bench["bench_jax"](apply_overrides(cfg, sets), fc, batch, args.steps)
-        med.setdefault(name, []).append(r["step_s_median"])
         print(f"{name}: step {r['step_s_median'] * 1e3:.1f} ms (compile {r['compile_s']:.1f}s)", flush=True)
-    base = statistics.mean(med["baseline"])
-    table = {name: {"step_s_median": statistics.mean(v), "ratio": statistics.mean(v) / base}
-             for name, v in med.items()}
-    print("| variant | step (ms) | vs AdamW |\n|---|---|---|")
+        return r["step_s_median"]
+
+    baselines = [timed("baseline", [])]
+    table = {}
+    for name, sets in variants:
+        t = timed(name, sets)
+        baselines.append(timed("baseline", []))
+        base = statistics.mean(baselines[-2:])
+        table[name] = {"step_s_median": t, "baseline_s": baselines[-2:], "ratio": t / base}
+    print("| variant | step (ms) | baselines before / after (ms) | vs AdamW |\n|---|---|---|---|")
     for name, row in table.items():
-        print(f"| {name} | {row['step_s_median'] * 1e3:.0f} | {row['ratio']:.3f} |")
+        b0, b1 = row["baseline_s"]
+        print(f"| {name} | {row['step_s_median'] * 1e3:.0f} | {b0 * 1e3:.0f} / {b1 * 1e3:.0f} | {row['ratio']:.3f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"model_size": args.model_size, "steps": args.steps,
-                                              "baseline_runs_s": med["baseline"], "variants": table}, indent=2))
+                                              "baseline_runs_s": baselines, "variants": table}, indent=2))
     return 0
 
 

@@ -1,5 +1,6 @@
 """Issue-16 keys end to end through scripts/train.py on the tiny model: EMA + reference dropout + masked loss +
-schedule-free AdamW resume bitwise from a checkpoint; export of the EMA and of the schedule-free evaluation point."""
+schedule-free AdamW + DoRA resume bitwise from a checkpoint; export of the EMA and of the schedule-free evaluation point
+(DoRA magnitudes included)."""
 from __future__ import annotations
 
 import jax
@@ -13,7 +14,7 @@ from test_resume import _argv, _losses, _train_in_process, compile_cache, config
 FEATURES = [f"--set={kv}" for kv in (
     "train.ema_decay=0.9", "train.ema_warmup=true", "data.reference_dropout=0.5",
     "data.synthetic_refs=[[32,32],[32,32],[32,32]]", "train.loss_mask=difference", "train.mask_floor=0.2",
-    "optim.name=schedule_free_adamw", "optim.schedule_free_warmup=2")]
+    "optim.name=schedule_free_adamw", "optim.schedule_free_warmup=2", "lora.variant=dora")]
 
 
 def test_features_resume_exactly_and_export(config_file, tmp_path):  # noqa: F811
@@ -39,7 +40,7 @@ def test_features_resume_exactly_and_export(config_file, tmp_path):  # noqa: F81
                             *(["--ema"] if ema else [])]) == 0
         got, _ = load_lora_file(out)
         want = {C._lora_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(want_tree)[0]}
-        assert got.keys() == want.keys()
+        assert got.keys() == want.keys() and any(k.endswith(".lora_magnitude_vector") for k in want)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-8, err_msg=k)
     y = np.asarray(jax.tree.leaves(a["lora"])[1])

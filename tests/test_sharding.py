@@ -43,6 +43,10 @@ def test_param_specs():
     assert spec("single_transformer_blocks.attn.norm_k.scale", (8, 3)) == P(None, None)
     assert shd.param_spec("transformer_blocks.attn.to_q.kernel", (2, 32, 32), _fake_mesh()) == P(None, None, None)
     assert spec("transformer_blocks.attn.to_q.lora_dropout_key", (19, 4)) == P(None, None)
+    # DoRA magnitude [L, out]: fsdp over the output features, like the adapters (by path and shape-only)
+    assert spec("transformer_blocks.attn.to_q.lora_magnitude_vector", (19, 3072)) == P(None, "fsdp")
+    assert spec("single_transformer_blocks.proj_out.lora_magnitude_vector", (38, 3072)) == P(None, "fsdp")
+    assert shd.fsdp_spec((38, 3072), mesh) == P(None, "fsdp")  # the shape-only rule of the train state
 
 
 def test_batch_size_checks():

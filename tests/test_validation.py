@@ -117,3 +117,70 @@ def test_make_grid_layout():
     c = make_grid([[a, b], [b]], row_height=10, pad=1, captions=["x" * 500, ""])
     assert c.shape == (2 * (16 + 11) + 1, 28, 3) and (c[17:27, 1:21] == 0).all()
     assert (c[1:17] < 128).any() and (c[28:44] == 255).all()  # a long prompt is cut to fit; an empty one is blank
+
+
+def test_eval_records_row_shows_references_sample_and_target(tiny_cache, tiny_converted_dir, tiny_pipeline_dir,
+                                                             tmp_path):
+    """``sample.eval_records``: held-out records get a row ``references | sample | target`` captioned with their
+    instruction; the references and target are the cached latents decoded by diffusers' AutoencoderKL."""
+    import dataclasses
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from dreamomni2_jax.cache import decode_record, load_index
+    from dreamomni2_jax.validation import CAPTION_HEIGHT, ValidationHook, _caption, _fit_height
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from dreamomni2_jax.config import ConfigError
+
+    cfg, _, cache = tiny_cache
+    with pytest.raises(ConfigError, match="sample.eval_records > 0 needs data.eval_cache_dir"):
+        dataclasses.replace(cfg, sample=SampleConfig(eval_records=1))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_cache_dir=str(cache)),
+                              sample=SampleConfig(steps=2, every_steps=1, eval_records=2))
+    model = load_flux(tiny_converted_dir / "transformer", dtype=jnp.float32)
+    apply_lora(model, [r"attn\.to_q"], rank=2, alpha=2.0)
+    shard = load_index(cache)["shards"][0]["file"]
+    reader = ArrayRecordReader(str(cache / shard))
+    records = [decode_record(bytes(x)) for x in reader.read([0, 1])]
+    reader.close()
+    height = 64
+    hook = ValidationHook(cfg, lambda m: m, tiny_converted_dir, tmp_path / "run", row_height=height)
+    assert hook.enabled and len(hook.eval_records) == 2
+    hook(1, model)
+    hook.close()
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_000001.png"))
+
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir / "vae", torch_dtype=torch.float32).eval()
+    c = vae.config
+
+    def decoded(z):  # diffusers: latents / scaling_factor + shift_factor -> vae.decode -> [0, 1] -> uint8
+        x = torch.from_numpy(np.asarray(z, np.float32)).permute(2, 0, 1)[None] / c.scaling_factor + c.shift_factor
+        with torch.no_grad():
+            img = vae.decode(x).sample[0].permute(1, 2, 0).numpy()
+        return (np.clip(img / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+
+    pad, y = 4, 4
+    for arrays, meta in records:
+        caption = grid[y:y + CAPTION_HEIGHT]
+        np.testing.assert_array_equal(caption, _caption(meta["instruction"], grid.shape[1]))
+        y += CAPTION_HEIGHT
+        refs = [decoded(arrays[f"ref{j}"]) for j in range(len(meta["references"]))]
+        target = decoded(arrays["target"])
+        x = pad
+        for ref in refs:  # references first
+            want = _fit_height(ref, height)
+            got = grid[y:y + height, x:x + want.shape[1]]
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+            x += want.shape[1] + pad
+        sample_w = _fit_height(target, height).shape[1]  # the sample has the target's size
+        sample = grid[y:y + height, x:x + sample_w]
+        x += sample_w + pad
+        want = _fit_height(target, height)
+        got = grid[y:y + height, x:x + want.shape[1]]
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 2  # the target, last
+        assert np.abs(sample.astype(int) - got.astype(int)).mean() > 5  # the sample is not the target
+        assert (grid[y:y + height, x + want.shape[1]:] == 255).all()
+        y += height + pad
+    assert y == grid.shape[0]

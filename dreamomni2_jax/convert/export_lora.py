@@ -5,7 +5,9 @@
 
 ``--ckpt``: a run directory, its ``checkpoints/`` folder or one step folder (latest complete step by default).
 diffusers output loads with ``FluxKontextPipeline.load_lora_weights`` (rank / alpha / targets in the file's
-``lora_adapter_metadata``); kohya output uses BFL module names with fused q/k/v (ComfyUI, sd-scripts).
+``lora_adapter_metadata``); kohya output uses BFL module names with fused q/k/v (ComfyUI, sd-scripts). A DoRA
+run (``lora.variant=dora``) writes peft's ``lora_magnitude_vector`` keys and ``use_dora: true`` (diffusers format
+only; kohya is refused).
 ``--ema``: the EMA of the adapters (``train.ema_decay`` > 0) instead of the adapters; a ``schedule_free_adamw`` run
 exports its evaluation point. Only the adapters are read; the base model is not needed. Written to a temp file and renamed.
 """
