@@ -22,9 +22,9 @@ from dreamomni2_jax.convert.flux_transformer import main as convert_main
 from dreamomni2_jax.convert.export_lora import main as export_main
 from dreamomni2_jax.loaders import load_flux
 from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.optimizers import make_optimizer
+from dreamomni2_jax.tiny import flux_model
 from dreamomni2_jax.lora import LoRALinear, apply_lora, lora_metadata, lora_modules, lora_state, set_lora_state
-from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
-from dreamomni2_jax.tiny import FLUX_TINY
 from test_train_step import CFG, LORA, _copy, batch
 
 MAG = "lora_magnitude_vector"
@@ -112,14 +112,14 @@ def test_dora_train_step_trains_with_ema_and_resumes_exactly(tmp_path):
     through an Orbax checkpoint is bitwise the straight run, and the checkpoint exports a DoRA file."""
     lora_cfg = dataclasses.replace(LORA, variant="dora")
     cfg = dataclasses.replace(CFG, lora=lora_cfg, train=dataclasses.replace(CFG.train, ema_decay=0.9))
-    model = FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(0), dtype=jnp.float32,
-                                   param_dtype=jnp.float32)
+    model = flux_model(0)
     attach_lora(model, config=lora_cfg, seed=0)
-    graphdef, state0 = ts.init_train_state(model, ts.make_optimizer(cfg.optim, cfg.train.steps), ema=True)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, state0 = ts.init_train_state(model, tx, ema=True)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state0.lora)[0]]
     n_mod = len(lora_modules(model))
     assert sum(MAG in p for p in paths) == n_mod and len(paths) == 3 * n_mod  # A, B and a magnitude per module
-    statics = ts.make_statics(graphdef, cfg, guidance_embeds=True)
+    statics = ts.make_statics(graphdef, cfg, tx=tx, guidance_embeds=True)
     b = batch(seed=2)
     step = ts.compile_train_step(statics, state0, b)
     keys = [jax.random.key(3)] * 10

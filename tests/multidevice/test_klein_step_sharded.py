@@ -37,8 +37,9 @@ def _run(batch, mesh, accum):
 
     model = build() if mesh is None else shd.init_sharded(build, mesh)
     attach_lora(model, config=c.lora, seed=1)
-    graphdef, state = ts.init_train_state(model, make_optimizer(c.optim, 10), mesh=mesh, ema=True)
-    statics = ts.make_statics(graphdef, c, guidance_embeds=False, mesh=mesh)
+    tx = make_optimizer(c.optim, 10)
+    graphdef, state = ts.init_train_state(model, tx, mesh=mesh, ema=True)
+    statics = ts.make_statics(graphdef, c, tx=tx, guidance_embeds=False, mesh=mesh)
     step = ts.compile_train_step(statics, state, batch)
     b = batch if mesh is None else shd.put_batch(batch, mesh)
     for i in range(2):
