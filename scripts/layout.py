@@ -62,7 +62,8 @@ def describe(target_px, refs_px, scheme: str, axes_dim, text_len: int, theta: fl
         px_s = f"{px[0]}x{px[1]}" if px else "-"
         lt_s = f"{lt[0]}x{lt[1]}" if lt else "-"
         lines.append(f"{name:<12}{px_s:>12}{lt_s:>10}{len(ids):>8}  {int(ids[0, 0]):>6}  "
-                     f"{int(ids[:, 1].min()):>4}-{int(ids[:, 1].max()):<4}  {int(ids[:, 2].min()):>5}-{int(ids[:, 2].max()):<5}"
+                     f"{int(ids[:, 1].min()):>4}-{int(ids[:, 1].max()):<4}  "
+                     f"{int(ids[:, 2].min()):>5}-{int(ids[:, 2].max()):<5}"
                      + (f"  {int(ids[:, 3].min()):>4}-{int(ids[:, 3].max()):<4}" if flux2 else ""))
     all_ids = np.concatenate([s[3] for s in parts])
     cos, sin = rope_cos_sin(all_ids, axes_dim, theta)

@@ -307,7 +307,8 @@ def _ldm_resnets(keys, new_checkpoint, checkpoint, old, new):
 
 def _ldm_attentions(keys, new_checkpoint, checkpoint, old, new):
     for ldm_key in keys:
-        key = ldm_key.replace(old, new).replace("norm.weight", "group_norm.weight").replace("norm.bias", "group_norm.bias")
+        key = ldm_key.replace(old, new).replace("norm.weight", "group_norm.weight")
+        key = key.replace("norm.bias", "group_norm.bias")
         for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v")):
             key = key.replace(f"{a}.weight", f"{b}.weight").replace(f"{a}.bias", f"{b}.bias")
         key = key.replace("proj_out.weight", "to_out.0.weight").replace("proj_out.bias", "to_out.0.bias")

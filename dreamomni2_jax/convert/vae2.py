@@ -88,7 +88,8 @@ def build_plan(src: str | Path, config=None, param_dtype=np.float32):
     return Plan(reader, rules(config, layout), spec, ignore=IGNORE), config
 
 
-convert, main = component_cli(build_plan, __doc__, src_help="diffusers AutoencoderKLFlux2 vae/ folder or BFL FLUX.2 ae.safetensors",
+convert, main = component_cli(build_plan, __doc__,
+                              src_help="diffusers AutoencoderKLFlux2 vae/ folder or BFL FLUX.2 ae.safetensors",
                               config_help="AutoencoderKLFlux2 config.json overriding the folder's / inferred one")
 
 
