@@ -97,3 +97,8 @@ def test_layout_script_shows_klein_ids(tmp_path, capsys):
     assert layout.main(["--config", demo, "--set", f"model.path={model}", "--refs", "2"]) == 0
     out = capsys.readouterr().out
     assert "scheme=flux2" in out and "theta=2000" in out and "ids int32 (" in out and ", 4)" in out
+    # a 3-axis scheme on the 4-axis model, or an unknown scheme: one line, exit 2
+    assert layout.main(["--config", demo, "--set", f"model.path={model}", "--scheme", "kontext"]) == 2
+    assert "4 rope axes" in capsys.readouterr().err
+    assert layout.main(["--config", demo, "--scheme", "nope"]) == 2
+    assert "'nope': unknown" in capsys.readouterr().err
