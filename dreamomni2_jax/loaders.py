@@ -85,8 +85,8 @@ def load_vae2(path: str | Path, dtype=jnp.float32, *, param_sharding=None, attn_
               ) -> AutoencoderKLFlux2:
     """Load a FLUX.2 VAE (params in ``dtype``; batch-norm statistics float32).
 
-    ``path``: a converted folder (``convert/vae2.py`` OUT) or a diffusers ``AutoencoderKLFlux2`` ``vae/`` folder
-    converted on the fly in memory.
+    ``path``: a converted folder (``convert/vae2.py`` OUT), or a diffusers ``AutoencoderKLFlux2`` ``vae/`` folder or
+    a BFL FLUX.2 ``ae.safetensors`` converted on the fly in memory.
     """
     return load_component(
         path, config_cls=Flux2VAEConfig, build_plan=vae2_table.build_plan, param_dtype=dtype,

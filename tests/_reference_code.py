@@ -280,3 +280,83 @@ def convert_flux_transformer_checkpoint_to_diffusers(checkpoint, inner_dim: int 
         converted_state_dict[f"norm_out.linear.{p}"] = swap_scale_shift(
             checkpoint.pop(f"final_layer.adaLN_modulation.1.{p}"))
     return converted_state_dict
+
+
+# --------------------------------------------------------------------------- diffusers (huggingface/diffusers)
+
+# scripts/convert_flux2_to_diffusers.py ``convert_flux2_vae_checkpoint_to_diffusers`` (the repository's conversion
+# script, not in the installed package; ``AutoencoderKLFlux2`` has no ``from_single_file`` mapping in 0.42). Same
+# key mapping and order of operations; its helpers (``update_vae_resnet_ldm_to_diffusers``,
+# ``update_vae_attentions_ldm_to_diffusers``, ``conv_attn_to_linear``) are inlined as ``_ldm_resnets`` /
+# ``_ldm_attentions`` below, and the one-to-one table is written as (diffusers, BFL) pairs.
+DIFFUSERS_VAE_TO_FLUX2_MAPPING = {
+    **{f"{p}.{m}.{w}": f"{p}.{m}.{w}" for p in ("encoder", "decoder") for m in ("conv_in", "conv_out")
+       for w in ("weight", "bias")},
+    **{f"{p}.conv_norm_out.{w}": f"{p}.norm_out.{w}" for p in ("encoder", "decoder") for w in ("weight", "bias")},
+    **{f"quant_conv.{w}": f"encoder.quant_conv.{w}" for w in ("weight", "bias")},
+    **{f"post_quant_conv.{w}": f"decoder.post_quant_conv.{w}" for w in ("weight", "bias")},
+    "bn.running_mean": "bn.running_mean",
+    "bn.running_var": "bn.running_var",
+}
+
+
+def _ldm_resnets(keys, new_checkpoint, checkpoint, old, new):
+    for ldm_key in keys:
+        new_checkpoint[ldm_key.replace(old, new).replace("nin_shortcut", "conv_shortcut")] = checkpoint.get(ldm_key)
+
+
+def _ldm_attentions(keys, new_checkpoint, checkpoint, old, new):
+    for ldm_key in keys:
+        key = ldm_key.replace(old, new).replace("norm.weight", "group_norm.weight")
+        key = key.replace("norm.bias", "group_norm.bias")
+        for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v")):
+            key = key.replace(f"{a}.weight", f"{b}.weight").replace(f"{a}.bias", f"{b}.bias")
+        key = key.replace("proj_out.weight", "to_out.0.weight").replace("proj_out.bias", "to_out.0.bias")
+        new_checkpoint[key] = checkpoint.get(ldm_key)
+        shape = new_checkpoint[key].shape
+        if len(shape) == 3:
+            new_checkpoint[key] = new_checkpoint[key][:, :, 0]
+        elif len(shape) == 4:
+            new_checkpoint[key] = new_checkpoint[key][:, :, 0, 0]
+
+
+def convert_flux2_vae_checkpoint_to_diffusers(vae_state_dict, config):
+    new_checkpoint = {}
+    for diffusers_key, ldm_key in DIFFUSERS_VAE_TO_FLUX2_MAPPING.items():
+        if ldm_key in vae_state_dict:
+            new_checkpoint[diffusers_key] = vae_state_dict[ldm_key]
+    num_down_blocks = len(config["down_block_types"])
+    down_blocks = {i: [k for k in vae_state_dict if f"down.{i}" in k] for i in range(num_down_blocks)}
+    for i in range(num_down_blocks):
+        resnets = [k for k in down_blocks[i] if f"down.{i}" in k and f"down.{i}.downsample" not in k]
+        _ldm_resnets(resnets, new_checkpoint, vae_state_dict, f"down.{i}.block", f"down_blocks.{i}.resnets")
+        if f"encoder.down.{i}.downsample.conv.weight" in vae_state_dict:
+            for w in ("weight", "bias"):
+                new_checkpoint[f"encoder.down_blocks.{i}.downsamplers.0.conv.{w}"] = vae_state_dict.get(
+                    f"encoder.down.{i}.downsample.conv.{w}")
+    for part in ("encoder", "decoder"):
+        if part == "decoder":
+            num_up_blocks = len(config["up_block_types"])
+            up_blocks = {i: [k for k in vae_state_dict if f"up.{i}" in k] for i in range(num_up_blocks)}
+            for i in range(num_up_blocks):
+                block_id = num_up_blocks - 1 - i
+                resnets = [k for k in up_blocks[block_id]
+                           if f"up.{block_id}" in k and f"up.{block_id}.upsample" not in k]
+                _ldm_resnets(resnets, new_checkpoint, vae_state_dict, f"up.{block_id}.block", f"up_blocks.{i}.resnets")
+                if f"decoder.up.{block_id}.upsample.conv.weight" in vae_state_dict:
+                    for w in ("weight", "bias"):
+                        new_checkpoint[f"decoder.up_blocks.{i}.upsamplers.0.conv.{w}"] = vae_state_dict[
+                            f"decoder.up.{block_id}.upsample.conv.{w}"]
+        mid_resnets = [k for k in vae_state_dict if f"{part}.mid.block" in k]
+        for i in range(1, 3):
+            resnets = [k for k in mid_resnets if f"{part}.mid.block_{i}" in k]
+            _ldm_resnets(resnets, new_checkpoint, vae_state_dict, f"mid.block_{i}", f"mid_block.resnets.{i - 1}")
+        mid_attentions = [k for k in vae_state_dict if f"{part}.mid.attn" in k]
+        _ldm_attentions(mid_attentions, new_checkpoint, vae_state_dict, "mid.attn_1", "mid_block.attentions.0")
+    for key in list(new_checkpoint):  # conv_attn_to_linear
+        if ".".join(key.split(".")[-2:]) in ("query.weight", "key.weight", "value.weight"):
+            if new_checkpoint[key].ndim > 2:
+                new_checkpoint[key] = new_checkpoint[key][:, :, 0, 0]
+        elif "proj_attn.weight" in key and new_checkpoint[key].ndim > 2:
+            new_checkpoint[key] = new_checkpoint[key][:, :, 0]
+    return new_checkpoint

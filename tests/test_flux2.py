@@ -218,3 +218,25 @@ def test_published_configs_match_diffusers_modules_at_full_size(name):
     print(f"{name}: {n_ref / 1e9:.2f} B params")
     if name == "klein-4b":
         assert 3.5e9 < n_ref < 4.5e9
+
+
+@pytest.mark.parametrize("model", ["flux", "flux2"])
+def test_bench_convert_rss_folder_matches_diffusers_model(model):
+    """The random folder of ``scripts/bench_convert_rss.py`` has exactly the diffusers model's keys and shapes."""
+    import importlib.util
+    from pathlib import Path
+
+    import diffusers
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_convert_rss.py"
+    spec = importlib.util.spec_from_file_location("_bench_convert_rss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    m = bench.MODELS[model]
+    width, n_double, n_single = m["defaults"]
+    cfg = m["config"](width, n_double, n_single)
+    cls = getattr(diffusers, cfg.pop("_class_name"))
+    with torch.device("meta"):
+        ref = cls(**cfg)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert m["shapes"](width, n_double, n_single) == want

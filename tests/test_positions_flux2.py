@@ -73,3 +73,32 @@ def test_rope_4_axes_matches_flux2_pos_embed():
         assert cos.shape == (len(ids), sum(axes)) and cos.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(cos), ref_cos.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(np.asarray(sin), ref_sin.numpy(), atol=1e-4, rtol=0)
+
+
+def test_layout_script_shows_klein_ids(tmp_path, capsys):
+    """``scripts/layout.py`` given a klein model folder lays out the pipeline's 4-axis ids."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "layout.py"
+    spec = importlib.util.spec_from_file_location("_layout_script", path)
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    refs_px = [(128, 128), (128, 96), (96, 160)]
+    parts = layout.segments((64, 80), refs_px, P.FLUX2, 7)
+    want = Flux2KleinPipeline._prepare_image_ids([_patchified((h // 8, w // 8)) for h, w in refs_px])[0].numpy()
+    np.testing.assert_array_equal(np.concatenate([ids for _, _, _, ids in parts[2:]]), want)
+    model = tmp_path / "klein"
+    (model / "transformer").mkdir(parents=True)
+    (model / "transformer" / "config.json").write_text(json.dumps(
+        {"_class_name": "Flux2Transformer2DModel", "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000}))
+    demo = str(path.parents[1] / "configs" / "demo.py")
+    assert layout.main(["--config", demo, "--set", f"model.path={model}", "--refs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "scheme=flux2" in out and "theta=2000" in out and "ids int32 (" in out and ", 4)" in out
+    # a 3-axis scheme on the 4-axis model, or an unknown scheme: one line, exit 2
+    assert layout.main(["--config", demo, "--set", f"model.path={model}", "--scheme", "kontext"]) == 2
+    assert "4 rope axes" in capsys.readouterr().err
+    assert layout.main(["--config", demo, "--scheme", "nope"]) == 2
+    assert "'nope': unknown" in capsys.readouterr().err

@@ -76,3 +76,65 @@ def test_converter_checks_class_and_tensors(vae2, tmp_path):
         load_vae2(bad)
     with pytest.raises(ValueError, match="decoder_block_out_channels"):
         Flux2VAEConfig.from_dict({**cfg, "decoder_block_out_channels": [8, 8, 16, 16]})
+
+
+def _to_bfl(sd: dict, n_blocks: int) -> dict:
+    """Inverse of diffusers' ``convert_flux2_vae_checkpoint_to_diffusers`` (checked by the test below)."""
+    import re
+
+    out = {}
+    for key, v in sd.items():
+        k = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
+        k = re.sub(r"^quant_conv\.", "encoder.quant_conv.", k)
+        k = re.sub(r"^post_quant_conv\.", "decoder.post_quant_conv.", k)
+        k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
+        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
+        k = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{n_blocks - 1 - int(m[1])}.block.", k)
+        k = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{n_blocks - 1 - int(m[1])}.upsample.", k)
+        k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
+        k = k.replace("conv_shortcut", "nin_shortcut")
+        if ".mid_block.attentions.0." in k:
+            k = k.replace(".mid_block.attentions.0.", ".mid.attn_1.")
+            k = re.sub(r"\.(group_norm|to_q|to_k|to_v|to_out\.0)\.", lambda m: "." + {
+                "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[m[1]] + ".", k)
+            if v.ndim == 2:  # BFL attention projections are 1x1 convs
+                v = v[:, :, None, None]
+        out[k] = v
+    return out
+
+
+def test_bfl_single_file_matches_diffusers_conversion(vae2, tmp_path):
+    """BFL FLUX.2 ``ae.safetensors`` layout written by inverting diffusers' conversion script (transcribed in
+    ``_reference_code.py``), converted by ours, checked against the diffusers model; config inferred from shapes."""
+    from safetensors.torch import load_file, save_file
+
+    from _reference_code import convert_flux2_vae_checkpoint_to_diffusers
+    from dreamomni2_jax.convert.vae2 import infer_bfl_config
+    from dreamomni2_jax.weights.safetensors_io import open_checkpoint
+
+    src, _, pipe, _ = vae2
+    sd = {k: v.clone() for k, v in load_file(str(next(src.glob("*.safetensors")))).items()}
+    cfg = json.loads((src / "config.json").read_text())
+    bfl = _to_bfl(sd, len(cfg["block_out_channels"]))
+    back = convert_flux2_vae_checkpoint_to_diffusers(dict(bfl), cfg)
+    want_keys = sorted(k for k in sd if k != "bn.num_batches_tracked")
+    assert sorted(back) == want_keys and all(torch.equal(back[k], sd[k]) for k in want_keys)
+    path = tmp_path / "ae.safetensors"
+    save_file({k: v.contiguous() for k, v in bfl.items()}, str(path))
+    # structure inferred from shapes; GroupNorm groups (default 32) cannot be, and the tiny model uses fewer
+    ref_cfg = Flux2VAEConfig.from_json(src / "config.json")
+    assert infer_bfl_config(open_checkpoint(path), ref_cfg.norm_num_groups) == ref_cfg
+    with pytest.raises(ValueError, match="norm_num_groups=32"):
+        load_vae2(path)
+    out = tmp_path / "converted"
+    assert convert_main(["--src", str(path), "--out", str(out), "--dtype", "fp32", "--no-progress",
+                         "--config", str(src / "config.json")]) == 0
+    model = load_vae2(out, dtype=jnp.float32)
+    images = np.random.default_rng(2).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    latents = np.random.default_rng(3).standard_normal((1, ref_cfg.latent_channels, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = pipe._pack_latents(pipe._encode_vae_image(torch.from_numpy(images), generator=None)).numpy()
+        dec = pipe.vae.decode(torch.from_numpy(latents), return_dict=False)[0].numpy()
+    assert rel_err(encode_tokens(model, jnp.asarray(images.transpose(0, 2, 3, 1)), batch_chunk=1), want) <= 1e-4
+    got = model.decode(jnp.asarray(latents.transpose(0, 2, 3, 1)))  # post_quant_conv + decoder
+    assert rel_err(np.asarray(got).transpose(0, 3, 1, 2), dec) <= 1e-4
