@@ -15,15 +15,15 @@ LoRA targets: explicit module paths as in configs/klein_tpu_v5.py. Memory has no
 from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
                                    OptimConfig, SampleConfig, TrainConfig)
 
-KLEIN_ATTENTION = (r"attn\.to_q$", r"attn\.to_k$", r"attn\.to_v$", r"attn\.to_out", r"attn\.add_[qkv]_proj",
-                   r"attn\.to_add_out", r"attn\.to_qkv_mlp_proj")
+# diffusers' klein script default (klein_wide) plus the double blocks' text-stream attention projections
+TEXT_STREAM = (r"attn\.add_[qkv]_proj", r"attn\.to_add_out")
 
 
 def get_config() -> Config:
     return Config(
         model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="cudnn",
                           remat="dots_no_batch_saveable"),
-        lora=LoraConfig(rank=16, alpha=16.0, preset="custom", targets=KLEIN_ATTENTION, dtype="float32",
+        lora=LoraConfig(rank=16, alpha=16.0, preset="klein_wide", targets=TEXT_STREAM, dtype="float32",
                         init="gaussian"),
         data=DataConfig(batch_size=8, max_refs=3, target_max_area=1024 * 1024, batching="bucket", num_workers=4,
                         caption_dropout=0.05, synthetic_resolution=(1024, 1024),

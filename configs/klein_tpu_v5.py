@@ -19,15 +19,15 @@ settings (full remat, 4 samples per chip) are a safe start.
 from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
                                    OptimConfig, SampleConfig, TrainConfig, ValidationSample)
 
-KLEIN_ATTENTION = (r"attn\.to_q$", r"attn\.to_k$", r"attn\.to_v$", r"attn\.to_out", r"attn\.add_[qkv]_proj",
-                   r"attn\.to_add_out", r"attn\.to_qkv_mlp_proj")
+# diffusers' klein script default (klein_wide) plus the double blocks' text-stream attention projections
+TEXT_STREAM = (r"attn\.add_[qkv]_proj", r"attn\.to_add_out")
 
 
 def get_config() -> Config:
     return Config(
         model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="auto",
                           remat="full"),
-        lora=LoraConfig(rank=16, alpha=16.0, preset="custom", targets=KLEIN_ATTENTION, dtype="float32",
+        lora=LoraConfig(rank=16, alpha=16.0, preset="klein_wide", targets=TEXT_STREAM, dtype="float32",
                         init="gaussian"),
         data=DataConfig(batch_size=32, max_refs=3, target_max_area=1024 * 1024, batching="bucket", num_workers=8,
                         caption_dropout=0.05, synthetic_resolution=(1024, 1024),

@@ -150,3 +150,67 @@ def test_compiler_out_of_memory_message_is_parsed():
     g = 2**30
     assert _next_probe([(32, 1091 * g)], 95 * g, 0, 32) == 2  # a line through the origin
     assert _next_probe([(32, 147 * g), (20, 135 * g), (1, 15 * g)], 95 * g, 1, 20) == 13  # through the last two
+
+
+# --------------------------------------------------------------------------- FLUX.2 [klein]
+
+KLEIN_LAYERS = (1, 2)  # klein-4b width (3072, 24 heads, joint 7680), 1 double + 2 single blocks
+KLEIN_4B = dict(num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)
+# diffusers names of configs/klein_tpu_v5.py's adapters: the klein_wide preset (diffusers' klein script default:
+# double-block to_q/k/v/to_out.0, single-block to_qkv_mlp_proj / to_out) plus the double blocks' text stream
+KLEIN_PEFT_TARGETS = (r".*(^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)"
+                      r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))")
+
+
+@pytest.fixture(scope="module")
+def klein_report():
+    return _report(run_aot("--config", "configs/klein_tpu_v5.py", "--model", "klein-4b", "--topology", "v5p-8",
+                           "--layers", *map(str, KLEIN_LAYERS), "--set", "data.batch_size=4", "--set", ONE_REF))
+
+
+def klein_reference_bytes_per_chip(shards: int, rank: int = 16) -> dict:
+    """As :func:`reference_bytes_per_chip` for diffusers' ``Flux2Transformer2DModel`` at klein-4b width with
+    :data:`KLEIN_LAYERS` blocks and peft adapters on :data:`KLEIN_PEFT_TARGETS`; also the adapted module count."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(num_layers=KLEIN_LAYERS[0], num_single_layers=KLEIN_LAYERS[1], **KLEIN_4B)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=KLEIN_PEFT_TARGETS), model)
+
+    def per_chip(shape, itemsize):
+        n = int(np.prod(shape)) * itemsize
+        return n // shards if any(d % shards == 0 for d in shape) else n
+
+    base = lora = modules = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            lora += per_chip(p.shape, 4)
+            modules += name.endswith("lora_A.default.weight")
+        else:
+            base += per_chip(p.shape, 4 if name.rsplit(".", 2)[-2].startswith("norm_") else 2)
+    return {"base": base, "lora": lora, "modules": modules}
+
+
+def test_klein_v5p_train_step_compiles_with_klein_shapes(klein_report):
+    r = klein_report
+    assert r["compiled"] and r["fits"] and r["chips"] == 4 and r["batch_per_chip"] == 1
+    assert r["model"] == {"family": "flux2-klein", "double_blocks": 1, "single_blocks": 2, "inner_dim": 3072}
+    assert r["lora"] == {"preset": "klein_wide", "rank": 16}
+    assert r["attention"]["in_program"] == "splash"
+    assert r["tokens_per_sample"] == 512 + 4096 + 4096
+
+
+def test_klein_per_chip_arguments_are_the_sharded_diffusers_parameters(klein_report):
+    r, shards = klein_report, 4
+    ref = klein_reference_bytes_per_chip(shards)
+    assert ref["modules"] == 8 * KLEIN_LAYERS[0] + 2 * KLEIN_LAYERS[1]
+    # one sample per chip: target + 1 reference (1024^2 -> 4096 tokens each, 128 packed channels, bf16), 4-axis
+    # int32 ids, bool mask, 512 x 7680 Qwen3 features (bf16), no pooled embedding
+    t = 4096 * 2
+    batch = t * 128 * 2 + t * 16 + t + 512 * 7680 * 2
+    expected = ref["base"] + 3 * ref["lora"] + 512 * 7680 * 2 + batch  # + Adam mu / nu, caption-dropout text
+    args = r["per_chip"]["argument_bytes"]
+    assert 0 <= args - expected <= 256 + 64 * 1024, (args, expected)
+    assert 0 <= args - r["state_bytes_per_chip"] - batch <= 16 + 64 * 1024
