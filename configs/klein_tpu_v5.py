@@ -11,10 +11,12 @@ Multi-host slices: the same command on every host (see configs/tpu_v5.py). No gu
 4-axis ids (reference i at T = 10 + 10 i) and the Qwen3 prompt embeddings; validation previews use classifier-free
 guidance against the empty prompt at `sample.guidance`, as Flux2KleinPipeline does.
 
-LoRA targets are explicit module paths (FLUX.2 presets are not in LORA_PRESETS yet): every attention projection of
-the double blocks plus the single blocks' fused QKV+MLP input and output projections. Memory has not been measured
-for klein yet (scripts/aot.py does not model FLUX.2); 4B in bf16 is a third of Kontext's 12B, so the Kontext
-settings (full remat, 4 samples per chip) are a safe start.
+LoRA: the klein_wide preset (diffusers' klein script default: the double blocks' image-stream attention and the
+single blocks' fused QKV+MLP input and output projections) plus the double blocks' text-stream attention
+projections. Memory (scripts/aot.py, BENCHMARKS.md "Will it fit?", FLUX.2 [klein]): klein 4B on v5p-8 with full
+remat fits 23 samples per chip with 1 reference and 16 with 2 (94.44 of 95.74 GiB); the batch of 32 here is 8 per
+chip on v5p-8, half of that. Check 9B or another slice before a run:
+    python scripts/aot.py --config configs/klein_tpu_v5.py --model klein-9b --topology v5p-8
 """
 from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
                                    OptimConfig, SampleConfig, TrainConfig, ValidationSample)

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of the real sharded train step for a TPU v5p slice (splash attention) and 8 x H100
 (cuDNN attention) on this CPU-only machine, through ``scripts/aot.py``: it compiles, the program calls the
 platform's attention kernel, and the per-chip argument bytes are the sharded parameter bytes of the reference
-(diffusers Flux + peft LoRA, shapes on the meta device) plus the batch shard."""
+(diffusers Flux + peft LoRA, shapes on the meta device) plus the batch shard. FLUX.2 [klein] (``--model klein-4b``,
+reduced depth, full width): the same check against diffusers' ``Flux2Transformer2DModel`` + peft."""
 from __future__ import annotations
 
 import json
