@@ -215,3 +215,28 @@ def test_klein_per_chip_arguments_are_the_sharded_diffusers_parameters(klein_rep
     args = r["per_chip"]["argument_bytes"]
     assert 0 <= args - expected <= 256 + 64 * 1024, (args, expected)
     assert 0 <= args - r["state_bytes_per_chip"] - batch <= 16 + 64 * 1024
+
+
+def test_klein_sampler_inputs_have_the_pipelines_ids_and_no_guidance():
+    """``--mode sample --model klein-4b`` inputs: the pipeline's 4-axis text / image ids for 2 references, the
+    prompt and the empty prompt stacked for classifier-free guidance, no pooled embedding, no guidance value."""
+    import dataclasses
+
+    import torch
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+
+    from dreamomni2_jax import aot
+    from dreamomni2_jax.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "klein_tpu_v5.py"), ["data.max_sequence_length=64"])
+    fc = aot.flux_config(cfg, (1, 1), "klein-4b")
+    cfg = aot.for_family(cfg, fc)
+    (noise, refs, embeds, pooled, img_ids, txt_ids, guidance, *_), n = aot.sample_input_shapes(cfg, fc, batch=1)
+    ref_txt = Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, 64, 1))[0]
+    ref_lat = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 128, 64, 64))[0]
+    ref_img = Flux2KleinPipeline._prepare_image_ids([torch.zeros(1, 128, 64, 64)] * 2)[0]
+    assert txt_ids.shape == tuple(ref_txt.shape) == (64, 4)
+    assert img_ids.shape[-2:] == (ref_lat.shape[0] + ref_img.shape[0], 4)
+    assert noise.shape == (1, 4096, 128) and refs.shape == (1, 8192, 128) and n == 4096 + 8192 + 64
+    assert embeds.shape == (2, 64, 7680) and pooled.shape == (2, 0) and guidance is None
+    assert dataclasses.replace(fc, num_layers=5, num_single_layers=20) == aot.flux_config(cfg, model="klein-4b")
