@@ -115,7 +115,7 @@ def test_a_config_that_cannot_fit_reports_fits_false_with_the_numbers():
                         "--set", "data.synthetic_refs=[[1024,1024],[1024,1024],[1024,1024]]"))
     assert r["fits"] is False and r["compiled"] is False and r["batch_per_chip"] == 64
     assert r["peak_bytes_per_chip"] > r["capacity_bytes"] and r["headroom_bytes"] < 0
-    assert r["model"] == {"double_blocks": 19, "single_blocks": 38, "inner_dim": 3072}
+    assert r["model"] == {"family": "flux1", "double_blocks": 19, "single_blocks": 38, "inner_dim": 3072}
     assert "HBM" in r["error"]
 
 
