@@ -14,9 +14,10 @@ guidance against the empty prompt at `sample.guidance`, as Flux2KleinPipeline do
 LoRA: the klein_wide preset (diffusers' klein script default: the double blocks' image-stream attention and the
 single blocks' fused QKV+MLP input and output projections) plus the double blocks' text-stream attention
 projections. Memory (scripts/aot.py, BENCHMARKS.md "Will it fit?", FLUX.2 [klein]): klein 4B on v5p-8 with full
-remat fits 23 samples per chip with 1 reference and 16 with 2 (94.44 of 95.74 GiB); the batch of 32 here is 8 per
-chip on v5p-8, half of that. Check 9B or another slice before a run:
-    python scripts/aot.py --config configs/klein_tpu_v5.py --model klein-9b --topology v5p-8
+remat fits 23 samples per chip with 1 reference and 16 with 2 (94.44 of 95.74 GiB). The batch of 32 here is 8
+per chip on v5p-8 with 2 references: klein 9B as written peaks at 81.07 GiB per chip (fits), 4B has room for
+twice the batch. Check another slice or reference count before a run:
+    python scripts/aot.py --config configs/klein_tpu_v5.py --model klein-9b --topology v6e-8 --refs 3
 """
 from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
                                    OptimConfig, SampleConfig, TrainConfig, ValidationSample)
