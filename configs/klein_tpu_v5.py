@@ -11,23 +11,26 @@ Multi-host slices: the same command on every host (see configs/tpu_v5.py). No gu
 4-axis ids (reference i at T = 10 + 10 i) and the Qwen3 prompt embeddings; validation previews use classifier-free
 guidance against the empty prompt at `sample.guidance`, as Flux2KleinPipeline does.
 
-LoRA targets are explicit module paths (FLUX.2 presets are not in LORA_PRESETS yet): every attention projection of
-the double blocks plus the single blocks' fused QKV+MLP input and output projections. Memory has not been measured
-for klein yet (scripts/aot.py does not model FLUX.2); 4B in bf16 is a third of Kontext's 12B, so the Kontext
-settings (full remat, 4 samples per chip) are a safe start.
+LoRA: the klein_wide preset (diffusers' klein script default: the double blocks' image-stream attention and the
+single blocks' fused QKV+MLP input and output projections) plus the double blocks' text-stream attention
+projections. Memory (scripts/aot.py, BENCHMARKS.md "Will it fit?", FLUX.2 [klein]): klein 4B on v5p-8 with full
+remat fits 23 samples per chip with 1 reference and 16 with 2 (94.44 of 95.74 GiB). The batch of 32 here is 8
+per chip on v5p-8 with 2 references: klein 9B as written peaks at 81.07 GiB per chip (fits), 4B has room for
+twice the batch. Check another slice or reference count before a run:
+    python scripts/aot.py --config configs/klein_tpu_v5.py --model klein-9b --topology v6e-8 --refs 3
 """
 from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
                                    OptimConfig, SampleConfig, TrainConfig, ValidationSample)
 
-KLEIN_ATTENTION = (r"attn\.to_q$", r"attn\.to_k$", r"attn\.to_v$", r"attn\.to_out", r"attn\.add_[qkv]_proj",
-                   r"attn\.to_add_out", r"attn\.to_qkv_mlp_proj")
+# diffusers' klein script default (klein_wide) plus the double blocks' text-stream attention projections
+TEXT_STREAM = (r"attn\.add_[qkv]_proj", r"attn\.to_add_out")
 
 
 def get_config() -> Config:
     return Config(
         model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="auto",
                           remat="full"),
-        lora=LoraConfig(rank=16, alpha=16.0, preset="custom", targets=KLEIN_ATTENTION, dtype="float32",
+        lora=LoraConfig(rank=16, alpha=16.0, preset="klein_wide", targets=TEXT_STREAM, dtype="float32",
                         init="gaussian"),
         data=DataConfig(batch_size=32, max_refs=3, target_max_area=1024 * 1024, batching="bucket", num_workers=8,
                         caption_dropout=0.05, synthetic_resolution=(1024, 1024),

@@ -112,36 +112,59 @@ def target_devices(target: Target) -> list:
 # --------------------------------------------------------------------------- what is compiled
 
 
-def flux_config(cfg, layers: tuple[int, int] | None = None):
-    """The model's ``FluxConfig`` (``model.path``'s config.json when it exists, else Flux Kontext dev), with
-    ``layers`` = (double, single) blocks when given (full width, fewer blocks)."""
+# ``--model`` names: published transformer configs compiled without a checkpoint (FLUX.2 [klein] "Base" shapes)
+MODELS = ("kontext", "klein-4b", "klein-9b")
+
+
+def flux_config(cfg, layers: tuple[int, int] | None = None, model: str | None = None):
+    """The transformer config: ``model`` (one of :data:`MODELS`) when given, else ``model.path``'s config.json
+    (its family's config class) when it exists, else Flux Kontext dev; with ``layers`` = (double, single) blocks
+    when given (full width, fewer blocks)."""
     from pathlib import Path
 
+    from dreamomni2_jax import families
     from dreamomni2_jax.loop import transformer_path
     from dreamomni2_jax.models.flux import FluxConfig
+    from dreamomni2_jax.models.flux2 import FLUX2_PRESETS
 
     fc = FluxConfig()
-    if cfg.model.path:
+    if model is not None:
+        if model not in MODELS:
+            raise AOTError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
+        fc = FLUX2_PRESETS[model] if model in FLUX2_PRESETS else FluxConfig()
+    elif cfg.model.path:
         p = transformer_path(cfg.model.path) / "config.json"
         if Path(p).is_file():
-            fc = FluxConfig.from_json(p)
+            fc = families.for_path(cfg.model.path).config_class().from_json(p)
     if layers is not None:
         fc = dataclasses.replace(fc, num_layers=int(layers[0]), num_single_layers=int(layers[1]))
     return fc
 
 
+def for_family(cfg, fc):
+    """``cfg`` with the settings ``fc``'s model family fixes (FLUX.2: the ``flux2`` position ids)."""
+    from dreamomni2_jax import families
+
+    scheme = families.for_config(fc).scheme(cfg.model.position_scheme)
+    return cfg if scheme == cfg.model.position_scheme else dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, position_scheme=scheme))
+
+
 def abstract_model(cfg, fc, *, lora: bool = True):
-    """Shape-only Flux (+ fresh LoRA adapters from ``cfg.lora``): ``nnx.eval_shape``, nothing allocated."""
+    """Shape-only transformer of ``fc``'s family (+ fresh LoRA adapters from ``cfg.lora``): ``nnx.eval_shape``,
+    nothing allocated."""
     import jax.numpy as jnp
     from flax import nnx
 
+    from dreamomni2_jax import families
     from dreamomni2_jax.attach import attach_lora
-    from dreamomni2_jax.models.flux import FluxTransformer2DModel
+
+    cls = families.for_config(fc).model_class()
 
     def build():
-        m = FluxTransformer2DModel(fc, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.model.compute_dtype),
-                                   param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
-                                   remat=cfg.model.remat)
+        m = cls(fc, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.model.compute_dtype),
+                param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
+                remat=cfg.model.remat)
         if lora:
             attach_lora(m, config=cfg.lora, seed=cfg.train.seed, fresh=True)
         return m
@@ -187,7 +210,7 @@ def lower_train(cfg, devices, fc):
     if cfg.data.caption_dropout > 0:
         dt = jnp.dtype(cfg.model.param_dtype)
         empty = {"t5": jax.ShapeDtypeStruct((cfg.data.max_sequence_length, fc.joint_attention_dim), dt),
-                 "pooled": jax.ShapeDtypeStruct((fc.pooled_projection_dim,), dt)}
+                 "pooled": jax.ShapeDtypeStruct((getattr(fc, "pooled_projection_dim", 0) or 0,), dt)}
     statics, state = make_state(cfg, model, mesh, empty)
     shapes = batch_shapes(cfg, fc, cfg.data.batch_size)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh, len(v.shape)))
@@ -236,8 +259,9 @@ def sample_input_shapes(cfg, fc, batch: int = 1, steps: int | None = None):
     import jax
     import jax.numpy as jnp
 
-    from dreamomni2_jax import positions
+    from dreamomni2_jax import families, positions
 
+    fam = families.for_config(fc)
     (tw, th), refs = cfg.data.synthetic_resolution, cfg.data.synthetic_refs
     layout = positions.SampleLayout((th // 8, tw // 8), tuple((h // 8, w // 8) for w, h in refs))  # VAE 8x
     n_t = (th // 16) * (tw // 16)  # 2x2 packing
@@ -245,9 +269,11 @@ def sample_input_shapes(cfg, fc, batch: int = 1, steps: int | None = None):
     c, dt, txt = fc.in_channels, jnp.dtype(cfg.model.compute_dtype), cfg.data.max_sequence_length
     steps = cfg.sample.steps if steps is None else steps
     s = jax.ShapeDtypeStruct
-    ids = layout.ids(cfg.model.position_scheme)
-    shapes = (s((batch, n_t, c), jnp.float32), s((batch, n_r, c), dt), s((batch, txt, fc.joint_attention_dim), dt),
-              s((batch, fc.pooled_projection_dim), dt), s(ids.shape, jnp.int32), s((txt, 3), jnp.int32),
+    ids = layout.ids(fam.scheme(cfg.model.position_scheme))
+    rows = 2 * batch if fam.guidance_is_cfg else batch  # [positive; empty prompt] rows with classifier-free guidance
+    shapes = (s((batch, n_t, c), jnp.float32), s((batch, n_r, c), dt), s((rows, txt, fc.joint_attention_dim), dt),
+              s((rows, getattr(fc, "pooled_projection_dim", 0) or 0), dt), s(ids.shape, jnp.int32),
+              s(fam.text_ids(txt).shape, jnp.int32),
               s((batch,), jnp.float32) if fc.guidance_embeds else None, s((steps,), jnp.float32),
               s((steps + 1,), jnp.float32), s((), jnp.float32))
     return shapes, n_t + n_r + txt
@@ -292,12 +318,16 @@ def attention_in_program(text: str) -> str:
     return "xla"
 
 
-def compile_report(cfg, target: Target, *, mode: str = "train", layers=None, sample_batch: int = 1) -> dict:
-    """Compile ``mode`` ("train" | "sample") of ``cfg`` for ``target``; the JSON-ready report."""
+def compile_report(cfg, target: Target, *, mode: str = "train", layers=None, sample_batch: int = 1,
+                   model: str | None = None) -> dict:
+    """Compile ``mode`` ("train" | "sample") of ``cfg`` for ``target`` (``model``: see :func:`flux_config`); the
+    JSON-ready report."""
+    from dreamomni2_jax import families
     from dreamomni2_jax.models.attention import resolve_impl
 
     devices = target_devices(target)
-    fc = flux_config(cfg, layers)
+    fc = flux_config(cfg, layers, model)
+    cfg = for_family(cfg, fc)
     t0 = time.perf_counter()
     lowered, info = (lower_train(cfg, devices, fc) if mode == "train"
                      else lower_sample(cfg, devices, fc, sample_batch))
@@ -305,8 +335,9 @@ def compile_report(cfg, target: Target, *, mode: str = "train", layers=None, sam
     usable = int(target.hbm_bytes * target.usable_fraction)
     report = {"target": target.name, "platform": target.platform, "topology": target.topology,
               "chips": target.chips, "device_kind": devices[0].device_kind, "mode": mode,
-              "model": {"double_blocks": fc.num_layers, "single_blocks": fc.num_single_layers,
-                        "inner_dim": fc.inner_dim},
+              "model": {"family": families.for_config(fc).name, "double_blocks": fc.num_layers,
+                        "single_blocks": fc.num_single_layers, "inner_dim": fc.inner_dim},
+              "lora": {"preset": cfg.lora.preset, "rank": cfg.lora.rank},
               "attention": {"configured": cfg.model.attention,
                             "resolved": resolve_impl(cfg.model.attention, devices)},
               "remat": cfg.model.remat, **info, "lower_s": round(t1 - t0, 1)}
@@ -356,19 +387,21 @@ def _next_probe(points, usable: int, lo: int, hi: int) -> int:
 REMAT_ORDER = ("none", "dots_no_batch_saveable", "full")  # cheapest recompute first
 
 
-def fit(cfg, target: Target, *, layers=None, max_batch_per_chip: int = 64, remats=None, log=print) -> dict:
+def fit(cfg, target: Target, *, layers=None, max_batch_per_chip: int = 64, remats=None, log=print,
+        model: str | None = None) -> dict:
     """The largest per-chip micro-batch that fits, for each remat policy (``remats``, default ``none`` ->
     ``full``); the answer is the first policy with the largest batch. Every answer is a compiled program."""
     from dreamomni2_jax import sharding as shd
 
     mesh = _mesh(cfg, target_devices(target))
     shards = shd.batch_shards(mesh)
-    results = {}
+    results, seen = {}, {}
     for remat in remats or REMAT_ORDER:
         def run(b, remat=remat):
             c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat),
                                     data=dataclasses.replace(cfg.data, batch_size=b * shards * cfg.optim.grad_accum))
-            r = compile_report(c, target, layers=layers)
+            r = compile_report(c, target, layers=layers, model=model)
+            seen.setdefault("model", {**r["model"], "lora": r["lora"]})
             log(f"  remat={remat} batch/chip={b}: peak {r['peak_gib_per_chip']} GiB of {r['usable_gib']} "
                 f"-> {'fits' if r['fits'] else 'does not fit'} ({r['compile_s']} s)")
             return r
@@ -391,6 +424,7 @@ def fit(cfg, target: Target, *, layers=None, max_batch_per_chip: int = 64, remat
                           "attention": None if best is None else best["attention"]}
     top = max(r["largest_batch_per_chip"] for r in results.values())
     choice = next((k for k, r in results.items() if r["largest_batch_per_chip"] == top and top > 0), None)
-    return {"target": target.name, "chips": target.chips, "references": len(cfg.data.synthetic_refs),
+    return {"target": target.name, "chips": target.chips, "model": seen.get("model"),
+            "references": len(cfg.data.synthetic_refs),
             "resolution": list(cfg.data.synthetic_resolution), "by_remat": results,
             "best": None if choice is None else {"remat": choice, "batch_per_chip": top}}

@@ -1,14 +1,19 @@
 """Will this config fit? Compile the real train step (or the sampler) for a TPU slice or an NVIDIA host, here.
 
     python scripts/aot.py --config configs/tpu_v5.py --topology v5p-8 [--set k=v ...] [--mode train|sample]
-                          [--refs N] [--layers DOUBLE SINGLE] [--fit] [--json OUT]
+                          [--model kontext|klein-4b|klein-9b] [--refs N] [--layers DOUBLE SINGLE] [--fit]
+                          [--json OUT]
+    python scripts/aot.py --config configs/klein_tpu_v5.py --model klein-4b --topology v6e-8 --refs 2 --fit
 
 No accelerator and no weights are needed: the model is abstract (shapes only) and the program is compiled for the
 target's device descriptions (``libtpu`` for TPU: ``pip install -e '.[aot]'``; the CUDA plugin for h100/h200:
 ``pip install -e '.[cuda12]'``). Prints one JSON object (per-chip bytes from XLA's memory analysis, ``fits``,
 the headroom, the attention kernel in the program, lower / compile seconds). ``--fit``: the largest per-chip batch
 that fits for each remat policy at the config's resolution and references. ``--layers 2 4`` compiles a
-full-width model with 2 double and 4 single blocks (quick checks). Exit code 0, or 2 for bad input.
+full-width model with 2 double and 4 single blocks (quick checks). The transformer is ``model.path``'s (its
+family read from the folder) or, with ``--model``, a published config without any checkpoint: ``kontext`` (FLUX.1
+Kontext dev), ``klein-4b`` / ``klein-9b`` (FLUX.2 [klein]: its transformer class, 4-axis ids, no guidance; the
+klein configs train the ``klein_wide`` LoRA preset). Exit code 0, or 2 for bad input.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ def parse_args(argv=None):
                     "h200x1, h200x8, ...")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     ap.add_argument("--mode", choices=("train", "sample"), default="train")
+    ap.add_argument("--model", choices=("kontext", "klein-4b", "klein-9b"), default=None,
+                    help="a published transformer config instead of model.path's")
     ap.add_argument("--refs", type=int, default=None, metavar="N",
                     help="N references of data.synthetic_resolution (instead of data.synthetic_refs)")
     ap.add_argument("--layers", nargs=2, type=int, metavar=("DOUBLE", "SINGLE"), default=None,
@@ -67,9 +74,10 @@ def main(argv=None) -> int:
     try:
         if args.fit:
             out = aot.fit(cfg, target, layers=args.layers, max_batch_per_chip=args.max_batch, log=log,
+                          model=args.model,
                           remats=args.remat_policies.split(",") if args.remat_policies else None)
         else:
-            out = aot.compile_report(cfg, target, mode=args.mode, layers=args.layers)
+            out = aot.compile_report(cfg, target, mode=args.mode, layers=args.layers, model=args.model)
     except (AOTError, MeshError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

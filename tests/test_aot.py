@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of the real sharded train step for a TPU v5p slice (splash attention) and 8 x H100
 (cuDNN attention) on this CPU-only machine, through ``scripts/aot.py``: it compiles, the program calls the
 platform's attention kernel, and the per-chip argument bytes are the sharded parameter bytes of the reference
-(diffusers Flux + peft LoRA, shapes on the meta device) plus the batch shard."""
+(diffusers Flux + peft LoRA, shapes on the meta device) plus the batch shard. FLUX.2 [klein] (``--model klein-4b``,
+reduced depth, full width): the same check against diffusers' ``Flux2Transformer2DModel`` + peft."""
 from __future__ import annotations
 
 import json
@@ -114,7 +115,7 @@ def test_a_config_that_cannot_fit_reports_fits_false_with_the_numbers():
                         "--set", "data.synthetic_refs=[[1024,1024],[1024,1024],[1024,1024]]"))
     assert r["fits"] is False and r["compiled"] is False and r["batch_per_chip"] == 64
     assert r["peak_bytes_per_chip"] > r["capacity_bytes"] and r["headroom_bytes"] < 0
-    assert r["model"] == {"double_blocks": 19, "single_blocks": 38, "inner_dim": 3072}
+    assert r["model"] == {"family": "flux1", "double_blocks": 19, "single_blocks": 38, "inner_dim": 3072}
     assert "HBM" in r["error"]
 
 
@@ -150,3 +151,92 @@ def test_compiler_out_of_memory_message_is_parsed():
     g = 2**30
     assert _next_probe([(32, 1091 * g)], 95 * g, 0, 32) == 2  # a line through the origin
     assert _next_probe([(32, 147 * g), (20, 135 * g), (1, 15 * g)], 95 * g, 1, 20) == 13  # through the last two
+
+
+# --------------------------------------------------------------------------- FLUX.2 [klein]
+
+KLEIN_LAYERS = (1, 2)  # klein-4b width (3072, 24 heads, joint 7680), 1 double + 2 single blocks
+KLEIN_4B = dict(num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)
+# diffusers names of configs/klein_tpu_v5.py's adapters: the klein_wide preset (diffusers' klein script default:
+# double-block to_q/k/v/to_out.0, single-block to_qkv_mlp_proj / to_out) plus the double blocks' text stream
+KLEIN_PEFT_TARGETS = (r".*(^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)"
+                      r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))")
+
+
+@pytest.fixture(scope="module")
+def klein_report():
+    return _report(run_aot("--config", "configs/klein_tpu_v5.py", "--model", "klein-4b", "--topology", "v5p-8",
+                           "--layers", *map(str, KLEIN_LAYERS), "--set", "data.batch_size=4", "--set", ONE_REF))
+
+
+def klein_reference_bytes_per_chip(shards: int, rank: int = 16) -> dict:
+    """As :func:`reference_bytes_per_chip` for diffusers' ``Flux2Transformer2DModel`` at klein-4b width with
+    :data:`KLEIN_LAYERS` blocks and peft adapters on :data:`KLEIN_PEFT_TARGETS`; also the adapted module count."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(num_layers=KLEIN_LAYERS[0], num_single_layers=KLEIN_LAYERS[1], **KLEIN_4B)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=KLEIN_PEFT_TARGETS), model)
+
+    def per_chip(shape, itemsize):
+        n = int(np.prod(shape)) * itemsize
+        return n // shards if any(d % shards == 0 for d in shape) else n
+
+    base = lora = modules = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            lora += per_chip(p.shape, 4)
+            modules += name.endswith("lora_A.default.weight")
+        else:
+            base += per_chip(p.shape, 4 if name.rsplit(".", 2)[-2].startswith("norm_") else 2)
+    return {"base": base, "lora": lora, "modules": modules}
+
+
+def test_klein_v5p_train_step_compiles_with_klein_shapes(klein_report):
+    r = klein_report
+    assert r["compiled"] and r["fits"] and r["chips"] == 4 and r["batch_per_chip"] == 1
+    assert r["model"] == {"family": "flux2-klein", "double_blocks": 1, "single_blocks": 2, "inner_dim": 3072}
+    assert r["lora"] == {"preset": "klein_wide", "rank": 16}
+    assert r["attention"]["in_program"] == "splash"
+    assert r["tokens_per_sample"] == 512 + 4096 + 4096
+
+
+def test_klein_per_chip_arguments_are_the_sharded_diffusers_parameters(klein_report):
+    r, shards = klein_report, 4
+    ref = klein_reference_bytes_per_chip(shards)
+    assert ref["modules"] == 8 * KLEIN_LAYERS[0] + 2 * KLEIN_LAYERS[1]
+    # one sample per chip: target + 1 reference (1024^2 -> 4096 tokens each, 128 packed channels, bf16), 4-axis
+    # int32 ids, bool mask, 512 x 7680 Qwen3 features (bf16), no pooled embedding
+    t = 4096 * 2
+    batch = t * 128 * 2 + t * 16 + t + 512 * 7680 * 2
+    expected = ref["base"] + 3 * ref["lora"] + 512 * 7680 * 2 + batch  # + Adam mu / nu, caption-dropout text
+    args = r["per_chip"]["argument_bytes"]
+    assert 0 <= args - expected <= 256 + 64 * 1024, (args, expected)
+    assert 0 <= args - r["state_bytes_per_chip"] - batch <= 16 + 64 * 1024
+
+
+def test_klein_sampler_inputs_have_the_pipelines_ids_and_no_guidance():
+    """``--mode sample --model klein-4b`` inputs: the pipeline's 4-axis text / image ids for 2 references, the
+    prompt and the empty prompt stacked for classifier-free guidance, no pooled embedding, no guidance value."""
+    import dataclasses
+
+    import torch
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+
+    from dreamomni2_jax import aot
+    from dreamomni2_jax.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "klein_tpu_v5.py"), ["data.max_sequence_length=64"])
+    fc = aot.flux_config(cfg, (1, 1), "klein-4b")
+    cfg = aot.for_family(cfg, fc)
+    (noise, refs, embeds, pooled, img_ids, txt_ids, guidance, *_), n = aot.sample_input_shapes(cfg, fc, batch=1)
+    ref_txt = Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, 64, 1))[0]
+    ref_lat = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 128, 64, 64))[0]
+    ref_img = Flux2KleinPipeline._prepare_image_ids([torch.zeros(1, 128, 64, 64)] * 2)[0]
+    assert txt_ids.shape == tuple(ref_txt.shape) == (64, 4)
+    assert img_ids.shape[-2:] == (ref_lat.shape[0] + ref_img.shape[0], 4)
+    assert noise.shape == (1, 4096, 128) and refs.shape == (1, 8192, 128) and n == 4096 + 8192 + 64
+    assert embeds.shape == (2, 64, 7680) and pooled.shape == (2, 0) and guidance is None
+    assert dataclasses.replace(fc, num_layers=5, num_single_layers=20) == aot.flux_config(cfg, model="klein-4b")
