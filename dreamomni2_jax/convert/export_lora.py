@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from dreamomni2_jax.checkpoint import load_lora
-from dreamomni2_jax.lora_io import DTYPES, FORMATS, save_lora_file
+from dreamomni2_jax.dtypes import SHORT
+from dreamomni2_jax.lora_io import FORMATS, save_lora_file
 
 
 def export(ckpt: str, out: str, step: int | None = None, dtype: str = "bf16", format: str = "diffusers",
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", required=True, help="run directory, its checkpoints/ folder, or a step folder")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     ap.add_argument("--out", required=True, help="output .safetensors file (not a folder)")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="tensor dtype in the file")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(SHORT), help="tensor dtype in the file")
     ap.add_argument("--format", default="diffusers", choices=FORMATS, help="key layout")
     ap.add_argument("--ema", action="store_true", help="export the EMA of the adapters (train.ema_decay > 0)")
     args = ap.parse_args(argv)

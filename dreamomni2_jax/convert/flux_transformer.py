@@ -18,9 +18,8 @@ from pathlib import Path
 import ml_dtypes
 
 from dreamomni2_jax.weights.safetensors_io import Reader, limit_malloc_caching, open_checkpoint
-from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from dreamomni2_jax.convert.component import component_cli
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
-from dreamomni2_jax.weights.store import is_converted  # noqa: F401 - historical import site
 from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -141,25 +140,17 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     return Plan(reader, expand(rules, counts), spec), config
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
-
-
 def _quiet_malloc() -> None:
     limit_malloc_caching()
     log.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv, before=_quiet_malloc,
-        src_help='diffusers transformer/ folder or BFL .safetensors file',
-        config_help='FluxTransformer2DModel config.json overriding the inferred one')
+convert, main = component_cli(build_plan, __doc__, before=_quiet_malloc,
+                              src_help="diffusers transformer/ folder or BFL .safetensors file",
+                              config_help="FluxTransformer2DModel config.json overriding the inferred one")
 
 
-__all__ = ["build_plan", "convert", "main", "is_converted", "diffusers_rules", "bfl_rules", "infer_config"]
+__all__ = ["build_plan", "convert", "main", "diffusers_rules", "bfl_rules", "infer_config"]
 
 if __name__ == "__main__":
     sys.exit(main())
