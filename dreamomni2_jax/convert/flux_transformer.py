@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import ml_dtypes
 
@@ -112,6 +113,19 @@ def infer_config(reader: Reader, layout: str, base=None):
         guidance_embeds=f"{guid}.weight" in reader, axes_dims_rope=base.axes_dims_rope)
 
 
+def settle_config(src: Path, layout: str, config, config_cls, infer: Callable[[], Any]):
+    """The transformer config of a conversion: ``config`` (a config, or a config.json path), else the source
+    folder's config.json (diffusers layout), else ``infer()`` (from the tensor shapes)."""
+    if isinstance(config, (str, Path)):
+        return config_cls.from_json(config)
+    if config is not None:
+        return config
+    folder = src if src.is_dir() else src.parent
+    if layout == "diffusers" and (folder / "config.json").is_file():
+        return config_cls.from_json(folder / "config.json")
+    return infer()
+
+
 def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     """Open ``src``, pick the layout, settle the config and validate everything -> ``(Plan, FluxConfig)``.
 
@@ -125,14 +139,7 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     src = Path(src)
     reader = open_checkpoint(src).under_prefix((BFL_PREFIX,))
     layout = detect_layout(reader)
-    if isinstance(config, (str, Path)):
-        config = FluxConfig.from_json(config)
-    if config is None:
-        folder = src if src.is_dir() else src.parent
-        if layout == "diffusers" and (folder / "config.json").is_file():
-            config = FluxConfig.from_json(folder / "config.json")
-        else:
-            config = infer_config(reader, layout)
+    config = settle_config(src, layout, config, FluxConfig, lambda: infer_config(reader, layout))
     model = abstract_flux(config, dtype=param_dtype, param_dtype=param_dtype)
     spec = target_spec(nnx.state(model, nnx.Param), stacked_counts(config))
     rules = (bfl_rules if layout == "bfl" else diffusers_rules)(config.guidance_embeds)
