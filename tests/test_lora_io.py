@@ -300,6 +300,13 @@ def test_bad_files_and_mismatches(base_model, tmp_path):
     (tmp_path / "trunc.safetensors").write_bytes(good.read_bytes()[:100])
     with pytest.raises(L.LoraFileError, match="trunc.safetensors: not a readable safetensors file"):
         L.load_lora_file(tmp_path / "trunc.safetensors")
+    # one hierarchy: a handler of the adapter errors (lora.LoraError) also catches the file errors
+    from dreamomni2_jax.lora import LoraError
+
+    with pytest.raises(LoraError, match="missing.safetensors does not exist"):
+        attach_lora(nnx.clone(base_model), tmp_path / "missing.safetensors")
+    with pytest.raises(LoraError, match="model already has LoRA adapters"):
+        apply_lora(other, [r"attn\.to_q"], rank=4, alpha=4.0)
 
 
 def test_export_cli_from_checkpoint(base_model, tmp_path):
