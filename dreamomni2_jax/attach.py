@@ -26,6 +26,7 @@ from dreamomni2_jax.lora import (
 )
 from dreamomni2_jax.lora_io import MAGNITUDE, LoraFileError, check_finite, load_lora_file
 from dreamomni2_jax.models.schemas import lora_target_patterns, schema_for, stacked_groups
+from dreamomni2_jax.tree_paths import dotted
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def attach_lora(model: nnx.Module, source: str | Path | None = None, *, config: 
 def _fresh(model: nnx.Module, cfg: LoraConfig, seed) -> dict:
     """Adapters from ``cfg``: the model's preset (restricted to the modules it has, e.g. no single blocks) plus
     ``cfg.targets``, at ``cfg.rank`` / ``cfg.alpha`` / ``cfg.dropout`` / ``cfg.dtype`` / ``cfg.init``."""
-    have = {".".join(str(p) for p in path) for path, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
+    have = {dotted(path) for path, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
     patterns = lora_target_patterns(cfg, model)
     preset = [p for p in patterns[:len(patterns) - len(cfg.targets)] if any(re.search(p, h) for h in have)]
     apply_lora(model, preset + list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,

@@ -78,7 +78,8 @@ def decode_record(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 class Encoders(Protocol):
-    """What the cache stage needs from the models (real: :class:`JaxEncoders`; tests may use fakes)."""
+    """What the cache stage needs from the models (real: :mod:`dreamomni2_jax.cache_encoders`, picked by the model
+    family; tests may use fakes)."""
 
     downscale: int  # pixels per latent side (8 for Flux)
     image_batch: int  # images per encode_images call the cache makes (optional; default 8)
@@ -93,82 +94,6 @@ class Encoders(Protocol):
 def round_up(n: int, m: int) -> int:
     """``n`` rounded up to a multiple of ``m`` (``m <= 1``: ``n`` unchanged)."""
     return -(-n // m) * m if m > 1 else n
-
-
-class _DataParallel:
-    """``fn(module, x)`` jitted with the module replicated and ``x`` split on axis 0 over local devices.
-
-    Batches are padded to a fixed ``batch`` (a multiple of the device count) so each input shape
-    compiles once.
-    """
-
-    def __init__(self, module, fn, batch: int):
-        import jax
-        from flax import nnx
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-        devices = jax.local_devices()
-        mesh = Mesh(np.array(devices), ("batch",))
-        graphdef, state = nnx.split(module)
-        self.state = jax.device_put(state, NamedSharding(mesh, P()))
-        self.in_sharding = NamedSharding(mesh, P("batch"))
-        self.batch = round_up(max(batch, 1), len(devices))
-        self.jitted = jax.jit(lambda state, x: fn(nnx.merge(graphdef, state), x))
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        import jax
-
-        out = []
-        for i in range(0, x.shape[0], self.batch):
-            part = x[i:i + self.batch]
-            n = part.shape[0]
-            if n < self.batch:
-                part = np.concatenate([part, np.zeros((self.batch - n, *part.shape[1:]), part.dtype)])
-            y = self.jitted(self.state, jax.device_put(part, self.in_sharding))
-            out.append(jax.tree.map(lambda a: np.asarray(a)[:n], y))
-        return jax.tree.map(lambda *a: np.concatenate(a), *out) if len(out) > 1 else out[0]
-
-
-class JaxEncoders:
-    """Converted VAE + CLIP/T5 from ``model_dir`` (``convert/pipeline.py`` output), data-parallel over local devices."""
-
-    def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_sequence_length: int = 512,
-                 image_batch: int = 8, text_batch: int = 16):
-        import jax.numpy as jnp
-
-        from dreamomni2_jax.models.vae import normalize_latents
-        from dreamomni2_jax.loaders import load_vae
-        from dreamomni2_jax.text import load_text_encoders
-
-        root = Path(model_dir)
-        if not (root / "vae").is_dir():
-            raise FileNotFoundError(f"{root / 'vae'}: converted VAE missing (model.path must be a convert/pipeline.py "
-                                    f"output folder)")
-        jdtype = jnp.dtype(dtype)
-        self.vae = load_vae(root / "vae", dtype=jdtype)
-        self.text = load_text_encoders(root, dtype=jdtype)
-        self.downscale = self.vae.config.downscale
-        self.latent_channels = self.vae.config.latent_channels
-        self.max_sequence_length = max_sequence_length
-        vcfg = self.vae.config
-
-        def encode(vae, x):
-            z = vae.encode(x)
-            return normalize_latents(z.astype(jnp.float32), vcfg).astype(z.dtype)
-
-        self._vae = _DataParallel(self.vae, encode, image_batch)
-        self.image_batch = self._vae.batch
-        log.info("encoders on %d local devices (image batch %d)", len(self._vae.in_sharding.mesh.devices.flat),
-                 self._vae.batch)
-        self._clip = _DataParallel(self.text.clip, lambda m, ids: m(ids)[1], text_batch)
-        self._t5 = _DataParallel(self.text.t5, lambda m, ids: m(ids), text_batch)
-
-    def encode_images(self, images: np.ndarray) -> np.ndarray:
-        return self._vae(np.asarray(images, np.float32))
-
-    def encode_text(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        clip_ids, t5_ids = self.text.tokenize(list(prompts), self.max_sequence_length)
-        return self._t5(t5_ids), self._clip(clip_ids)
 
 
 # --------------------------------------------------------------------------- settings / files

@@ -35,6 +35,7 @@ from dreamomni2_jax.checkpoint_items import (  # noqa: F401 - CheckpointError, D
     CheckpointError, DataStateHandler, DataStateRestore, DataStateSave, decode_rng, encode_rng,
 )
 from dreamomni2_jax.config import Config, ConfigError, from_dict
+from dreamomni2_jax.tree_paths import dotted
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,9 @@ def _tmp_note(root: Path) -> str:
     return f" (unfinished saves, ignored: {tmps})" if tmps else ""
 
 
-def _key_str(path) -> str:
-    return ".".join(integrity.path_parts(path))
-
-
 def _shapes(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_key_str(p): tuple(getattr(v, "shape", ())) for p, v in leaves}
+    return {dotted(p): tuple(getattr(v, "shape", ())) for p, v in leaves}
 
 
 def _check_structure(step_dir: Path, saved_metadata, abstract_state) -> None:
@@ -342,11 +339,6 @@ def load_state(path: str | Path, step: int | None = None) -> tuple[Any, int, Pat
     return state, step, step_dir
 
 
-def _lora_key(path) -> str:
-    parts = _key_str(path).split(".")
-    return ".".join(parts[:-1] if parts[-1] in ("value", "raw_value") else parts)
-
-
 def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """The LoRA adapters of a checkpoint (``state["lora"]``; ``ema``: their EMA, ``state["ema"]``) -> (flat
     ``{module.lora_A|B: array}``, DoRA: also ``module.lora_magnitude_vector``; metadata). A schedule-free run's
@@ -366,7 +358,7 @@ def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> t
         from dreamomni2_jax.optimizers import saved_eval_params
 
         adapters = saved_eval_params(state.get("opt_state"), adapters)
-    flat = {_lora_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+    flat = {dotted(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(adapters)[0]}
     bad = sorted(k for k in flat if not k.endswith((".lora_A", ".lora_B", ".lora_magnitude_vector")))
     if bad or not flat:
         raise CheckpointError(f"{step_dir / 'state'}: 'lora' entry has non-adapter leaves {bad[:20]} "

@@ -28,7 +28,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
                                           FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                                           PermissionError]
     for module, name in (("dreamomni2_jax.weights.store", "ConversionError"), ("dreamomni2_jax.weights.safetensors_io", "SafetensorsError"),
-                         ("dreamomni2_jax.lora_io", "LoraFileError"), ("dreamomni2_jax.checkpoint", "CheckpointError"),
+                         ("dreamomni2_jax.lora_adapters", "LoraError"), ("dreamomni2_jax.checkpoint", "CheckpointError"),
                          ("dreamomni2_jax.images", "BadInput"), ("dreamomni2_jax.cache", "CacheError")):
         mod = sys.modules.get(module)  # a class only matters once its module is imported (it raised it)
         if mod is not None and isinstance(getattr(mod, name, None), type):

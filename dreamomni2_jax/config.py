@@ -3,7 +3,7 @@
 A config file defines ``get_config() -> Config``. Command-line overrides use
 ``section.key=value`` (``--set optim.lr=3e-4 --set mesh.fsdp=8``); values are parsed by the
 field's declared type, and unknown sections/keys or unparsable values raise
-:class:`ConfigError` naming the key.
+:class:`ConfigError` naming the key (the value checks: :mod:`dreamomni2_jax.config_checks`).
 """
 from __future__ import annotations
 
@@ -18,39 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names it."""
-
-
-def read_json(path: str | Path) -> Any:
-    """A JSON file's content; :class:`ConfigError` naming the file (and line) when missing, not UTF-8 or not JSON."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")
-
-
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def _in_range(name: str, value: float, lo: float, hi: float, hi_open: bool = True) -> None:
-    if not (lo <= value < hi if hi_open else lo <= value <= hi):
-        raise ConfigError(f"{name}={value!r} must be in [{lo}, {hi}{')' if hi_open else ']'}")
+from dreamomni2_jax.config_checks import (  # noqa: F401 - ConfigError, read_json: public here too
+    ConfigError, check_type as _check_type, choice as _choice, in_range as _in_range, positive as _positive, read_json)
 
 
 class _Section:
@@ -73,15 +42,6 @@ class _Section:
 
     def _validate(self) -> None:
         pass
-
-
-def _check_type(key: str, value: Any, tp) -> None:
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return
-    if tp in (int, float, str, bool) and type(value) is not tp:
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    if typing.get_origin(tp) is tuple and not isinstance(value, tuple):
-        raise ConfigError(f"{key}: expected a tuple, got {type(value).__name__} {value!r}")
 
 
 _SECTION_NAMES = {"ModelConfig": "model", "LoraConfig": "lora", "DataConfig": "data", "OptimConfig": "optim",

@@ -28,6 +28,7 @@ class Family:
     """FLUX.1 (Kontext / dev): the base class holds its behaviour; other families override."""
 
     name = "flux1"
+    schema = "flux"  # its transformer's module schema (models/flux_schema.py): the config class -> family mapping
     position_scheme: str | None = None  # None: the config's ``model.position_scheme``
     has_pooled = True
     guidance_is_cfg = False  # True: ``guidance`` is a CFG scale against the empty prompt (no guidance embedding)
@@ -79,7 +80,7 @@ class Family:
 
     def reference_pixels(self, image, auto_resize: bool, where: str, area: int):
         """One sampling reference as float32 ``[H, W, 3]`` in [-1, 1] (Kontext resolutions)."""
-        from dreamomni2_jax.sampler import reference_pixels
+        from dreamomni2_jax.reference_images import reference_pixels
 
         return reference_pixels(image, auto_resize, where, area)
 
@@ -89,7 +90,7 @@ class Family:
         return load_text_encoders(root, dtype, param_sharding=param_sharding)
 
     def make_encoders(self, model_dir, dtype: str, max_sequence_length: int, image_batch: int, text_batch: int):
-        from dreamomni2_jax.cache import JaxEncoders
+        from dreamomni2_jax.cache_encoders import JaxEncoders
 
         return JaxEncoders(model_dir, dtype, max_sequence_length, image_batch=image_batch, text_batch=text_batch)
 
@@ -119,6 +120,7 @@ class Flux2Klein(Family):
     prompt embeddings, ``compute_empirical_mu`` shift, classifier-free guidance against the empty prompt."""
 
     name = "flux2-klein"
+    schema = "flux2"
     position_scheme = positions.FLUX2
     has_pooled = False
     guidance_is_cfg = True
@@ -160,7 +162,7 @@ class Flux2Klein(Family):
         return positions.unpack_latents(vae.bn.denormalize(positions.pack_latents(z)), h, w)
 
     def reference_pixels(self, image, auto_resize: bool, where: str, area: int):
-        from dreamomni2_jax.sampler import klein_reference_pixels
+        from dreamomni2_jax.reference_images import klein_reference_pixels
 
         return klein_reference_pixels(image, where)  # the pipeline's own preprocessing (no Kontext resolutions)
 
@@ -170,9 +172,10 @@ class Flux2Klein(Family):
         return load_klein_text(root, dtype, param_sharding=param_sharding)
 
     def make_encoders(self, model_dir, dtype: str, max_sequence_length: int, image_batch: int, text_batch: int):
-        from dreamomni2_jax.cache_klein import KleinEncoders
+        from dreamomni2_jax.cache_encoders import KleinEncoders
 
-        return KleinEncoders(model_dir, dtype, max_sequence_length, image_batch=image_batch, text_batch=text_batch)
+        return KleinEncoders(model_dir, dtype, max_sequence_length, image_batch=image_batch, text_batch=text_batch,
+                             normalize=self.normalize)
 
     def sample_mu(self, image_seq_len: int, steps: int) -> float | None:
         return compute_empirical_mu(image_seq_len, steps)
@@ -189,9 +192,16 @@ def get(name: str) -> Family:
 
 
 def for_config(config) -> Family:
-    """The family of a transformer config (``FluxConfig`` / ``Flux2Config``)."""
+    """The family of a transformer config (``FluxConfig`` / ``Flux2Config``): the one of its model schema."""
+    from dreamomni2_jax.models.roles import SchemaError
+    from dreamomni2_jax.models.schemas import schema_for
+
+    try:
+        name = schema_for(config).name
+    except SchemaError:
+        name = None
     for fam in FAMILIES.values():
-        if isinstance(config, fam.config_class()):
+        if fam.schema == name:
             return fam
     raise TypeError(f"no model family for a transformer with config {type(config).__name__}")
 

@@ -32,14 +32,12 @@ import numpy as np
 from flax import nnx
 
 from dreamomni2_jax import dora
+from dreamomni2_jax.lora_adapters import LoraError
+from dreamomni2_jax.tree_paths import dotted
 
 __all__ = ["LORA_INITS", "init_lora_a", "LoRAParam", "LoRADropoutKey", "LoRALinear", "apply_lora", "lora_modules",
            "lora_state", "reset_magnitudes", "set_lora_state", "lora_metadata", "linear_paths", "reseed_dropout",
            "LoraError"]
-
-
-class LoraError(ValueError):
-    """Bad LoRA targets or adapter state; the message names the offending path/key."""
 
 
 class LoRAParam(nnx.Param):
@@ -117,19 +115,15 @@ class LoRALinear(nnx.Linear):
         return y + (delta * jnp.asarray(self.lora_scale, cdt)).astype(y.dtype)
 
 
-def _dotted(path: Iterable) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def linear_paths(model: nnx.Module) -> list[str]:
     """Dotted paths of every plain ``nnx.Linear`` (not yet adapted) in ``model``."""
-    return [_dotted(p) for p, m in nnx.iter_modules(model)
+    return [dotted(p) for p, m in nnx.iter_modules(model)
             if isinstance(m, nnx.Linear) and not isinstance(m, LoRALinear)]
 
 
 def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
     """``{dotted path: LoRALinear}`` of the adapted modules, in path order."""
-    return dict(sorted((_dotted(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)))
+    return dict(sorted((dotted(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)))
 
 
 def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
@@ -166,7 +160,7 @@ def apply_lora(model: nnx.Module, patterns: Iterable[str], *, rank: int, alpha: 
         raise LoraError(f"invalid LoRA target regex: {e}") from None
     if any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model)):
         raise LoraError("model already has LoRA adapters (apply_lora was called twice?)")
-    candidates = sorted(((_dotted(p), tuple(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)),
+    candidates = sorted(((dotted(p), tuple(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)),
                         key=lambda t: t[0])
     hits = {p: 0 for p in patterns}
     matched = []

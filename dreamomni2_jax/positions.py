@@ -27,7 +27,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-LatentSize = tuple[int, int]
+from dreamomni2_jax import positions_flux2
+from dreamomni2_jax.latent_tokens import (  # noqa: F401 - num_tokens / pack_latents / unpack_latents: public here too
+    LatentSize, check_latent_size, num_tokens, pack_latents, unpack_latents)
+
 SchemeFn = Callable[[Sequence[LatentSize]], list[int]]
 
 IDS_DTYPES = ("int32", "bfloat16")
@@ -79,17 +82,8 @@ def column_offsets(scheme: str | SchemeFn) -> SchemeFn:
     return SCHEMES[scheme]
 
 
-def _check_size(h: int, w: int) -> None:
-    if h < 2 or w < 2 or h % 2 or w % 2:
-        raise ValueError(f"latent size must be even and >= 2, got {(h, w)}")
-
-
-def num_tokens(latent_h: int, latent_w: int) -> int:
-    return (latent_h // 2) * (latent_w // 2)
-
-
 def _grid_ids(domain: int, latent_h: int, latent_w: int, col_offset: int = 0) -> np.ndarray:
-    _check_size(latent_h, latent_w)
+    check_latent_size(latent_h, latent_w)
     rows, cols = np.meshgrid(np.arange(latent_h // 2), np.arange(latent_w // 2), indexing="ij")
     ids = np.stack([np.full_like(rows, domain), rows, cols + col_offset], axis=-1)
     return ids.reshape(-1, 3).astype(np.int32)
@@ -117,29 +111,11 @@ def text_ids(n: int) -> np.ndarray:
     return np.zeros((n, 3), np.int32)
 
 
-def pack_latents(latents):
-    """NHWC latents ``[B, H, W, C]`` -> tokens ``[B, (H/2)*(W/2), C*4]``.
-
-    Same token and feature order as diffusers' ``FluxPipeline._pack_latents`` on NCHW
-    (features ordered channel, dy, dx). Works on numpy and jax arrays.
-    """
-    b, h, w, c = latents.shape
-    _check_size(h, w)
-    x = latents.reshape(b, h // 2, 2, w // 2, 2, c)
-    x = x.transpose(0, 1, 3, 5, 2, 4)  # b, h2, w2, c, dy, dx
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens, latent_h: int, latent_w: int):
-    """Inverse of :func:`pack_latents`: ``[B, S, C*4]`` -> NHWC ``[B, H, W, C]``."""
-    b, s, d = tokens.shape
-    _check_size(latent_h, latent_w)
-    if s != num_tokens(latent_h, latent_w) or d % 4:
-        raise ValueError(f"{tokens.shape} tokens do not fit a latent of {(latent_h, latent_w)}")
-    c = d // 4
-    x = tokens.reshape(b, latent_h // 2, latent_w // 2, c, 2, 2)
-    x = x.transpose(0, 1, 4, 2, 5, 3)  # b, h2, dy, w2, dx, c
-    return x.reshape(b, latent_h, latent_w, c)
+def _ids_parts(sample: SampleLayout, scheme: str | SchemeFn) -> tuple[np.ndarray, np.ndarray]:
+    """(target ids, reference ids) of one sample: FLUX.2's 4 axes for ``"flux2"``, else 3 axes of ``scheme``."""
+    if scheme == FLUX2:
+        return positions_flux2.target_ids(*sample.target), positions_flux2.reference_ids(sample.references)
+    return target_ids(*sample.target), reference_ids(sample.references, scheme)
 
 
 @dataclass(frozen=True)
@@ -159,11 +135,7 @@ class SampleLayout:
 
     def ids(self, scheme: str | SchemeFn = "dreamomni2") -> np.ndarray:
         """``[target_tokens + reference_tokens, 3]``: target ids then reference ids (4 axes for ``"flux2"``)."""
-        if scheme == FLUX2:
-            from dreamomni2_jax import positions_flux2
-
-            return positions_flux2.sample_ids(self)
-        return np.concatenate([target_ids(*self.target), reference_ids(self.references, scheme)], axis=0)
+        return np.concatenate(_ids_parts(self, scheme), axis=0)
 
 
 @dataclass(frozen=True)
@@ -193,10 +165,6 @@ def batch_layout(
     ``target_len``/``reference_len`` default to the batch maxima (pass fixed values for
     static shapes under jit).
     """
-    if scheme == FLUX2:
-        from dreamomni2_jax import positions_flux2
-
-        return positions_flux2.batch_layout(samples, target_len, reference_len)
     if not samples:
         raise ValueError("batch_layout needs at least one sample")
     t_max = max(s.target_tokens for s in samples)
@@ -208,12 +176,12 @@ def batch_layout(
             f"batch needs target_len >= {t_max} and reference_len >= {r_max}, got {target_len}, {reference_len}"
         )
     n = target_len + reference_len
-    ids = np.zeros((len(samples), n, 3), np.int32)
+    ids = np.zeros((len(samples), n, positions_flux2.N_AXES if scheme == FLUX2 else 3), np.int32)
     mask = np.zeros((len(samples), n), bool)
     for b, s in enumerate(samples):
-        ids[b, : s.target_tokens] = target_ids(*s.target)
+        target, ref = _ids_parts(s, scheme)
+        ids[b, : s.target_tokens] = target
         mask[b, : s.target_tokens] = True
-        ref = reference_ids(s.references, scheme)
         ids[b, target_len : target_len + len(ref)] = ref
         mask[b, target_len : target_len + len(ref)] = True
     return BatchLayout(ids=ids, mask=mask, target_len=target_len, reference_len=reference_len)

@@ -28,6 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dreamomni2_jax.config import MeshConfig
 from dreamomni2_jax.models.schemas import declared_linear, stacked_groups
+from dreamomni2_jax.tree_paths import dotted
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -168,22 +169,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def _dotted(path) -> str:
-    parts = []
-    for k in path:
-        k = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        if k != "value":
-            parts.append(str(k))
-    return ".".join(parts)
-
-
 def model_state_shardings(state, mesh: Mesh, *, by_path: bool = True):
     """Shardings for an ``nnx.State`` (or any pytree) of params: :func:`param_spec` by dotted path
     (``by_path=False``: shape-only rule)."""
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
         if by_path:
-            return NamedSharding(mesh, param_spec(_dotted(path), shape, mesh))
+            return NamedSharding(mesh, param_spec(dotted(path), shape, mesh))
         return shape_sharding(mesh, shape)
 
     return jax.tree_util.tree_map_with_path(one, state)

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     from dreamomni2_jax.convert.pipeline import convert_pipeline
     from dreamomni2_jax import tiny
-    from dreamomni2_jax.cache import JaxEncoders
+    from dreamomni2_jax.cache_encoders import JaxEncoders
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -111,8 +111,7 @@ def main(argv=None) -> int:
     lora_dir.mkdir(exist_ok=True)
     diffusers_lora, kohya_lora = lora_dir / "pytorch_lora_weights.safetensors", lora_dir / "comfyui_kohya.safetensors"
     run("convert/export_lora.py", "--ckpt", str(run_dir), "--out", str(diffusers_lora))
-    if args.family == "kontext":  # the FLUX.2 kohya/BFL layout is not there yet
-        run("convert/export_lora.py", "--ckpt", str(run_dir), "--format", "kohya", "--out", str(kohya_lora))
+    run("convert/export_lora.py", "--ckpt", str(run_dir), "--format", "kohya", "--out", str(kohya_lora))
 
     sample = out / "sample.png"
     refs = sorted((data / "img").glob("s1_ref*.png"))
@@ -130,8 +129,7 @@ def main(argv=None) -> int:
     print(f"run (ckpts, metrics)   {run_dir}   ({len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     print(f"validation samples     {run_dir / 'samples'}")
     print(f"LoRA (diffusers)       {diffusers_lora}")
-    if args.family == "kontext":
-        print(f"LoRA (kohya/ComfyUI)   {kohya_lora}")
+    print(f"LoRA (kohya/ComfyUI)   {kohya_lora}")
     print(f"sample with the LoRA   {sample}")
     return 0
 

@@ -41,7 +41,7 @@ def tiny_converted_dir(tiny_pipeline_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_encoders(tiny_converted_dir):
     """Real tiny VAE + CLIP/T5 behind the cache's Encoders interface."""
-    from dreamomni2_jax.cache import JaxEncoders
+    from dreamomni2_jax.cache_encoders import JaxEncoders
 
     return JaxEncoders(tiny_converted_dir, "float32", max_sequence_length=32, image_batch=4, text_batch=4)
 

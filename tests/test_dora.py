@@ -15,7 +15,6 @@ from safetensors import safe_open
 
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax import lora_io as L
-from dreamomni2_jax import positions as P
 from dreamomni2_jax import train_step as ts
 from dreamomni2_jax.config import LoraConfig
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
@@ -25,6 +24,7 @@ from dreamomni2_jax.attach import attach_lora
 from dreamomni2_jax.optimizers import make_optimizer
 from dreamomni2_jax.tiny import flux_model
 from dreamomni2_jax.lora import LoRALinear, apply_lora, lora_metadata, lora_modules, lora_state, set_lora_state
+from test_lora_io import _jax_out, _torch_out, inputs  # noqa: F401 - inputs: the same fixture on this base_model
 from test_train_step import CFG, LORA, _copy, batch
 
 MAG = "lora_magnitude_vector"
@@ -170,28 +170,6 @@ def base_model(tiny_pipeline_dir, tmp_path_factory):
     assert convert_main(["--src", str(tiny_pipeline_dir / "transformer"), "--out", str(out), "--dtype", "fp32",
                          "--no-progress"]) == 0
     return load_flux(out, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def inputs(base_model):
-    rng = np.random.default_rng(0)
-    layout = P.SampleLayout(target=(4, 6), references=((4, 4),))
-    c, n = base_model.config, layout.target_tokens + layout.reference_tokens
-    return dict(hidden_states=rng.standard_normal((2, n, c.in_channels), np.float32),
-                encoder_hidden_states=rng.standard_normal((2, 7, c.joint_attention_dim), np.float32),
-                pooled_projections=rng.standard_normal((2, c.pooled_projection_dim), np.float32),
-                timestep=np.array([0.3, 0.8], np.float32), img_ids=layout.ids(), txt_ids=P.text_ids(7),
-                guidance=np.full(2, 3.5, np.float32))
-
-
-def _torch_out(transformer, inputs):
-    with torch.no_grad():
-        kw = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-        return transformer(**kw, return_dict=False)[0].numpy()
-
-
-def _jax_out(model, inputs):
-    return np.asarray(nnx.jit(lambda m, kw: m(**kw))(model, inputs))
 
 
 def _dora_model(base_model, alpha=6.0, rank=4, seed=1):

@@ -9,6 +9,7 @@ import numpy as np
 from dreamomni2_jax.convert.export_lora import main as export_main
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax.lora_io import load_lora_file
+from dreamomni2_jax.tree_paths import dotted
 from test_resume import _argv, _losses, _train_in_process, compile_cache, config_file  # noqa: F401
 
 FEATURES = [f"--set={kv}" for kv in (
@@ -39,11 +40,11 @@ def test_features_resume_exactly_and_export(config_file, tmp_path):  # noqa: F81
         assert export_main(["--ckpt", str(straight), "--out", str(out), "--dtype", "fp32",
                             *(["--ema"] if ema else [])]) == 0
         got, _ = load_lora_file(out)
-        want = {C._lora_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(want_tree)[0]}
+        want = {dotted(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(want_tree)[0]}
         assert got.keys() == want.keys() and any(k.endswith(".lora_magnitude_vector") for k in want)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-8, err_msg=k)
     y = np.asarray(jax.tree.leaves(a["lora"])[1])
     assert not np.allclose(np.asarray(jax.tree.leaves(a["ema"])[1]), y)
-    assert not np.allclose(load_lora_file(tmp_path / "emaFalse.safetensors")[0][C._lora_key(
+    assert not np.allclose(load_lora_file(tmp_path / "emaFalse.safetensors")[0][dotted(
         jax.tree_util.tree_flatten_with_path(a["lora"])[0][1][0])], y)

@@ -12,10 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 import pytest
+from _compile_cache import persistent_compile_cache
 import torch
 
 from dreamomni2_jax import checkpoint as C
@@ -40,19 +41,8 @@ def _script(name: str):
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     """Persistent XLA cache shared by this module's runs and its subprocess (they compile the same step)."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    path = tmp_path_factory.mktemp("xla_cache_klein")
-    compilation_cache.reset_cache()
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(path), 0.0, 0)):
-        jax.config.update(n, v)
-    yield path
-    for n, v in old.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
+    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache_klein")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +171,19 @@ def test_exported_lora_loads_in_diffusers_with_the_same_output(chain, straight, 
         want = theirs()
     finally:
         torch_pipe.unload_lora_weights()
+    # the kohya/BFL export names the run's model (FLUX.2, not the FLUX.1 names its attention modules share) and
+    # diffusers' FLUX.2 kohya converter loads it to the same output
+    kohya = tmp_path / "comfyui_kohya.safetensors"
+    assert _script("convert/export_lora.py")(["--ckpt", str(straight), "--out", str(kohya), "--dtype", "fp32",
+                                              "--format", "kohya"]) == 0
+    with safe_open(str(kohya), "np") as f:
+        assert f.metadata()["ss_base_model_version"] == "flux2"
+    torch_pipe.load_lora_weights(str(kohya))
+    try:
+        via_kohya = theirs()
+    finally:
+        torch_pipe.unload_lora_weights()
+    np.testing.assert_allclose(via_kohya, want, rtol=0, atol=1e-5 * np.abs(want).max())
     model = load_flux2(chain / "model" / "transformer", dtype=jnp.float32)
     meta = attach_lora(model, out)
     assert meta["rank"] == 4 and len(meta["targets"]) == 10

@@ -17,6 +17,7 @@ from dreamomni2_jax.convert.flux_transformer import main as convert_main
 from dreamomni2_jax.convert.export_lora import main as export_main
 from dreamomni2_jax import checkpoint as C
 from dreamomni2_jax import lora_io as L
+from dreamomni2_jax import lora_kohya as K
 from dreamomni2_jax import positions as P
 from dreamomni2_jax.attach import attach_lora, layer_counts
 from dreamomni2_jax.config import LoraConfig
@@ -133,7 +134,7 @@ def test_kohya_fused_linear1_matches_diffusers_converter(parts):
             for p in parts}
     ours["transformer_blocks.0.attn.to_k"] = L.Adapter(rng.standard_normal((2, 8)).astype(np.float32),
                                                         rng.standard_normal((3072, 2)).astype(np.float32), 6.0)
-    tensors, _ = L.to_kohya(ours)
+    tensors, _ = K.to_kohya(ours)
     converted = _convert_kohya_flux_lora_to_diffusers({k: torch.from_numpy(v) for k, v in tensors.items()})
     got = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in converted if "lora_A" in k}
     assert set(ours) <= got
@@ -142,7 +143,7 @@ def test_kohya_fused_linear1_matches_diffusers_converter(parts):
         b = converted[f"transformer.{name}.lora_B.weight"].numpy().astype(np.float64)
         want = ours[name].delta() if name in ours else 0.0  # parts we did not adapt come back as zero
         np.testing.assert_allclose(b @ a, want, rtol=1e-5, atol=1e-4)
-    assert L.from_kohya(tensors, "mem").keys() == ours.keys()  # our import drops the zero filler blocks
+    assert K.from_kohya(tensors, "mem").keys() == ours.keys()  # our import drops the zero filler blocks
 
 
 def test_kohya_import_matches_diffusers_converter_dense_fused():
@@ -161,7 +162,7 @@ def test_kohya_import_matches_diffusers_converter_dense_fused():
              "lora_unet_final_layer_adaLN_modulation_1.alpha": np.asarray(4.0)}
     kohya = {k: v.astype(np.float32) for k, v in kohya.items()}
     ref = _convert_kohya_flux_lora_to_diffusers({k: torch.from_numpy(v) for k, v in kohya.items()})
-    ours = L.from_kohya(kohya, "mem")
+    ours = K.from_kohya(kohya, "mem")
     ref_modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in ref}
     assert set(ours) == ref_modules
     for name, ad in ours.items():
@@ -299,6 +300,13 @@ def test_bad_files_and_mismatches(base_model, tmp_path):
     (tmp_path / "trunc.safetensors").write_bytes(good.read_bytes()[:100])
     with pytest.raises(L.LoraFileError, match="trunc.safetensors: not a readable safetensors file"):
         L.load_lora_file(tmp_path / "trunc.safetensors")
+    # one hierarchy: a handler of the adapter errors (lora.LoraError) also catches the file errors
+    from dreamomni2_jax.lora import LoraError
+
+    with pytest.raises(LoraError, match="missing.safetensors does not exist"):
+        attach_lora(nnx.clone(base_model), tmp_path / "missing.safetensors")
+    with pytest.raises(LoraError, match="model already has LoRA adapters"):
+        apply_lora(other, [r"attn\.to_q"], rank=4, alpha=4.0)
 
 
 def test_export_cli_from_checkpoint(base_model, tmp_path):

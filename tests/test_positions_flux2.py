@@ -54,7 +54,7 @@ def test_pack_latents_is_klein_patchify_then_pack():
 
 def test_batch_layout_pads_per_section():
     samples = [P.SampleLayout((4, 6), ((4, 4), (2, 6))), P.SampleLayout((6, 4), ((2, 2),))]
-    lay = P2.batch_layout(samples)
+    lay = P.batch_layout(samples, P.FLUX2)
     assert lay.ids.shape == (2, 6 + 7, 4) and lay.target_len == 6 and lay.reference_len == 7
     for b, s in enumerate(samples):
         ref = P2.reference_ids(s.references)
@@ -62,7 +62,7 @@ def test_batch_layout_pads_per_section():
         np.testing.assert_array_equal(lay.ids[b, 6:6 + len(ref)], ref)
         assert lay.mask[b].sum() == s.target_tokens + len(ref)
     with pytest.raises(ValueError, match="target_len"):
-        P2.batch_layout(samples, target_len=2)
+        P.batch_layout(samples, P.FLUX2, target_len=2)
 
 
 def test_rope_4_axes_matches_flux2_pos_embed():

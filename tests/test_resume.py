@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _compile_cache import persistent_compile_cache
 
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
 from dreamomni2_jax.convert.export_lora import main as export_main
@@ -41,19 +42,8 @@ def get_config():
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     """Persistent XLA cache shared by this module's runs (and its subprocess): every run compiles the same step."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    path = tmp_path_factory.mktemp("xla_cache")
-    compilation_cache.reset_cache()  # (re)initialised lazily from the config below
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(path), 0.0, 0)):
-        jax.config.update(n, v)
-    yield path
-    for n, v in old.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
+    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,18 @@ def test_schema_of_lora_modules():
         schema_of_modules(["transformer_blocks.0.ff.net.0.proj_typo"])
 
 
+def test_family_of_a_config_is_the_one_of_its_schema():
+    from dreamomni2_jax import families
+
+    assert {f.schema for f in families.FAMILIES.values()} == set(SCHEMAS)  # one family per schema, and back
+    for config, name in ((FluxConfig(**FLUX_TINY), "flux1"), (Flux2Config(**FLUX2_TINY), "flux2-klein")):
+        fam = families.for_config(config)
+        assert fam.name == name and schema_for(config).name == fam.schema
+        assert isinstance(config, fam.config_class())
+    with pytest.raises(TypeError, match="no model family .* LoraConfig"):
+        families.for_config(LoraConfig())
+
+
 @pytest.mark.parametrize("overrides", [{}, {"guidance_embeds": True, "num_single_layers": 1, "mlp_ratio": 2.0}])
 def test_flux2_flops_formula_matches_traced_lora_step(overrides):
     model = _ours("flux2", **overrides)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
-from dreamomni2_jax.convert.component import DTYPES, component_cli, read_transformers_config  # noqa: F401
+from dreamomni2_jax.convert.component import component_cli, read_transformers_config
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import ml_dtypes
 
-from dreamomni2_jax.convert.component import component_main, convert_component
-from dreamomni2_jax.convert.flux_transformer import BFL_PREFIX, _quiet_malloc
+from dreamomni2_jax.convert.component import component_cli
+from dreamomni2_jax.convert.flux_transformer import BFL_PREFIX, _quiet_malloc, settle_config
 from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
 from dreamomni2_jax.models.flux2_schema import FLUX2_SCHEMA
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
@@ -120,14 +120,7 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     src = Path(src)
     reader = open_checkpoint(src).under_prefix((BFL_PREFIX,))
     layout = detect_layout(reader)
-    if isinstance(config, (str, Path)):
-        config = Flux2Config.from_json(config)
-    if config is None:
-        folder = src if src.is_dir() else src.parent
-        if layout == "diffusers" and (folder / "config.json").is_file():
-            config = Flux2Config.from_json(folder / "config.json")
-        else:
-            config = infer_config(reader, layout)
+    config = settle_config(src, layout, config, Flux2Config, lambda: infer_config(reader, layout))
     return make_plan(reader, layout, config, param_dtype), config
 
 
@@ -144,17 +137,9 @@ def make_plan(reader: Reader, layout: str, config, param_dtype=ml_dtypes.bfloat1
     return Plan(reader, expand(rules, counts), spec)
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv, before=_quiet_malloc,
-        src_help="diffusers Flux2Transformer2DModel transformer/ folder or BFL .safetensors file",
-        config_help="Flux2Transformer2DModel config.json overriding the inferred one")
+convert, main = component_cli(build_plan, __doc__, before=_quiet_malloc,
+                              src_help="diffusers Flux2Transformer2DModel transformer/ folder or BFL .safetensors file",
+                              config_help="Flux2Transformer2DModel config.json overriding the inferred one")
 
 
 __all__ = ["build_plan", "make_plan", "convert", "main", "diffusers_rules", "bfl_rules", "infer_config"]

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import ml_dtypes
 
 from dreamomni2_jax.weights.safetensors_io import Reader, limit_malloc_caching, open_checkpoint
-from dreamomni2_jax.convert.component import DTYPES, component_main, convert_component  # noqa: F401
+from dreamomni2_jax.convert.component import component_cli
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, chain, expand, split, swap_halves, target_spec
-from dreamomni2_jax.weights.store import is_converted  # noqa: F401 - historical import site
 from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,19 @@ def infer_config(reader: Reader, layout: str, base=None):
         guidance_embeds=f"{guid}.weight" in reader, axes_dims_rope=base.axes_dims_rope)
 
 
+def settle_config(src: Path, layout: str, config, config_cls, infer: Callable[[], Any]):
+    """The transformer config of a conversion: ``config`` (a config, or a config.json path), else the source
+    folder's config.json (diffusers layout), else ``infer()`` (from the tensor shapes)."""
+    if isinstance(config, (str, Path)):
+        return config_cls.from_json(config)
+    if config is not None:
+        return config
+    folder = src if src.is_dir() else src.parent
+    if layout == "diffusers" and (folder / "config.json").is_file():
+        return config_cls.from_json(folder / "config.json")
+    return infer()
+
+
 def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     """Open ``src``, pick the layout, settle the config and validate everything -> ``(Plan, FluxConfig)``.
 
@@ -126,14 +139,7 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     src = Path(src)
     reader = open_checkpoint(src).under_prefix((BFL_PREFIX,))
     layout = detect_layout(reader)
-    if isinstance(config, (str, Path)):
-        config = FluxConfig.from_json(config)
-    if config is None:
-        folder = src if src.is_dir() else src.parent
-        if layout == "diffusers" and (folder / "config.json").is_file():
-            config = FluxConfig.from_json(folder / "config.json")
-        else:
-            config = infer_config(reader, layout)
+    config = settle_config(src, layout, config, FluxConfig, lambda: infer_config(reader, layout))
     model = abstract_flux(config, dtype=param_dtype, param_dtype=param_dtype)
     spec = target_spec(nnx.state(model, nnx.Param), stacked_counts(config))
     rules = (bfl_rules if layout == "bfl" else diffusers_rules)(config.guidance_embeds)
@@ -141,25 +147,17 @@ def build_plan(src: str | Path, config=None, param_dtype=ml_dtypes.bfloat16):
     return Plan(reader, expand(rules, counts), spec), config
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "source", config=None, overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert ``src`` into the folder ``out`` (see module docstring)."""
-    return convert_component(build_plan, src, out, dtype, config=config, overwrite=overwrite, progress=progress)
-
-
 def _quiet_malloc() -> None:
     limit_malloc_caching()
     log.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return component_main(
-        convert, description=__doc__.split("\n\n")[0], default_dtype="source", argv=argv, before=_quiet_malloc,
-        src_help='diffusers transformer/ folder or BFL .safetensors file',
-        config_help='FluxTransformer2DModel config.json overriding the inferred one')
+convert, main = component_cli(build_plan, __doc__, before=_quiet_malloc,
+                              src_help="diffusers transformer/ folder or BFL .safetensors file",
+                              config_help="FluxTransformer2DModel config.json overriding the inferred one")
 
 
-__all__ = ["build_plan", "convert", "main", "is_converted", "diffusers_rules", "bfl_rules", "infer_config"]
+__all__ = ["build_plan", "convert", "main", "diffusers_rules", "bfl_rules", "infer_config"]
 
 if __name__ == "__main__":
     sys.exit(main())

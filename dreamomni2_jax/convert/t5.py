@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_dtypes
 
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
-from dreamomni2_jax.convert.component import DTYPES, component_cli, read_transformers_config  # noqa: F401
+from dreamomni2_jax.convert.component import component_cli, read_transformers_config
 from dreamomni2_jax.convert.table import IDENTITY, LINEAR, Plan, Rule, expand, target_spec
 
 log = logging.getLogger(__name__)

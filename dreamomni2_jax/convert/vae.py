@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dreamomni2_jax.weights.safetensors_io import Reader, open_checkpoint
-from dreamomni2_jax.convert.component import DTYPES, component_cli  # noqa: F401
+from dreamomni2_jax.convert.component import component_cli
 from dreamomni2_jax.convert.table import CONV, IDENTITY, LINEAR, Plan, Rule, chain, reshape, target_spec
 
 log = logging.getLogger(__name__)
