@@ -119,21 +119,28 @@ def _count(reader: Reader, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def ldm_shapes(reader: Reader, what: str) -> dict:
+    """The encoder/decoder sizes of an LDM-layout (BFL) VAE file, read from its tensor shapes: channels, block
+    widths, layers per block, latent channels, mid-block attention (FLUX.1 and FLUX.2 VAEs alike)."""
+    n = _count(reader, "encoder.down.")
+    if not n or "decoder.conv_in.weight" not in reader:
+        raise ValueError(f"{reader.source}: cannot infer the {what} config (no encoder.down.* / decoder.conv_in)")
+    return dict(
+        in_channels=reader.shape("encoder.conv_in.weight")[1], out_channels=reader.shape("decoder.conv_out.weight")[0],
+        block_out_channels=tuple(reader.shape(f"encoder.down.{b}.block.0.conv1.weight")[0] for b in range(n)),
+        layers_per_block=_count(reader, "encoder.down.0.block."),
+        latent_channels=reader.shape("decoder.conv_in.weight")[1],
+        mid_block_add_attention="encoder.mid.attn_1.q.weight" in reader)
+
+
 def infer_bfl_config(reader: Reader, norm_num_groups: int = 32):
     """VAEConfig from BFL tensor shapes; GroupNorm groups and latent scale/shift cannot be inferred (Flux's)."""
     from dreamomni2_jax.models.vae import VAEConfig
 
-    n = _count(reader, "encoder.down.")
-    if not n or "decoder.conv_in.weight" not in reader:
-        raise ValueError(f"{reader.source}: cannot infer the VAE config (no encoder.down.* / decoder.conv_in)")
-    return VAEConfig(
-        in_channels=reader.shape("encoder.conv_in.weight")[1], out_channels=reader.shape("decoder.conv_out.weight")[0],
-        block_out_channels=tuple(reader.shape(f"encoder.down.{b}.block.0.conv1.weight")[0] for b in range(n)),
-        layers_per_block=_count(reader, "encoder.down.0.block."),
-        latent_channels=reader.shape("decoder.conv_in.weight")[1], norm_num_groups=norm_num_groups,
-        scaling_factor=FLUX_SCALING, shift_factor=FLUX_SHIFT,
-        use_quant_conv="quant_conv.weight" in reader, use_post_quant_conv="post_quant_conv.weight" in reader,
-        mid_block_add_attention="encoder.mid.attn_1.q.weight" in reader)
+    return VAEConfig(**ldm_shapes(reader, "VAE"), norm_num_groups=norm_num_groups,
+                     scaling_factor=FLUX_SCALING, shift_factor=FLUX_SHIFT,
+                     use_quant_conv="quant_conv.weight" in reader,
+                     use_post_quant_conv="post_quant_conv.weight" in reader)
 
 
 def build_plan(src: str | Path, config=None, param_dtype=np.float32):

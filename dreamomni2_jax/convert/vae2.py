@@ -22,7 +22,7 @@ import numpy as np
 from dreamomni2_jax.convert.component import component_cli
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 from dreamomni2_jax.convert.table import Plan, Rule, target_spec
-from dreamomni2_jax.convert.vae import BFL_PREFIXES, _check_class, _count, detect_layout, rules as vae_rules
+from dreamomni2_jax.convert.vae import BFL_PREFIXES, _check_class, detect_layout, ldm_shapes, rules as vae_rules
 
 BN_STATS = ("bn.running_mean", "bn.running_var")
 IGNORE = (r"bn\.num_batches_tracked",)
@@ -50,17 +50,9 @@ def infer_bfl_config(reader, norm_num_groups: int = 32):
     ``AutoencoderKLFlux2`` defaults)."""
     from dreamomni2_jax.models.vae2 import Flux2VAEConfig
 
-    n = _count(reader, "encoder.down.")
-    if not n or "decoder.conv_in.weight" not in reader:
-        raise ValueError(f"{reader.source}: cannot infer the FLUX.2 VAE config (no encoder.down.* / decoder.conv_in)")
-    return Flux2VAEConfig(
-        in_channels=reader.shape("encoder.conv_in.weight")[1], out_channels=reader.shape("decoder.conv_out.weight")[0],
-        block_out_channels=tuple(reader.shape(f"encoder.down.{b}.block.0.conv1.weight")[0] for b in range(n)),
-        layers_per_block=_count(reader, "encoder.down.0.block."),
-        latent_channels=reader.shape("decoder.conv_in.weight")[1], norm_num_groups=norm_num_groups,
-        use_quant_conv="encoder.quant_conv.weight" in reader,
-        use_post_quant_conv="decoder.post_quant_conv.weight" in reader,
-        mid_block_add_attention="encoder.mid.attn_1.q.weight" in reader)
+    return Flux2VAEConfig(**ldm_shapes(reader, "FLUX.2 VAE"), norm_num_groups=norm_num_groups,
+                          use_quant_conv="encoder.quant_conv.weight" in reader,
+                          use_post_quant_conv="decoder.post_quant_conv.weight" in reader)
 
 
 def build_plan(src: str | Path, config=None, param_dtype=np.float32):
