@@ -74,10 +74,6 @@ def detect_layout(reader: Reader) -> str:
                      f"(first keys: {reader.keys()[:5]})")
 
 
-def _count(reader: Reader, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in reader.keys() if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
-
 
 def infer_config(reader: Reader, layout: str, base=None):
     """Flux2Config from tensor shapes; ``base`` (a Flux2Config) supplies head_dim / rope axes / θ / eps."""
@@ -100,7 +96,7 @@ def infer_config(reader: Reader, layout: str, base=None):
     mlp_ratio = reader.shape(f"{ffin}.weight")[0] / 2 / inner if f"{ffin}.weight" in reader else base.mlp_ratio
     return Flux2Config(
         patch_size=base.patch_size, in_channels=in_ch, out_channels=None if out_ch == in_ch else out_ch,
-        num_layers=_count(reader, dbl), num_single_layers=_count(reader, sgl),
+        num_layers=reader.count(dbl), num_single_layers=reader.count(sgl),
         attention_head_dim=base.attention_head_dim, num_attention_heads=inner // base.attention_head_dim,
         joint_attention_dim=reader.shape(f"{txt}.weight")[1],
         timestep_guidance_channels=reader.shape(("time_in.in_layer" if layout == "bfl" else

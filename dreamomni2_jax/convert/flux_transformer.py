@@ -81,10 +81,6 @@ def detect_layout(reader: Reader) -> str:
                      f"(first keys: {reader.keys()[:5]})")
 
 
-def _count(reader: Reader, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in reader.keys() if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
-
 
 def infer_config(reader: Reader, layout: str, base=None):
     """FluxConfig from tensor shapes; ``base`` (a FluxConfig) supplies head_dim / rope axes (defaults: Kontext)."""
@@ -107,7 +103,7 @@ def infer_config(reader: Reader, layout: str, base=None):
     out_ch = reader.shape(f"{final}.weight")[0] // base.patch_size**2
     return FluxConfig(
         patch_size=base.patch_size, in_channels=in_ch, out_channels=None if out_ch == in_ch else out_ch,
-        num_layers=_count(reader, dbl), num_single_layers=_count(reader, sgl),
+        num_layers=reader.count(dbl), num_single_layers=reader.count(sgl),
         attention_head_dim=base.attention_head_dim, num_attention_heads=inner // base.attention_head_dim,
         joint_attention_dim=reader.shape(f"{txt}.weight")[1], pooled_projection_dim=reader.shape(f"{vec}.weight")[1],
         guidance_embeds=f"{guid}.weight" in reader, axes_dims_rope=base.axes_dims_rope)

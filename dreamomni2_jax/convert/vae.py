@@ -114,21 +114,17 @@ def detect_layout(reader: Reader) -> str:
                      f"(first keys: {reader.keys()[:5]})")
 
 
-def _count(reader: Reader, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in reader.keys() if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
-
 
 def ldm_shapes(reader: Reader, what: str) -> dict:
     """The encoder/decoder sizes of an LDM-layout (BFL) VAE file, read from its tensor shapes: channels, block
     widths, layers per block, latent channels, mid-block attention (FLUX.1 and FLUX.2 VAEs alike)."""
-    n = _count(reader, "encoder.down.")
+    n = reader.count("encoder.down.")
     if not n or "decoder.conv_in.weight" not in reader:
         raise ValueError(f"{reader.source}: cannot infer the {what} config (no encoder.down.* / decoder.conv_in)")
     return dict(
         in_channels=reader.shape("encoder.conv_in.weight")[1], out_channels=reader.shape("decoder.conv_out.weight")[0],
         block_out_channels=tuple(reader.shape(f"encoder.down.{b}.block.0.conv1.weight")[0] for b in range(n)),
-        layers_per_block=_count(reader, "encoder.down.0.block."),
+        layers_per_block=reader.count("encoder.down.0.block."),
         latent_channels=reader.shape("decoder.conv_in.weight")[1],
         mid_block_add_attention="encoder.mid.attn_1.q.weight" in reader)
 

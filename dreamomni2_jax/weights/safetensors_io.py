@@ -96,6 +96,12 @@ class Reader:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.infos[key].shape
 
+    def count(self, prefix: str) -> int:
+        """Number of indexed children under ``prefix`` (``"double_blocks."`` -> highest ``N`` of
+        ``double_blocks.N.*`` + 1; 0 when none)."""
+        idx = {int(k[len(prefix):].split(".", 1)[0]) for k in self.infos if k.startswith(prefix)}
+        return max(idx) + 1 if idx else 0
+
     def dtype(self, key: str) -> np.dtype:
         return self.infos[key].dtype
 
