@@ -27,9 +27,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     classes: list[type[BaseException]] = [UserError, ConfigError, json.JSONDecodeError, UnicodeDecodeError,
                                           FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                                           PermissionError]
-    for module, name in (("dreamomni2_jax.weights.store", "ConversionError"), ("dreamomni2_jax.weights.safetensors_io", "SafetensorsError"),
-                         ("dreamomni2_jax.lora_adapters", "LoraError"), ("dreamomni2_jax.checkpoint", "CheckpointError"),
-                         ("dreamomni2_jax.images", "BadInput"), ("dreamomni2_jax.cache", "CacheError")):
+    for module, name in (("dreamomni2_jax.weights.store", "ConversionError"),
+                         ("dreamomni2_jax.weights.safetensors_io", "SafetensorsError"),
+                         ("dreamomni2_jax.lora.adapters", "LoraError"), ("dreamomni2_jax.checkpoint.items", "CheckpointError"),
+                         ("dreamomni2_jax.images.io", "BadInput"), ("dreamomni2_jax.cache.records", "CacheError")):
         mod = sys.modules.get(module)  # a class only matters once its module is imported (it raised it)
         if mod is not None and isinstance(getattr(mod, name, None), type):
             classes.append(getattr(mod, name))

@@ -58,7 +58,7 @@ class ModelConfig(_Section):
     # none | full | dots_saveable | dots_no_batch_saveable (saves weight matmuls only, not attention logits:
     # plain dots_saveable also keeps the [B, H, S, S] logits, 514 GiB at 1024^2 + 1 reference)
     remat: str = "dots_no_batch_saveable"
-    position_scheme: str = "dreamomni2"  # dreamomni2 | kontext (see dreamomni2_jax.positions)
+    position_scheme: str = "dreamomni2"  # dreamomni2 | kontext (see dreamomni2_jax.layout.ids_flux1)
     # int32: exact position ids (default); bfloat16: rounded like the reference pipelines' bf16 ids (columns > 256
     # lose precision), only for bit-level parity with them
     ids_dtype: str = "int32"
@@ -127,7 +127,7 @@ class DataConfig(_Section):
     synthetic_resolution: tuple[int, int] = (1024, 1024)  # target pixels for synthetic batches
     synthetic_refs: tuple[tuple[int, int], ...] = ((1024, 1024),)  # reference pixels for synthetic batches
     # per sample, each reference after the first is dropped with this probability (deterministic per global
-    # sample index; see dreamomni2_jax.ref_dropout)
+    # sample index; see dreamomni2_jax.data.ref_dropout)
     reference_dropout: float = 0.0
     eval_cache_dir: str = ""  # a second cache (scripts/cache.py) for the held-out loss (train.eval_every)
 
@@ -155,7 +155,7 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    # adamw | prodigy | schedule_free_adamw | muon | adafactor (optax / optax.contrib; see dreamomni2_jax.optimizers)
+    # adamw | prodigy | schedule_free_adamw | muon | adafactor (optax / optax.contrib; see dreamomni2_jax.train.optimizers)
     name: str = "adamw"
     lr: float = 1e-4  # prodigy: a multiplier of its own step-size estimate (use 1.0)
     schedule: str = "constant"  # constant | cosine (after warmup)
@@ -266,13 +266,13 @@ class TrainConfig(_Section):
     mode_scale: float = 1.29
     weighting: str = "none"  # none | sigma_sqrt | cosmap
     log_every: int = 1
-    # masked loss (dreamomni2_jax.loss_mask): none | manifest (a record's "mask" image) | difference (where an
+    # masked loss (dreamomni2_jax.data.loss_mask): none | manifest (a record's "mask" image) | difference (where an
     # editing target differs from its source, in latent space)
     loss_mask: str = "none"
     mask_floor: float = 0.0  # loss weight outside the mask (1.0 = unmasked)
     mask_threshold: float = 0.1  # difference: mean |target - source| over latent channels above this is "changed"
     mask_dilate: int = 1  # difference: grow the changed region by this many latent pixels
-    ema_decay: float = 0.0  # EMA of the adapters (dreamomni2_jax.ema); 0 = off
+    ema_decay: float = 0.0  # EMA of the adapters (dreamomni2_jax.train.ema); 0 = off
     eval_every: int = 0  # held-out loss over data.eval_cache_dir every this many steps; 0 = off
     eval_sigmas: int = 8  # noise levels of the held-out loss (quantiles of the training σ distribution)
     ema_warmup: bool = False  # diffusers EMAModel's schedule: 0, then min(ema_decay, (1 + n) / (10 + n)) at update n

@@ -10,7 +10,7 @@ folder: the family recorded by ``convert/pipeline.py``) or :func:`for_model` (a 
 they hold no family checks of their own.
 
 Latents between the stages are ``[B, h, w, C]`` normalised VAE latents for both families; packing them into
-2x2-patch tokens (:func:`dreamomni2_jax.positions.pack_latents`) is the same for both.
+2x2-patch tokens (:func:`dreamomni2_jax.layout.ids_flux1.pack_latents`) is the same for both.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dreamomni2_jax import positions, positions_flux2
+from dreamomni2_jax.layout import ids_flux1 as positions, ids_klein as positions_flux2
 
 
 class Family:
@@ -46,7 +46,7 @@ class Family:
         return FluxTransformer2DModel
 
     def load_transformer(self, path, **kw):
-        from dreamomni2_jax.loaders import load_flux
+        from dreamomni2_jax.convert.loaders import load_flux
 
         return load_flux(path, **kw)
 
@@ -64,7 +64,7 @@ class Family:
 
     # ---- VAE and text encoders
     def load_vae(self, path, dtype):
-        from dreamomni2_jax.loaders import load_vae
+        from dreamomni2_jax.convert.loaders import load_vae
 
         return load_vae(path, dtype)
 
@@ -80,17 +80,17 @@ class Family:
 
     def reference_pixels(self, image, auto_resize: bool, where: str, area: int):
         """One sampling reference as float32 ``[H, W, 3]`` in [-1, 1] (Kontext resolutions)."""
-        from dreamomni2_jax.reference_images import reference_pixels
+        from dreamomni2_jax.images.references import reference_pixels
 
         return reference_pixels(image, auto_resize, where, area)
 
     def load_text(self, root, dtype, param_sharding=None):
-        from dreamomni2_jax.text import load_text_encoders
+        from dreamomni2_jax.text.flux1 import load_text_encoders
 
         return load_text_encoders(root, dtype, param_sharding=param_sharding)
 
     def make_encoders(self, model_dir, dtype: str, max_sequence_length: int, image_batch: int, text_batch: int):
-        from dreamomni2_jax.cache_encoders import JaxEncoders
+        from dreamomni2_jax.cache.encoders import JaxEncoders
 
         return JaxEncoders(model_dir, dtype, max_sequence_length, image_batch=image_batch, text_batch=text_batch)
 
@@ -137,7 +137,7 @@ class Flux2Klein(Family):
         return Flux2Transformer2DModel
 
     def load_transformer(self, path, **kw):
-        from dreamomni2_jax.loaders import load_flux2
+        from dreamomni2_jax.convert.loaders import load_flux2
 
         return load_flux2(path, **kw)
 
@@ -149,7 +149,7 @@ class Flux2Klein(Family):
         return positions_flux2.text_ids(n)
 
     def load_vae(self, path, dtype):
-        from dreamomni2_jax.loaders import load_vae2
+        from dreamomni2_jax.convert.loaders import load_vae2
 
         return load_vae2(path, dtype)
 
@@ -162,17 +162,17 @@ class Flux2Klein(Family):
         return positions.unpack_latents(vae.bn.denormalize(positions.pack_latents(z)), h, w)
 
     def reference_pixels(self, image, auto_resize: bool, where: str, area: int):
-        from dreamomni2_jax.reference_images import klein_reference_pixels
+        from dreamomni2_jax.images.references import klein_reference_pixels
 
         return klein_reference_pixels(image, where)  # the pipeline's own preprocessing (no Kontext resolutions)
 
     def load_text(self, root, dtype, param_sharding=None):
-        from dreamomni2_jax.text_klein import load_klein_text
+        from dreamomni2_jax.text.klein import load_klein_text
 
         return load_klein_text(root, dtype, param_sharding=param_sharding)
 
     def make_encoders(self, model_dir, dtype: str, max_sequence_length: int, image_batch: int, text_batch: int):
-        from dreamomni2_jax.cache_encoders import KleinEncoders
+        from dreamomni2_jax.cache.encoders import KleinEncoders
 
         return KleinEncoders(model_dir, dtype, max_sequence_length, image_batch=image_batch, text_batch=text_batch,
                              normalize=self.normalize)
@@ -235,7 +235,7 @@ def json_dict(path: Path) -> dict[str, Any]:
 def for_path(path: str | Path) -> Family:
     """The family of a model folder: a ``convert/pipeline.py`` output (the family its manifest records), a
     diffusers pipeline folder (``model_index.json``) or a transformer checkpoint folder (its ``config.json``)."""
-    from dreamomni2_jax.convert.pipeline import FAMILIES as PIPELINES, read_manifest
+    from dreamomni2_jax.weights.manifest import FAMILIES as PIPELINES, read_manifest
 
     p = Path(path)
     manifest = read_manifest(p) if p.is_dir() else None

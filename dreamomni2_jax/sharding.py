@@ -28,7 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dreamomni2_jax.config import MeshConfig
 from dreamomni2_jax.models.schemas import declared_linear, stacked_groups
-from dreamomni2_jax.tree_paths import dotted
+from dreamomni2_jax.utils.tree_paths import dotted
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dreamomni2_jax.aot import AOTError, parse_target
+    from dreamomni2_jax.tools.aot import AOTError, parse_target
     from dreamomni2_jax.config import ConfigError, load_config
 
     try:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     if args.layers and min(args.layers) < 1:
         print("error: --layers needs at least one double and one single block", file=sys.stderr)
         return 2
-    from dreamomni2_jax import aot
+    from dreamomni2_jax.tools import aot
     from dreamomni2_jax.sharding import MeshError
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

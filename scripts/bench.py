@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamomni2_jax.atomic_write import write_json
+from dreamomni2_jax.utils.atomic_write import write_json
 from dreamomni2_jax.config import ConfigError, load_config
 
 MID = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=8, joint_attention_dim=1024,
@@ -55,7 +55,7 @@ def flux_config(size: str, cfg):
     from dreamomni2_jax import families
     from dreamomni2_jax.models.flux import FluxConfig
     from dreamomni2_jax.models.flux2 import FLUX2_PRESETS, Flux2Config
-    from dreamomni2_jax.tiny import FLUX_TINY
+    from dreamomni2_jax.testing.tiny_flux1 import FLUX_TINY
 
     if size == "tiny":
         return FluxConfig.from_dict(FLUX_TINY)
@@ -66,7 +66,7 @@ def flux_config(size: str, cfg):
     if size.startswith("klein-"):
         return FLUX2_PRESETS[size]
     if cfg.model.path:
-        from dreamomni2_jax.loop import transformer_path
+        from dreamomni2_jax.train.loop import transformer_path
 
         p = transformer_path(cfg.model.path) / "config.json"
         if p.is_file():
@@ -75,13 +75,13 @@ def flux_config(size: str, cfg):
 
 
 def layouts(cfg, downscale: int = 8):
-    from dreamomni2_jax.data import synthetic_layout
+    from dreamomni2_jax.data.stream import synthetic_layout
 
     return [synthetic_layout(cfg, downscale)] * cfg.data.batch_size
 
 
 def make_batch(cfg, fc):
-    from dreamomni2_jax.data import synthetic_batch
+    from dreamomni2_jax.data.stream import synthetic_batch
     from dreamomni2_jax.families import for_config
 
     fam = for_config(fc)
@@ -115,12 +115,12 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from dreamomni2_jax import perf
+    from dreamomni2_jax.train import flops as perf
     from dreamomni2_jax import sharding as shd
-    from dreamomni2_jax import train_step as ts
-    from dreamomni2_jax.attach import attach_lora
+    from dreamomni2_jax.train import step as ts
+    from dreamomni2_jax.lora.attach import attach_lora
     from dreamomni2_jax.families import for_config
-    from dreamomni2_jax.optimizers import make_optimizer
+    from dreamomni2_jax.train.optimizers import make_optimizer
 
     mesh = shd.make_mesh(cfg.mesh)
     shd.check_batch_size(cfg.data.batch_size, mesh, cfg.optim.grad_accum)

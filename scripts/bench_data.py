@@ -2,13 +2,13 @@
 
     python scripts/bench_data.py [--out /tmp/bench_data] [--records 32] [--json results.json]
 
-1. cache, tiny real encoders: the tiny random Flux pipeline (``dreamomni2_jax.tiny``) converted with
+1. cache, tiny real encoders: the tiny random Flux pipeline (``dreamomni2_jax.testing.tiny_flux1``) converted with
    ``convert/pipeline.py``; demo-sized inputs (128x128 targets, 2 references); images/s of a
    second run (jit already compiled) and of the first (with compiles).
 2. cache, null encoders at 1024x1024: real image decoding / Kontext resizing / record writing with
    encoders that return zeros of Flux dev shapes (latent 16 ch, T5 512x4096, bf16): the host-side
    cost of the stage without model compute.
-3. loader, Flux dev record sizes: :class:`dreamomni2_jax.data.CacheStream` over cache 2 (1024^2 target +
+3. loader, Flux dev record sizes: :class:`dreamomni2_jax.data.stream.CacheStream` over cache 2 (1024^2 target +
    2 references, bf16 latents, T5 512x4096 bf16), ``configs/gpu_h100.py`` batching (bucket, batch 8),
    0 and 2 worker processes; batches/s and MB/batch.
 4. loader, demo: ``configs/demo.py`` data settings (pad, batch 2) over cache 1.
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamomni2_jax.cache import build_cache
+from dreamomni2_jax.cache.stage import build_cache
 from dreamomni2_jax.config import load_config
-from dreamomni2_jax.data import CacheStream
+from dreamomni2_jax.data.stream import CacheStream
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     from _fixtures_data import write_jsonl
 
     from dreamomni2_jax.convert.pipeline import convert_pipeline
-    from dreamomni2_jax import tiny
-    from dreamomni2_jax.cache_encoders import JaxEncoders
+    from dreamomni2_jax.testing import tiny_flux1 as tiny
+    from dreamomni2_jax.cache.encoders import JaxEncoders
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -3,7 +3,7 @@
     python scripts/bench_sample.py [--layers 2] [--single-layers 4] [--heads 4] [--head-dim 64] [--size 256] \
         [--steps 8] [--threads 2 | --single-thread] [--json results.json]
 
-A mid-size random Flux Kontext pipeline (``dreamomni2_jax.tiny`` with a larger transformer: ``--layers`` double
+A mid-size random Flux Kontext pipeline (``dreamomni2_jax.testing.tiny_flux1`` with a larger transformer: ``--layers`` double
 and ``--single-layers`` single blocks, ``--heads`` x ``--head-dim``; tiny VAE / CLIP / T5) is written to a temp
 folder and converted with ``convert/pipeline.py`` (float32). Both sides sample the same request (1 reference of
 ``--size``², output ``--size``², 512 T5 tokens, float32, guidance embedding) with the same initial latents.
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from dreamomni2_jax.convert.pipeline import convert_pipeline
-    from dreamomni2_jax import sampler, tiny
+    from dreamomni2_jax.sample import pipeline as sampler
+    from dreamomni2_jax.testing import tiny_flux1 as tiny
 
     torch.set_num_threads(args.threads)
     hd = args.head_dim

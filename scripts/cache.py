@@ -7,7 +7,7 @@ The model comes from ``model.path`` (a ``convert/pipeline.py`` output folder), e
 ``model.param_dtype`` data-parallel over this host's devices. Re-running the same command after
 an interruption continues where it stopped. Bad inputs stop the run with the file and manifest
 line named; ``--skip-bad`` skips them instead and lists them in ``CACHE_DIR/skipped.jsonl``.
-Then train with ``--set data.cache_dir=CACHE_DIR``. See :mod:`dreamomni2_jax.cache` for the layout.
+Then train with ``--set data.cache_dir=CACHE_DIR``. See :mod:`dreamomni2_jax.cache.stage` for the layout.
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import sys
 import time
 
 from dreamomni2_jax import families
-from dreamomni2_jax.cache import CacheError, build_cache
+from dreamomni2_jax.cache.records import CacheError
+from dreamomni2_jax.cache.stage import build_cache
 from dreamomni2_jax.config import ConfigError, load_config
-from dreamomni2_jax.images import TASKS, BadInput
+from dreamomni2_jax.cache.inputs import TASKS
+from dreamomni2_jax.images.io import BadInput
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +59,7 @@ def _main(argv: list[str] | None = None) -> int:
             raise ConfigError("model.path is empty: set it to a converted model folder (convert/pipeline.py)")
         enhancer = None
         if args.enhance:
-            from dreamomni2_jax.enhance import QwenEnhancer
+            from dreamomni2_jax.cache.enhance import QwenEnhancer
 
             enhancer = QwenEnhancer(args.enhance, max_new_tokens=args.enhance_max_tokens)
 

@@ -35,8 +35,8 @@ def _cmd(*args: str) -> list[str]:
 
 
 # --family -> (tiny model builder module, config, sample size in pixels)
-FAMILIES = {"kontext": ("dreamomni2_jax.tiny", "configs/demo.py", 128),
-            "klein": ("dreamomni2_jax.tiny_klein", "configs/klein_demo.py", 64)}
+FAMILIES = {"kontext": ("dreamomni2_jax.testing.tiny_flux1", "configs/demo.py", 128),
+            "klein": ("dreamomni2_jax.testing.tiny_klein", "configs/klein_demo.py", 64)}
 DEMO_ENV = "DREAMOMNI2_DEMO_OUT"  # configs/demo.py puts its paths (validation references, ...) under it
 
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     if not hf_model.exists():
         run("-m", builder, str(hf_model), "--seed", "0")
     if not (data / "train.jsonl").exists():
-        from dreamomni2_jax.tiny import write_jsonl
+        from dreamomni2_jax.testing.tiny_flux1 import write_jsonl
 
         write_jsonl(data)
         print(f"-- wrote {data / 'train.jsonl'} (6 samples, 1-3 references each)")

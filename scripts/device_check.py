@@ -54,12 +54,12 @@ def sampler_step(layers, refs: int, size: int = 1024) -> dict:
     import numpy as np
     from flax import nnx
 
-    from dreamomni2_jax import aot
+    from dreamomni2_jax.tools import aot
     from dreamomni2_jax import sharding as shd
     from dreamomni2_jax.config import load_config
-    from dreamomni2_jax.attach import attach_lora
+    from dreamomni2_jax.lora.attach import attach_lora
     from dreamomni2_jax.models.flux import FluxTransformer2DModel
-    from dreamomni2_jax.sampler import _denoise_jit
+    from dreamomni2_jax.sample.pipeline import _denoise_jit
 
     cfg = load_config("configs/gpu_h100.py", ["mesh.fsdp=1"])
     impl = cfg.model.attention if jax.devices()[0].platform == "gpu" else "auto"

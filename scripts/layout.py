@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamomni2_jax import families, positions as P, positions_flux2 as P2
+from dreamomni2_jax import families
+from dreamomni2_jax.layout import ids_flux1 as P, ids_klein as P2
 from dreamomni2_jax.config import ConfigError, load_config
-from dreamomni2_jax.rope import FLUX_AXES_DIM, FLUX_THETA, rope_cos_sin
+from dreamomni2_jax.models.rope import FLUX_AXES_DIM, FLUX_THETA, rope_cos_sin
 
 FLUX2_AXES_DIM, FLUX2_THETA = (32, 32, 32, 32), 2000.0  # diffusers Flux2Transformer2DModel defaults
 

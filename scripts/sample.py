@@ -78,7 +78,7 @@ def parse_args(argv=None):
 def enhance_prompt(qwen_dir: str, refs: list[str], prompt: str, task: str, max_new_tokens: int) -> str:
     """DreamOmni2's VLM rewrite of ``prompt`` (the enhancer is freed before Flux loads)."""
     try:
-        from dreamomni2_jax.enhance import QwenEnhancer
+        from dreamomni2_jax.cache.enhance import QwenEnhancer
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
@@ -102,9 +102,9 @@ def _main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import numpy as np
 
-    from dreamomni2_jax import sampler
-    from dreamomni2_jax.dtypes import SHORT
-    from dreamomni2_jax.checkpoint import CheckpointError
+    from dreamomni2_jax.sample import pipeline as sampler
+    from dreamomni2_jax.utils.dtypes import SHORT
+    from dreamomni2_jax.checkpoint.store import CheckpointError
 
     for i, ref in enumerate(args.ref):  # fail before loading the model
         if not Path(ref).is_file():

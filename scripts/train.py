@@ -34,7 +34,7 @@ def _validation(cfg) -> list:
     """The validation-sampling callback when ``sample.every_steps`` > 0 (needs the full converted model folder)."""
     if cfg.sample.every_steps <= 0:
         return []
-    from dreamomni2_jax.validation import make_validation_hook
+    from dreamomni2_jax.callbacks.validation import make_validation_hook
 
     return [make_validation_hook(cfg, None, cfg.model.path, cfg.train.run_dir)]
 
@@ -43,7 +43,7 @@ def _held_out(cfg) -> list:
     """The held-out loss callback when ``train.eval_every`` > 0."""
     if cfg.train.eval_every <= 0:
         return []
-    from dreamomni2_jax.eval_loss import EvalCallback
+    from dreamomni2_jax.callbacks.eval_loss import EvalCallback
 
     return [EvalCallback(cfg)]
 
@@ -73,9 +73,11 @@ def _main(args, callbacks, after_save=None) -> int:
     sharding.initialize_distributed(cfg.mesh)  # before any other JAX call
     import jax
 
-    from dreamomni2_jax import cli, loop
-    from dreamomni2_jax.preemption import SigtermFlag
-    from dreamomni2_jax.run_dir import CheckpointCallback, RunLock
+    from dreamomni2_jax import cli
+    from dreamomni2_jax.train import loop
+    from dreamomni2_jax.train.preemption import SigtermFlag
+    from dreamomni2_jax.callbacks.checkpoint import CheckpointCallback
+    from dreamomni2_jax.checkpoint.run_dir import RunLock
 
     main_process = jax.process_index() == 0
     # force: orbax/absl install root handlers on import; their INFO chatter stays off, ours is on (process 0).

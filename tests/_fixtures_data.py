@@ -1,4 +1,4 @@
-"""Cache / data fixtures over the tiny drawn-shape datasets of :mod:`dreamomni2_jax.tiny`.
+"""Cache / data fixtures over the tiny drawn-shape datasets of :mod:`dreamomni2_jax.testing.tiny_flux1`.
 
 ``SPECS`` lists (target (w, h), [reference (w, h), ...]) pixel sizes: 1, 2 and 3 references of
 different sizes and aspect ratios. Images are seeded, so every call writes identical files.
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dreamomni2_jax.config import Config, DataConfig, ModelConfig
-from dreamomni2_jax.tiny import INSTRUCTIONS, SPECS, draw_image, write_folder, write_jsonl  # noqa: F401
+from dreamomni2_jax.testing.tiny_flux1 import INSTRUCTIONS, SPECS, draw_image, write_folder, write_jsonl  # noqa: F401
 
 
 def tiny_config(model_path="", cache_dir="", **data) -> Config:
@@ -41,7 +41,7 @@ def tiny_converted_dir(tiny_pipeline_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_encoders(tiny_converted_dir):
     """Real tiny VAE + CLIP/T5 behind the cache's Encoders interface."""
-    from dreamomni2_jax.cache_encoders import JaxEncoders
+    from dreamomni2_jax.cache.encoders import JaxEncoders
 
     return JaxEncoders(tiny_converted_dir, "float32", max_sequence_length=32, image_batch=4, text_batch=4)
 
@@ -49,7 +49,7 @@ def tiny_encoders(tiny_converted_dir):
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_converted_dir, tiny_encoders, tmp_path_factory):
     """(config, inputs dir, cache dir) for SPECS cached from a JSONL manifest in shards of 4 records."""
-    from dreamomni2_jax.cache import build_cache
+    from dreamomni2_jax.cache.stage import build_cache
 
     root = tmp_path_factory.mktemp("data")
     manifest = write_jsonl(root / "in")

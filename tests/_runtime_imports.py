@@ -9,15 +9,19 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 model, tmp = Path(sys.argv[1]), Path(sys.argv[2])
-import dreamomni2_jax.convert.vae, dreamomni2_jax.convert.pipeline, dreamomni2_jax.convert.export_lora  # noqa
-import dreamomni2_jax.loop, dreamomni2_jax.run_dir, dreamomni2_jax.cache, dreamomni2_jax.data  # noqa
-from dreamomni2_jax import integrity, lora_io, sampler, validation  # noqa: F401  (sampler: import only)
-from dreamomni2_jax.text import load_text_encoders
+import dreamomni2_jax.convert.vae, dreamomni2_jax.convert.pipeline, dreamomni2_jax.tools.export_lora  # noqa
+import dreamomni2_jax.train.loop, dreamomni2_jax.checkpoint.run_dir, dreamomni2_jax.cache.stage, dreamomni2_jax.data.stream  # noqa
+from dreamomni2_jax.utils import integrity
+from dreamomni2_jax.lora import files as lora_io
+from dreamomni2_jax.sample import pipeline as sampler  # noqa: F401  (import only)
+from dreamomni2_jax.callbacks import validation  # noqa: F401  (import only)
+from dreamomni2_jax.text.flux1 import load_text_encoders
+from dreamomni2_jax.utils.tensorboard import summary_writer
 
 dreamomni2_jax.convert.vae.convert(model.parent / "src" / "vae", tmp / "vae", progress=False)
 enc = load_text_encoders(model, jnp.float32)
 enc.encode_prompt(["a cat"], max_sequence_length=8)
-w = validation.summary_writer(tmp / "tb")
+w = summary_writer(tmp / "tb")
 w.add_image("v", np.zeros((8, 8, 3), np.uint8), global_step=1, dataformats="HWC")
 w.close()
 flat = {"transformer_blocks.attn.to_q.lora_A": np.ones((1, 32, 2), np.float32),

@@ -1,6 +1,6 @@
 """Shared tiny-model fixtures: one tiny random Flux Kontext pipeline folder per session.
 
-The folder is written by :mod:`dreamomni2_jax.tiny` with the real diffusers / transformers
+The folder is written by :mod:`dreamomni2_jax.testing.tiny_flux1` with the real diffusers / transformers
 classes (``save_pretrained``, safetensors), so every test runs our real converters and
 loaders on real on-disk formats. Per-area fixtures live in ``tests/_fixtures_*.py``
 modules and are registered here.
@@ -18,7 +18,7 @@ if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS",
 
 import pytest
 
-from dreamomni2_jax import tiny
+from dreamomni2_jax.testing import tiny_flux1 as tiny
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,7 @@ def test_bad_input_is_one_line_and_exit_code_2():
 
 
 def test_topology_names_and_missing_libtpu(monkeypatch):
-    from dreamomni2_jax import aot
+    from dreamomni2_jax.tools import aot
 
     t = aot.parse_target("v5p-64")
     assert (t.platform, t.topology, t.chips) == ("tpu", "v5p:2x4x4", 32)
@@ -142,7 +142,7 @@ def test_topology_names_and_missing_libtpu(monkeypatch):
 
 
 def test_compiler_out_of_memory_message_is_parsed():
-    from dreamomni2_jax.aot import _next_probe, _oom_numbers
+    from dreamomni2_jax.tools.aot import _next_probe, _oom_numbers
 
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (403.35G) "
            "exceeds available HBM (95.74G).")  # libtpu 0.0.42 for a full-size step at 8 samples per chip
@@ -225,7 +225,7 @@ def test_klein_sampler_inputs_have_the_pipelines_ids_and_no_guidance():
     import torch
     from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 
-    from dreamomni2_jax import aot
+    from dreamomni2_jax.tools import aot
     from dreamomni2_jax.config import load_config
 
     cfg = load_config(str(ROOT / "configs" / "klein_tpu_v5.py"), ["data.max_sequence_length=64"])

@@ -11,8 +11,11 @@ import pytest
 from PIL import Image
 
 from _fixtures_data import SPECS, tiny_config, write_folder, write_jsonl
-from dreamomni2_jax import images
-from dreamomni2_jax.cache import CacheError, build_cache, decode_record, encode_record, load_index
+from dreamomni2_jax.cache import inputs
+from dreamomni2_jax.cache.records import CacheError, decode_record, encode_record, load_index
+from dreamomni2_jax.cache.stage import build_cache
+from dreamomni2_jax.images.sizes import PREFERRED_KONTEXT_RESOLUTIONS, editing_size, reference_size, target_size
+from dreamomni2_jax.images.io import BadInput, open_image, to_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,19 +50,19 @@ def _diffusers_kontext_resolutions() -> list:
 def test_kontext_resolutions_match_diffusers():
     ref = _diffusers_kontext_resolutions()
 
-    assert images.PREFERRED_KONTEXT_RESOLUTIONS == list(ref)
+    assert PREFERRED_KONTEXT_RESOLUTIONS == list(ref)
     for w, h in [(1024, 1024), (640, 480), (480, 640), (1920, 1080), (300, 900), (2000, 700), (1000, 1001)]:
         # FluxKontextPipeline.__call__ with _auto_resize: closest aspect, then floor to multiple_of=16
         _, rw, rh = min((abs(w / h - pw / ph), pw, ph) for pw, ph in ref)
-        assert images.reference_size(w, h, 1024 * 1024) == (rw // 16 * 16, rh // 16 * 16)
+        assert reference_size(w, h, 1024 * 1024) == (rw // 16 * 16, rh // 16 * 16)
 
 
 @pytest.mark.parametrize("area", [64 * 64, 96 * 96, 512 * 512])
 def test_scaled_sizes_are_multiples_within_budget(area):
     for w, h in [(96, 96), (128, 64), (64, 112), (333, 100), (100, 333)]:
-        for size in (images.reference_size(w, h, area), images.target_size(w, h, area)):
+        for size in (reference_size(w, h, area), target_size(w, h, area)):
             assert size[0] % 16 == 0 and size[1] % 16 == 0 and size[0] * size[1] <= area * 1.02
-        tw, th = images.target_size(w, h, area)
+        tw, th = target_size(w, h, area)
         assert abs(np.log((tw / th) / (w / h))) < 0.5
 
 
@@ -68,18 +71,18 @@ def test_pixels_match_diffusers_image_processor(tmp_path):
     from diffusers.image_processor import VaeImageProcessor
 
     path = write_jsonl(tmp_path)
-    img = images.open_image(str(tmp_path / "img" / "s3_target.png"), "x")
+    img = open_image(str(tmp_path / "img" / "s3_target.png"), "x")
     proc = VaeImageProcessor(vae_scale_factor=8)
     for w, h in [(80, 112), (96, 96), img.size]:
         ref = proc.preprocess(proc.resize(img, h, w), h, w)  # [1, 3, H, W] float32 in [-1, 1]
-        ours = images.to_pixels(img, (w, h))
+        ours = to_pixels(img, (w, h))
         np.testing.assert_array_equal(ours, ref[0].permute(1, 2, 0).to(torch.float32).numpy())
     assert path.exists()
 
 
 def test_both_input_formats_parse_identically(tmp_path):
-    recs_j, bad_j = images.read_manifest(write_jsonl(tmp_path / "j"))
-    recs_f, bad_f = images.read_folder(write_folder(tmp_path / "f"))
+    recs_j, bad_j = inputs.read_manifest(write_jsonl(tmp_path / "j"))
+    recs_f, bad_f = inputs.read_folder(write_folder(tmp_path / "f"))
     assert not bad_j and not bad_f and len(recs_j) == len(recs_f) == len(SPECS)
     for rj, rf, (tsize, rsizes) in zip(recs_j, recs_f, SPECS):
         assert rj.instruction == rf.instruction and rj.line is not None
@@ -105,7 +108,7 @@ def test_cached_latents_equal_direct_vae_encode(tiny_cache, tiny_converted_dir):
     import jax.numpy as jnp
 
     from dreamomni2_jax.models.vae import encode_images, normalize_latents
-    from dreamomni2_jax.loaders import load_vae
+    from dreamomni2_jax.convert.loaders import load_vae
 
     cfg, manifest, cache = tiny_cache
     index = load_index(cache)
@@ -121,10 +124,10 @@ def test_cached_latents_equal_direct_vae_encode(tiny_cache, tiny_converted_dir):
         sizes = [entry["target_latent"], *entry["reference_latents"]]
         source = Image.open(paths[1]).size  # SPECS records are editing pairs: target and source share one size
         for j, (p, key, lat) in enumerate(zip(paths, keys, sizes)):
-            img = images.open_image(p, "test")
-            size = images.editing_size(*source, 96 * 96) if j < 2 else images.reference_size(*img.size, 96 * 96)
+            img = open_image(p, "test")
+            size = editing_size(*source, 96 * 96) if j < 2 else reference_size(*img.size, 96 * 96)
             assert list(arrays[key].shape[:2]) == lat == [size[1] // 8, size[0] // 8]
-            by_shape.setdefault(size, []).append((arrays[key], images.to_pixels(img, size)))
+            by_shape.setdefault(size, []).append((arrays[key], to_pixels(img, size)))
         assert meta["line"] == entry["line"] and meta["where"].endswith(f"train.jsonl:{entry['line']}")
     for items in by_shape.values():
         direct = normalize_latents(encode_images(vae, jnp.asarray(np.stack([x for _, x in items]))), vae.config)
@@ -155,7 +158,7 @@ def test_cache_matches_pytorch_reference(tiny_cache, tiny_pipeline_dir):
         for arrays, meta in read_all(cache)[:2]:
             for key, p, (w, h) in zip(["target", "ref0", "ref1"], [meta["target"], *meta["references"]],
                                       meta["pixels"]):
-                x = torch.from_numpy(images.to_pixels(images.open_image(p, "t"), (w, h))).permute(2, 0, 1)[None]
+                x = torch.from_numpy(to_pixels(open_image(p, "t"), (w, h))).permute(2, 0, 1)[None]
                 z = vae.encode(x).latent_dist.mode()
                 z = ((z - vae.config.shift_factor) * vae.config.scaling_factor)[0].permute(1, 2, 0).numpy()
                 np.testing.assert_allclose(arrays[key], z, atol=2e-4, rtol=1e-3)
@@ -220,7 +223,7 @@ def test_bad_input(make_bad, tmp_path, tiny_encoders):
     line, reason, fname = make_bad(root, recs)
     manifest.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in recs) + "\n")
     cfg = tiny_config()
-    with pytest.raises(images.BadInput) as err:
+    with pytest.raises(BadInput) as err:
         build_cache(cfg, manifest, tmp_path / "c1", tiny_encoders, shard_size=2, progress=False)
     msg = str(err.value)
     assert f"train.jsonl:{line}" in msg and reason in msg and (fname is None or fname in msg)
@@ -239,7 +242,7 @@ def test_folder_orphans_and_gaps_are_reported(tmp_path):
     (root / "s1_control_1.png").rename(root / "s1_control_2.png")  # gap: control, control_2
     Image.new("RGB", (64, 64)).save(root / "lonely_control.png")
     (root / "nothing.txt").write_text("orphan instruction")
-    recs, bad = images.read_folder(root)
+    recs, bad = inputs.read_folder(root)
     assert [Path(r.target).name for r in recs] == ["s0.png"]
     reasons = sorted(e.reason.split(" ")[0] for e in bad)
     assert len(bad) == 3 and reasons == ["control", "control", "instruction"], [str(e) for e in bad]
@@ -323,7 +326,7 @@ def test_cli_bad_input_then_skip_bad_on_four_devices(tmp_path, tiny_converted_di
     # the data-parallel (4-device) encode gives the single-device numbers
     (arrays, meta), = read_all(tmp_path / "cache")
     for key, p, size in zip(["target", "ref0"], [meta["target"], *meta["references"]], meta["pixels"]):
-        x = images.to_pixels(images.open_image(p, "t"), tuple(size))[None]
+        x = to_pixels(open_image(p, "t"), tuple(size))[None]
         np.testing.assert_allclose(arrays[key], tiny_encoders.encode_images(x)[0], rtol=1e-4, atol=1e-4)
 
 
@@ -336,7 +339,7 @@ def test_enhancer_rewrites_with_task_suffix_and_keeps_the_original(tmp_path, tin
 
     from _fixtures_data import reference_qwen_processor, save_tiny_qwen_vl
     import _reference_code as reference_code
-    from dreamomni2_jax.enhance import MAX_NEW_TOKENS, QwenEnhancer, extract_gen, vlm_messages
+    from dreamomni2_jax.cache.enhance import MAX_NEW_TOKENS, QwenEnhancer, extract_gen, vlm_messages
 
     qwen = save_tiny_qwen_vl(tmp_path / "qwen")
     manifest = write_jsonl(tmp_path / "in", [SPECS[0], SPECS[2]])
@@ -380,7 +383,7 @@ def test_enhancer_rewrites_with_task_suffix_and_keeps_the_original(tmp_path, tin
 
 def test_vlm_image_is_dreamomni2_fetch_image(tmp_path):
     import _reference_code as reference_code
-    from dreamomni2_jax.enhance import vlm_image
+    from dreamomni2_jax.cache.enhance import vlm_image
 
     rng = np.random.default_rng(0)
     for size, mode in [((300, 170), "RGB"), ((120, 160), "RGBA"), ((1024, 1024), "RGB"), ((90, 400), "L")]:

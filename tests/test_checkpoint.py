@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamomni2_jax import checkpoint as C
+from dreamomni2_jax.checkpoint import store as C
 from dreamomni2_jax.config import Config, apply_overrides
-from dreamomni2_jax.lora import LoRAParam, apply_lora
-from dreamomni2_jax.preemption import SigtermFlag
+from dreamomni2_jax.lora.layers import LoRAParam, apply_lora
+from dreamomni2_jax.train.preemption import SigtermFlag
 
 
 class _Tiny(nnx.Module):
@@ -251,7 +251,7 @@ def test_nonfinite_state_is_never_saved(tmp_path):
 
 
 def test_trim_metrics_keeps_one_record_per_restored_step(tmp_path):
-    from dreamomni2_jax.run_dir import SUPERSEDED, trim_metrics
+    from dreamomni2_jax.checkpoint.run_dir import SUPERSEDED, trim_metrics
 
     lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4, 5)] + ['{"step": 6, "lo']  # torn
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")

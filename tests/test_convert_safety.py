@@ -10,6 +10,7 @@ import pytest
 from dreamomni2_jax.convert import flux_transformer, pipeline, vae
 from dreamomni2_jax.weights import store
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
+from dreamomni2_jax.weights.manifest import is_converted_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_pipeline_out_rules_and_damaged_component(tiny_pipeline_dir, tmp_path, c
     assert f"{out / 'vae' / 'params'}" in err and "Traceback" not in err, err
     assert meta.exists()
     assert pipeline.main(["--src", str(src), "--out", str(out), "--overwrite", "--no-progress"]) == 0
-    assert pipeline.is_converted_pipeline(out)
+    assert is_converted_pipeline(out)
 
 
 def test_pipeline_accepts_slow_and_fast_tokenizer_classes(tiny_pipeline_dir, tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from _fixtures_data import SPECS, tiny_config, with_data
-from dreamomni2_jax import positions
-from dreamomni2_jax.cache import CacheError, decode_record, load_index
-from dreamomni2_jax.data import CacheStream, ModelDims, SyntheticSource, make_train_stream
+from dreamomni2_jax.layout import ids_flux1 as positions
+from dreamomni2_jax.cache.records import CacheError, decode_record, load_index
+from dreamomni2_jax.data.stream import CacheStream, ModelDims, SyntheticSource, make_train_stream
 
 KEYS = ("target", "references", "img_ids", "img_mask", "t5", "pooled")
 

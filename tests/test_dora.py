@@ -13,17 +13,18 @@ import torch
 from flax import nnx
 from safetensors import safe_open
 
-from dreamomni2_jax import checkpoint as C
-from dreamomni2_jax import lora_io as L
-from dreamomni2_jax import train_step as ts
+from dreamomni2_jax.checkpoint import store as C
+from dreamomni2_jax.lora import files as L
+from dreamomni2_jax.train import step as ts
 from dreamomni2_jax.config import LoraConfig
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
-from dreamomni2_jax.convert.export_lora import main as export_main
-from dreamomni2_jax.loaders import load_flux
-from dreamomni2_jax.attach import attach_lora
-from dreamomni2_jax.optimizers import make_optimizer
-from dreamomni2_jax.tiny import flux_model
-from dreamomni2_jax.lora import LoRALinear, apply_lora, lora_metadata, lora_modules, lora_state, set_lora_state
+from dreamomni2_jax.tools.export_lora import main as export_main
+from dreamomni2_jax.convert.loaders import load_flux
+from dreamomni2_jax.lora.attach import attach_lora
+from dreamomni2_jax.train.optimizers import make_optimizer
+from dreamomni2_jax.testing.tiny_flux1 import flux_model
+from dreamomni2_jax.lora.layers import (LoRALinear, apply_lora, lora_metadata, lora_modules, lora_state,
+    set_lora_state)
 from test_lora_io import _jax_out, _torch_out, inputs  # noqa: F401 - inputs: the same fixture on this base_model
 from test_train_step import CFG, LORA, _copy, batch
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from dreamomni2_jax import eval_loss, loop
-from dreamomni2_jax import train_step as ts
+from dreamomni2_jax.callbacks import eval_loss
+from dreamomni2_jax.train import loop
+from dreamomni2_jax.train import step as ts
 from dreamomni2_jax.config import LoraConfig, OptimConfig, TrainConfig
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from dreamomni2_jax.convert.export_lora import main as export_main
-from dreamomni2_jax import checkpoint as C
-from dreamomni2_jax.lora_io import load_lora_file
-from dreamomni2_jax.tree_paths import dotted
+from dreamomni2_jax.tools.export_lora import main as export_main
+from dreamomni2_jax.checkpoint import store as C
+from dreamomni2_jax.lora.files import load_lora_file
+from dreamomni2_jax.utils.tree_paths import dotted
 from test_resume import _argv, _losses, _train_in_process, compile_cache, config_file  # noqa: F401
 
 FEATURES = [f"--set={kv}" for kv in (

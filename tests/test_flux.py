@@ -10,11 +10,11 @@ from flax import nnx
 
 from _asserts import assert_close
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
-from dreamomni2_jax import positions as P
+from dreamomni2_jax.layout import ids_flux1 as P
 from dreamomni2_jax.models.attention import attention, splash_attention
 from dreamomni2_jax.models.flux import FluxConfig, abstract_flux
 from dreamomni2_jax.models.stacked import joint_mask
-from dreamomni2_jax.loaders import load_flux
+from dreamomni2_jax.convert.loaders import load_flux
 
 TXT = 7
 # Target latent (h, w) and two references of different sizes.
@@ -203,7 +203,7 @@ def test_splash_hook_matches_xla_in_interpret_mode():
 @pytest.mark.parametrize("impl", ["xla", "blocked"])
 def test_n_out_computes_only_the_first_tokens_and_matches_full_output(impl):
     """The train loss reads only target tokens: ``n_out`` skips the rest in the last block, same values."""
-    from dreamomni2_jax.tiny import flux_model
+    from dreamomni2_jax.testing.tiny_flux1 import flux_model
 
     m = flux_model(0, attention_impl=impl)
     fc = m.config

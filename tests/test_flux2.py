@@ -13,11 +13,11 @@ from flax import nnx
 from _asserts import rel_err
 from dreamomni2_jax.convert.flux2_transformer import main as convert_main
 from dreamomni2_jax.weights.store import ConversionError
-from dreamomni2_jax import positions_flux2 as P2
+from dreamomni2_jax.layout import ids_klein as P2
 from dreamomni2_jax.models.flux2 import Flux2Config
-from dreamomni2_jax.loaders import load_flux2
-from dreamomni2_jax.positions import SampleLayout
-from dreamomni2_jax.tiny_klein import FLUX2_TINY, save_flux2_transformer
+from dreamomni2_jax.convert.loaders import load_flux2
+from dreamomni2_jax.layout.ids_flux1 import SampleLayout
+from dreamomni2_jax.testing.tiny_klein import FLUX2_TINY, save_flux2_transformer
 from _fixtures_klein import meta_reader
 
 TXT = 7

@@ -20,10 +20,10 @@ from _asserts import assert_close
 from dreamomni2_jax.convert import flux_transformer as fc
 from dreamomni2_jax.weights.safetensors_io import SafetensorsError, open_checkpoint, save_arrays
 from dreamomni2_jax.weights.store import ConversionError, write_checkpoint
-from dreamomni2_jax import positions as P
-from dreamomni2_jax import tiny
+from dreamomni2_jax.layout import ids_flux1 as P
+from dreamomni2_jax.testing import tiny_flux1 as tiny
 from dreamomni2_jax.models.flux import FluxConfig
-from dreamomni2_jax.loaders import load_flux
+from dreamomni2_jax.convert.loaders import load_flux
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = FluxConfig.from_dict(tiny.FLUX_TINY)
@@ -236,7 +236,7 @@ def test_safetensors_reader(tmp_path, transformer_dir):
 
 def test_load_flux_accepts_relative_converted_path(tiny_converted_dir, monkeypatch):
     """Orbax refuses relative paths; users pass them (e.g. --model demo_out/model)."""
-    from dreamomni2_jax.loaders import load_flux
+    from dreamomni2_jax.convert.loaders import load_flux
 
     monkeypatch.chdir(tiny_converted_dir.parent)
     model = load_flux(os.path.join(tiny_converted_dir.name, "transformer"), dtype=jnp.float32)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamomni2_jax import images
-from dreamomni2_jax.images import BadInput
+from dreamomni2_jax.cache import inputs
+from dreamomni2_jax.images.io import BadInput
+from dreamomni2_jax.images.io import open_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_exif_orientation_like_diffusers_load_image(tmp_path):
         path = tmp_path / f"o{orientation}.png"
         img.save(path, exif=exif)
         want = np.asarray(load_image(str(path)))
-        got = np.asarray(images.open_image(str(path), "test"))
+        got = np.asarray(open_image(str(path), "test"))
         assert want.shape != (24, 40, 3) or orientation == 3  # 6 and 8 turn the image by 90 degrees
         np.testing.assert_array_equal(got, want)
 
@@ -43,9 +44,9 @@ def test_16bit_png_is_scaled_not_saturated(tmp_path):
     Image.fromarray(gray * 257).save(path)  # the 16-bit image of the 8-bit gray one
     with Image.open(path) as im:
         assert im.mode.startswith("I")
-    got = np.asarray(images.open_image(str(path), "test"))
+    got = np.asarray(open_image(str(path), "test"))
     np.testing.assert_array_equal(got, np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1))
-    from dreamomni2_jax.sampler import reference_pixels
+    from dreamomni2_jax.sample.pipeline import reference_pixels
 
     with Image.open(path) as im:  # a PIL image handed to the sampler directly
         px = reference_pixels(im.copy(), auto_resize=False)
@@ -55,19 +56,19 @@ def test_16bit_png_is_scaled_not_saturated(tmp_path):
 def test_non_utf8_inputs_and_extreme_sizes_are_bad_inputs(tmp_path):
     m = tmp_path / "m.jsonl"
     m.write_bytes(b'{"instruction": "ok", "target": "a.png"}\n{"instruction": "caf\xe9", "target": "a.png"}\n')
-    records, bad = images.read_manifest(m)
+    records, bad = inputs.read_manifest(m)
     assert len(records) == 1 and [str(b) for b in bad] == [
         f"{m}:2: not UTF-8 text ('utf-8' codec can't decode byte 0xe9 in position 20: invalid continuation byte)"]
     folder = tmp_path / "q"
     folder.mkdir()
     Image.fromarray(_photo()).save(folder / "a.png")
     (folder / "a.txt").write_bytes(b"\xff\xfe")
-    records, bad = images.read_folder(folder)
+    records, bad = inputs.read_folder(folder)
     assert not records and bad[0].where == str(folder / "a") and bad[0].path == str(folder / "a.txt")
 
 
 def test_skip_bad_skips_extreme_aspect_and_non_utf8(tiny_converted_dir, tiny_encoders, tmp_path):
-    from dreamomni2_jax.cache import build_cache
+    from dreamomni2_jax.cache.stage import build_cache
     from _fixtures_data import tiny_config
 
     d = tmp_path / "in"
@@ -90,7 +91,7 @@ def test_skip_bad_skips_extreme_aspect_and_non_utf8(tiny_converted_dir, tiny_enc
 
 
 def test_nonfinite_lora_is_refused_by_export_and_init_from(tmp_path):
-    from dreamomni2_jax import lora_io
+    from dreamomni2_jax.lora import files as lora_io
 
     flat = {"transformer_blocks.attn.to_q.lora_A": np.zeros((1, 32, 2), np.float32),
             "transformer_blocks.attn.to_q.lora_B": np.full((1, 2, 32), np.inf, np.float32)}
@@ -104,8 +105,8 @@ def test_nonfinite_lora_is_refused_by_export_and_init_from(tmp_path):
     save_file({key.format("A"): np.full((2, 32), np.nan, np.float32), key.format("B"): np.zeros((32, 2), np.float32)},
               str(path))
     from dreamomni2_jax.config import LoraConfig
-    from dreamomni2_jax.attach import attach_lora
-    from dreamomni2_jax.tiny import flux_model
+    from dreamomni2_jax.lora.attach import attach_lora
+    from dreamomni2_jax.testing.tiny_flux1 import flux_model
 
     model = flux_model(0)
     with pytest.raises(lora_io.LoraFileError, match=f"{path}: 1 adapter tensor\\(s\\) hold NaN"):

@@ -19,7 +19,7 @@ import pytest
 from _compile_cache import persistent_compile_cache
 import torch
 
-from dreamomni2_jax import checkpoint as C
+from dreamomni2_jax.checkpoint import store as C
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "klein_demo.py"
@@ -48,8 +48,8 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, compile_cache):
     """Source folder, converted folder and cache under one root (``configs/klein_demo.py`` paths)."""
-    from dreamomni2_jax.tiny import write_jsonl
-    from dreamomni2_jax.tiny_klein import build_klein_pipeline
+    from dreamomni2_jax.testing.tiny_flux1 import write_jsonl
+    from dreamomni2_jax.testing.tiny_klein import build_klein_pipeline
 
     root = tmp_path_factory.mktemp("klein_e2e")
     old = os.environ.get("DREAMOMNI2_DEMO_OUT")
@@ -97,8 +97,9 @@ def straight(chain):
 def test_cache_holds_the_pipelines_latents_and_prompt_embeds(chain, torch_pipe):
     from PIL import Image
 
-    from dreamomni2_jax.cache import _read_first, _resized, load_index
-    from dreamomni2_jax.positions import pack_latents
+    from dreamomni2_jax.cache.records import _read_first, load_index
+    from dreamomni2_jax.cache.stage import _resized
+    from dreamomni2_jax.layout.ids_flux1 import pack_latents
 
     index = load_index(chain / "cache")
     first = _read_first(chain / "cache" / index["shards"][0]["file"])
@@ -119,7 +120,7 @@ def test_cache_holds_the_pipelines_latents_and_prompt_embeds(chain, torch_pipe):
     np.testing.assert_allclose(np.asarray(first["t5"], np.float32), want_text[0].numpy(), rtol=0,
                                atol=1e-4 * float(want_text.abs().max()))
     assert first["pooled"].shape == (0,)
-    from dreamomni2_jax.data import ModelDims  # synthetic batches of a klein folder: its transformer's sizes
+    from dreamomni2_jax.data.stream import ModelDims  # synthetic batches of a klein folder: its transformer's sizes
 
     assert ModelDims.from_model_dir(chain / "model") == ModelDims(latent_channels=4, t5_dim=96, pooled_dim=0)
 
@@ -142,9 +143,9 @@ def test_train_kill9_then_resume_is_exact_and_validates(chain, straight, compile
 
 
 def test_exported_lora_loads_in_diffusers_with_the_same_output(chain, straight, torch_pipe, tmp_path):
-    from dreamomni2_jax import positions_flux2 as P2
-    from dreamomni2_jax.loaders import load_flux2
-    from dreamomni2_jax.attach import attach_lora
+    from dreamomni2_jax.layout import ids_klein as P2
+    from dreamomni2_jax.convert.loaders import load_flux2
+    from dreamomni2_jax.lora.attach import attach_lora
 
     out = tmp_path / "pytorch_lora_weights.safetensors"
     assert _script("convert/export_lora.py")(["--ckpt", str(straight), "--out", str(out),

@@ -13,12 +13,13 @@ import torch
 from _asserts import assert_close
 from dreamomni2_jax.convert import pipeline as cpipe
 from dreamomni2_jax.weights import store
-from dreamomni2_jax import text_klein
-from dreamomni2_jax.loaders import load_flux2
-from dreamomni2_jax.loaders import load_qwen3
+from dreamomni2_jax.text import klein as text_klein
+from dreamomni2_jax.convert.loaders import load_flux2
+from dreamomni2_jax.convert.loaders import load_qwen3
 from dreamomni2_jax.models.vae2 import encode_tokens
-from dreamomni2_jax.loaders import load_vae2
-from dreamomni2_jax.tiny_klein import QWEN3_TINY_LAYERS, build_klein_pipeline
+from dreamomni2_jax.convert.loaders import load_vae2
+from dreamomni2_jax.testing.tiny_klein import QWEN3_TINY_LAYERS, build_klein_pipeline
+from dreamomni2_jax.weights.manifest import read_family, read_manifest
 
 MODELS = ("transformer", "vae", "text_encoder")
 PROMPTS = ["a cat", "a photo of the cat"]
@@ -37,9 +38,9 @@ def klein(tmp_path_factory):
 
 def test_layout_family_and_weights(klein):
     src, out, pipe = klein
-    manifest = cpipe.read_manifest(out)
+    manifest = read_manifest(out)
     assert manifest["pipeline_class"] == "Flux2KleinPipeline"
-    assert manifest["family"] == cpipe.read_family(out) == "flux2-klein"
+    assert manifest["family"] == read_family(out) == "flux2-klein"
     assert {c: manifest["components"][c]["dtype"] for c in MODELS} == {c: "fp32" for c in MODELS}
     assert sorted(manifest["components"]) == sorted([*MODELS, "tokenizer", "scheduler"])
     for c in MODELS:
@@ -79,13 +80,13 @@ def test_prompt_embeds_match_pipeline_encode_prompt(klein):
                                    QWEN3_TINY_LAYERS)
     assert got.shape == want.shape
     assert_close(got, want.numpy(), 1e-4)
-    from dreamomni2_jax.positions_flux2 import text_ids
+    from dreamomni2_jax.layout.ids_klein import text_ids
     np.testing.assert_array_equal(text_ids(MAX_LEN), want_ids[0].numpy())
 
 
 def test_reference_latents_match_prepare_image_latents(klein):
     """Two references of different sizes: packed tokens and ids as ``prepare_image_latents`` builds them."""
-    from dreamomni2_jax import positions_flux2 as P2
+    from dreamomni2_jax.layout import ids_klein as P2
 
     _, out, pipe = klein
     rng = np.random.default_rng(0)
@@ -111,7 +112,7 @@ def test_bad_klein_folder_names_every_problem(klein, tmp_path):
     msg = str(e.value)
     assert "Flux2KleinPipeline" in msg and "'text_encoder'" in msg and "vae" in msg
     with pytest.raises(ValueError, match="not a converted pipeline"):
-        cpipe.read_family(tmp_path)
+        read_family(tmp_path)
 
 
 # --------------------------------------------------------------------------- sampler parity
@@ -131,7 +132,7 @@ def _image(seed: int, w: int, h: int):
 
 @pytest.fixture(scope="module")
 def jax_pipe(klein):
-    from dreamomni2_jax import sampler
+    from dreamomni2_jax.sample import pipeline as sampler
 
     return sampler.load_pipeline(klein[1], jnp.float32, max_sequence_length=MAX_LEN)
 

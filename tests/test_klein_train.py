@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from dreamomni2_jax import data
-from dreamomni2_jax import train_step as ts
-from dreamomni2_jax.positions import SampleLayout as S
+from dreamomni2_jax.data import stream as data
+from dreamomni2_jax.train import step as ts
+from dreamomni2_jax.layout.ids_flux1 import SampleLayout as S
 
 LAYOUTS = [S((4, 4), ((4, 4),)), S((4, 6), ((4, 4), (2, 4))), S((4, 6), ((2, 2), (2, 4), (4, 2))),
            S((2, 4), ((4, 4), (4, 4), (2, 2)))]
@@ -19,8 +19,8 @@ LAYOUTS = [S((4, 4), ((4, 4),)), S((4, 6), ((4, 4), (2, 4))), S((4, 6), ((2, 2),
 def test_klein_loss_is_the_diffusers_models_flow_matching_loss(tmp_path):
     """Our step's loss on a batch of 4 samples (1-3 references, padded) = the loss computed from the diffusers
     transformer (same weights) run per sample on its real tokens with the step's own σ / noise draws."""
-    from dreamomni2_jax.loaders import load_flux2
-    from dreamomni2_jax.tiny_klein import save_flux2_transformer
+    from dreamomni2_jax.convert.loaders import load_flux2
+    from dreamomni2_jax.testing.tiny_klein import save_flux2_transformer
     from diffusers import Flux2Transformer2DModel
 
     src = save_flux2_transformer(tmp_path / "transformer", seed=3)
@@ -35,7 +35,7 @@ def test_klein_loss_is_the_diffusers_models_flow_matching_loss(tmp_path):
     t_len = batch["target"].shape[1]
     draws = ts.sample_draws(rng, idx, t_len, 16, jnp.asarray(batch["img_mask"][:, :t_len].sum(1), jnp.float32), cfg)
     ref = Flux2Transformer2DModel.from_pretrained(src).eval()
-    from dreamomni2_jax.positions_flux2 import text_ids
+    from dreamomni2_jax.layout.ids_klein import text_ids
 
     losses = []
     for i, lay in enumerate(LAYOUTS):

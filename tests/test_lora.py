@@ -10,14 +10,14 @@ import pytest
 import torch
 from flax import nnx
 
-from dreamomni2_jax import lora as L
-from dreamomni2_jax import positions as P
-from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.lora import layers as L
+from dreamomni2_jax.layout import ids_flux1 as P
+from dreamomni2_jax.lora.attach import attach_lora
 from dreamomni2_jax.config import LoraConfig
 from dreamomni2_jax.models.schemas import lora_presets
-from dreamomni2_jax.loaders import load_flux
-from dreamomni2_jax.data import synthetic_batch
-from dreamomni2_jax.train_step import StepConfig, StepStatics, loss_and_grads, sample_draws
+from dreamomni2_jax.convert.loaders import load_flux
+from dreamomni2_jax.data.stream import synthetic_batch
+from dreamomni2_jax.train.step import StepConfig, StepStatics, loss_and_grads, sample_draws
 
 ATTN_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]  # peft's spelling of the "attention" preset
 LAYOUT = P.SampleLayout(target=(4, 6), references=((4, 4), (2, 6)))

@@ -14,15 +14,16 @@ from safetensors.numpy import save_file
 
 from _asserts import assert_close
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
-from dreamomni2_jax.convert.export_lora import main as export_main
-from dreamomni2_jax import checkpoint as C
-from dreamomni2_jax import lora_io as L
-from dreamomni2_jax import lora_kohya as K
-from dreamomni2_jax import positions as P
-from dreamomni2_jax.attach import attach_lora, layer_counts
+from dreamomni2_jax.tools.export_lora import main as export_main
+from dreamomni2_jax.checkpoint import store as C
+from dreamomni2_jax.lora import files as L
+from dreamomni2_jax.lora import kohya as K
+from dreamomni2_jax.layout import ids_flux1 as P
+from dreamomni2_jax.lora.attach import attach_lora, layer_counts
 from dreamomni2_jax.config import LoraConfig
-from dreamomni2_jax.lora import LoRAParam, apply_lora, lora_metadata, lora_modules, lora_state, set_lora_state
-from dreamomni2_jax.loaders import load_flux
+from dreamomni2_jax.lora.layers import (LoRAParam, apply_lora, lora_metadata, lora_modules, lora_state,
+    set_lora_state)
+from dreamomni2_jax.convert.loaders import load_flux
 
 WIDE = [r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0", r"attn\.add_k_proj", r"proj_mlp",
         r"norm_out\.linear", r"single_transformer_blocks\.proj_out", r"ff\.net\.2", r"x_embedder"]
@@ -301,7 +302,7 @@ def test_bad_files_and_mismatches(base_model, tmp_path):
     with pytest.raises(L.LoraFileError, match="trunc.safetensors: not a readable safetensors file"):
         L.load_lora_file(tmp_path / "trunc.safetensors")
     # one hierarchy: a handler of the adapter errors (lora.LoraError) also catches the file errors
-    from dreamomni2_jax.lora import LoraError
+    from dreamomni2_jax.lora.layers import LoraError
 
     with pytest.raises(LoraError, match="missing.safetensors does not exist"):
         attach_lora(nnx.clone(base_model), tmp_path / "missing.safetensors")

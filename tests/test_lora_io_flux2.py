@@ -9,15 +9,15 @@ import torch
 from flax import nnx
 from safetensors import safe_open
 
-from dreamomni2_jax import lora_io as L
-from dreamomni2_jax import positions_flux2 as P2
+from dreamomni2_jax.lora import files as L
+from dreamomni2_jax.layout import ids_klein as P2
 from dreamomni2_jax.convert.flux2_transformer import main as convert_main
 from dreamomni2_jax.config import LoraConfig
-from dreamomni2_jax.loaders import load_flux2
-from dreamomni2_jax.attach import attach_lora, layer_counts
-from dreamomni2_jax.lora import apply_lora, lora_state, set_lora_state
-from dreamomni2_jax.positions import SampleLayout
-from dreamomni2_jax.tiny_klein import save_flux2_transformer
+from dreamomni2_jax.convert.loaders import load_flux2
+from dreamomni2_jax.lora.attach import attach_lora, layer_counts
+from dreamomni2_jax.lora.layers import apply_lora, lora_state, set_lora_state
+from dreamomni2_jax.layout.ids_flux1 import SampleLayout
+from dreamomni2_jax.testing.tiny_klein import save_flux2_transformer
 
 # every kind of FLUX.2 Linear: fused single-block projections, text stream, SwiGLU MLP, modulations, the final
 # layer's (BFL-swapped) modulation and the embedders

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from _fixtures_data import draw_image
-from dreamomni2_jax import data, images
-from dreamomni2_jax.cache import build_cache
+from dreamomni2_jax.data import stream as data
+from dreamomni2_jax.cache import inputs
+from dreamomni2_jax.cache.stage import build_cache
 from test_training_inputs import PoolEncoders, _config, _records
 
 
@@ -103,6 +104,6 @@ def test_mask_of_another_size_is_bad_input_and_qflux_masks_are_read(tmp_path):
         draw_image(q / "control_images" / f"{name}.png", (64, 64), 2)
         (q / "training_images" / f"{name}.txt").write_text("edit")
     _mask(q / "training_images" / "a_mask.png", (64, 64), (0, 0, 10, 10))
-    recs, bad = images.read_qflux(q)
+    recs, bad = inputs.read_qflux(q)
     assert not bad and {r.target.rsplit("/", 1)[-1]: r.mask for r in recs} == {
         "a.png": str(q / "training_images" / "a_mask.png"), "b.png": None}

@@ -12,9 +12,10 @@ import pytest
 from dreamomni2_jax.convert import pipeline as cpipe
 from dreamomni2_jax.weights import store
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
-from dreamomni2_jax.loaders import load_clip
-from dreamomni2_jax.loaders import load_t5
-from dreamomni2_jax.loaders import load_vae
+from dreamomni2_jax.convert.loaders import load_clip
+from dreamomni2_jax.convert.loaders import load_t5
+from dreamomni2_jax.convert.loaders import load_vae
+from dreamomni2_jax.weights.manifest import is_converted_pipeline, read_family, read_manifest
 
 MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 COPIED = ("tokenizer", "tokenizer_2", "scheduler")
@@ -32,10 +33,10 @@ def converted(tiny_pipeline_dir, tmp_path_factory):
 
 
 def test_layout_manifest_and_weights(converted, tiny_pipeline_dir):
-    assert cpipe.is_converted_pipeline(converted)
-    manifest = cpipe.read_manifest(converted)
+    assert is_converted_pipeline(converted)
+    manifest = read_manifest(converted)
     assert manifest["pipeline_class"] == "FluxKontextPipeline"
-    assert manifest["family"] == cpipe.read_family(converted) == "flux1"
+    assert manifest["family"] == read_family(converted) == "flux1"
     assert {c: manifest["components"][c].get("dtype") for c in MODELS} == {
         "transformer": "fp32", "vae": "fp32", "text_encoder": "fp32", "text_encoder_2": "fp32"}  # the source's
     for c in MODELS:
@@ -64,7 +65,7 @@ def test_layout_manifest_and_weights(converted, tiny_pipeline_dir):
 
 
 def test_converted_folder_serves_text_encoders(converted):
-    from dreamomni2_jax.text import load_text_encoders
+    from dreamomni2_jax.text.flux1 import load_text_encoders
 
     enc = load_text_encoders(converted, jnp.float32)
     embeds, pooled = enc.encode_prompt(["a red ball on a blue table", ""], max_sequence_length=8)
@@ -84,14 +85,14 @@ def test_rerun_skips_resumes_and_checks_dtype(tiny_pipeline_dir, tmp_path):
     after = _mtimes(out)
     assert after["vae"] != before["vae"]
     assert {c: after[c] for c in MODELS if c != "vae"} == {c: before[c] for c in MODELS if c != "vae"}
-    assert (out / "tokenizer_2" / "tokenizer.json").is_file() and cpipe.is_converted_pipeline(out)
+    assert (out / "tokenizer_2" / "tokenizer.json").is_file() and is_converted_pipeline(out)
     with pytest.raises(ValueError) as e:
         cpipe.convert_pipeline(tiny_pipeline_dir, out, dtype="bf16", progress=False)
     for c in ("transformer", "text_encoder_2"):
         assert f"{out / c}: already converted with dtype 'fp32', requested 'bf16'" in str(e.value)
     assert "vae" not in str(e.value) and _mtimes(out) == after
     cpipe.convert_pipeline(tiny_pipeline_dir, out, dtype="bf16", overwrite=True, progress=False)
-    assert cpipe.read_manifest(out)["components"]["text_encoder_2"]["dtype"] == "bf16"
+    assert read_manifest(out)["components"]["text_encoder_2"]["dtype"] == "bf16"
     t5 = load_t5(out / "text_encoder_2", jnp.float32)
     t5_src = open_checkpoint(tiny_pipeline_dir / "text_encoder_2")
     assert np.array_equal(np.asarray(t5.shared.embedding[...]),
@@ -119,10 +120,10 @@ def test_interrupted_conversion_leaves_no_partial_output(tiny_pipeline_dir, tmp_
     with pytest.raises(KeyboardInterrupt):
         cpipe.convert_pipeline(tiny_pipeline_dir, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["text_encoder", "transformer", "vae"]
-    assert not cpipe.is_converted_pipeline(out)
+    assert not is_converted_pipeline(out)
     monkeypatch.undo()
     cpipe.convert_pipeline(tiny_pipeline_dir, out, progress=False)
-    assert cpipe.is_converted_pipeline(out) and store.is_converted(out / "text_encoder_2")
+    assert is_converted_pipeline(out) and store.is_converted(out / "text_encoder_2")
 
 
 def test_bad_source_names_each_problem(tiny_pipeline_dir, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import FluxKontextPipeline
 
-from dreamomni2_jax import positions as P
+from dreamomni2_jax.layout import ids_flux1 as P
 
 
 def _kontext_prepare_latents(ref_latent_hw, target_hw):
@@ -130,7 +130,7 @@ def test_bfloat16_ids_round_like_the_reference_pipelines():
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
     from dreamomni2_jax.config import ModelConfig
-    from dreamomni2_jax.rope import rope_cos_sin
+    from dreamomni2_jax.models.rope import rope_cos_sin
 
     assert ModelConfig().ids_dtype == "int32"
     ids = P.SampleLayout((64, 64), ((94, 174), (94, 174), (94, 174))).ids("dreamomni2")  # columns up to 260

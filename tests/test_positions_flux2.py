@@ -7,9 +7,9 @@ import torch
 from diffusers import Flux2KleinPipeline
 from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
 
-from dreamomni2_jax import positions as P
-from dreamomni2_jax import positions_flux2 as P2
-from dreamomni2_jax.rope import rope_cos_sin
+from dreamomni2_jax.layout import ids_flux1 as P
+from dreamomni2_jax.layout import ids_klein as P2
+from dreamomni2_jax.models.rope import rope_cos_sin
 
 
 def _patchified(latent_hw):

@@ -15,9 +15,9 @@ import pytest
 from _compile_cache import persistent_compile_cache
 
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
-from dreamomni2_jax.convert.export_lora import main as export_main
-from dreamomni2_jax import checkpoint as C
-from dreamomni2_jax.lora_io import load_lora_file
+from dreamomni2_jax.tools.export_lora import main as export_main
+from dreamomni2_jax.checkpoint import store as C
+from dreamomni2_jax.lora.files import load_lora_file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -204,7 +204,7 @@ def test_resume_to_an_earlier_step_is_refused_then_branches(config_file, straigh
 
 
 def test_second_run_on_a_locked_run_dir_is_refused(config_file, tmp_path, capsys):
-    from dreamomni2_jax.run_dir import RunLock
+    from dreamomni2_jax.checkpoint.run_dir import RunLock
 
     run = tmp_path / "run"
     with RunLock(run):

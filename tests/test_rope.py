@@ -6,8 +6,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-from dreamomni2_jax import positions as P
-from dreamomni2_jax.rope import apply_rope, rope_cos_sin
+from dreamomni2_jax.layout import ids_flux1 as P
+from dreamomni2_jax.models.rope import apply_rope, rope_cos_sin
 
 
 def _ids_with_large_positions():

@@ -14,10 +14,10 @@ from PIL import Image
 import jax.numpy as jnp
 from flax import nnx
 
-from dreamomni2_jax import sampler
-from dreamomni2_jax.attach import attach_lora
-from dreamomni2_jax.images import BadInput
-from dreamomni2_jax.lora_io import LoraFileError
+from dreamomni2_jax.sample import pipeline as sampler
+from dreamomni2_jax.lora.attach import attach_lora
+from dreamomni2_jax.images.io import BadInput
+from dreamomni2_jax.lora.files import LoraFileError
 
 STEPS = 3
 TOL = 1e-3
@@ -249,8 +249,8 @@ def test_clear_errors(jax_pipe, tmp_path):
 
 
 def test_lora_scale_and_training_checkpoint(jax_pipe, lora_file, tmp_path):
-    from dreamomni2_jax.checkpoint import open_run
-    from dreamomni2_jax.lora import LoRAParam, lora_metadata, lora_state
+    from dreamomni2_jax.checkpoint.store import open_run
+    from dreamomni2_jax.lora.layers import LoRAParam, lora_metadata, lora_state
 
     full = nnx.clone(jax_pipe.transformer)
     attach_lora(full, lora_file, scale=1.0)
@@ -306,7 +306,7 @@ def test_cli_enhance_rewrites_the_prompt_like_dreamomni2(model_dir, tmp_path, ca
     from _fixtures_data import reference_qwen_processor, save_tiny_qwen_vl
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from dreamomni2_jax.enhance import extract_gen
+    from dreamomni2_jax.cache.enhance import extract_gen
 
     main = runpy.run_path("scripts/sample.py")["main"]
     qwen = save_tiny_qwen_vl(tmp_path / "qwen")

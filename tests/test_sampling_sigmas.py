@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift as ref_calculate_shift
 
-from dreamomni2_jax import sampling_sigmas as S
+from dreamomni2_jax.sample import schedule as S
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,19 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 import _reference_code as ref
-from dreamomni2_jax import perf
-from dreamomni2_jax import positions_flux2 as P2
+from dreamomni2_jax.train import flops as perf
+from dreamomni2_jax.layout import ids_klein as P2
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.config import ConfigError, LoraConfig
-from dreamomni2_jax.attach import attach_lora
-from dreamomni2_jax.lora import LoRAParam
+from dreamomni2_jax.lora.attach import attach_lora
+from dreamomni2_jax.lora.layers import LoRAParam
 from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
 from dreamomni2_jax.models.flux2 import Flux2Config, Flux2Transformer2DModel
 from dreamomni2_jax.models.roles import SchemaError
 from dreamomni2_jax.models.schemas import SCHEMAS, lora_presets, lora_target_patterns, schema_for, schema_of_modules
-from dreamomni2_jax.positions import SampleLayout
-from dreamomni2_jax.tiny import FLUX_TINY
-from dreamomni2_jax.tiny_klein import FLUX2_TINY
+from dreamomni2_jax.layout.ids_flux1 import SampleLayout
+from dreamomni2_jax.testing.tiny_flux1 import FLUX_TINY
+from dreamomni2_jax.testing.tiny_klein import FLUX2_TINY
 from test_train_step import _dot_flops
 
 TINY = {"flux": (FLUX_TINY, FluxConfig, FluxTransformer2DModel), "flux2": (FLUX2_TINY, Flux2Config,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _asserts import assert_close
-from dreamomni2_jax.text import load_text_encoders
+from dreamomni2_jax.text.flux1 import load_text_encoders
 
 LONG = "the dog runs in the park in the sun " * 40
 PROMPTS = ["a photo of a cat", "", LONG]

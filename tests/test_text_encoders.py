@@ -15,9 +15,9 @@ from dreamomni2_jax.convert import clip as cclip
 from dreamomni2_jax.convert import t5 as ct5
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint, save_arrays
 from dreamomni2_jax.weights.store import ConversionError
-from dreamomni2_jax import tiny
-from dreamomni2_jax.loaders import load_clip
-from dreamomni2_jax.loaders import load_t5
+from dreamomni2_jax.testing import tiny_flux1 as tiny
+from dreamomni2_jax.convert.loaders import load_clip
+from dreamomni2_jax.convert.loaders import load_t5
 
 TOL = 1e-4
 

@@ -13,9 +13,11 @@ import torch
 from flax import nnx
 from scipy import ndimage
 
-from dreamomni2_jax import checkpoint as C
-from dreamomni2_jax import data, loss_mask, optimizers, positions, ref_dropout
-from dreamomni2_jax import train_step as ts
+from dreamomni2_jax.checkpoint import store as C
+from dreamomni2_jax.data import stream as data, loss_mask, ref_dropout
+from dreamomni2_jax.train import optimizers
+from dreamomni2_jax.layout import ids_flux1 as positions
+from dreamomni2_jax.train import step as ts
 from dreamomni2_jax.config import Config, ConfigError, OptimConfig, SampleConfig, TrainConfig
 from test_train_step import CFG, LAYOUTS, _copy, batch, tiny_model
 
@@ -236,8 +238,8 @@ def test_feature_config_errors():
 
 
 def test_validation_and_export_model_use_ema_or_schedule_free_point(tmp_path):
-    from dreamomni2_jax import loop
-    from dreamomni2_jax.validation import make_validation_hook
+    from dreamomni2_jax.train import loop
+    from dreamomni2_jax.callbacks.validation import make_validation_hook
 
     cfg = dataclasses.replace(CFG, optim=OptimConfig(name="schedule_free_adamw", lr=3e-2),
                               train=dataclasses.replace(CFG.train, ema_decay=0.5),

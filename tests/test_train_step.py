@@ -13,12 +13,13 @@ import torch
 from flax import nnx
 
 from _asserts import assert_trees_close
-from dreamomni2_jax import data, loop, optimizers, perf, train_sigmas
-from dreamomni2_jax import train_step as ts
+from dreamomni2_jax.data import stream as data
+from dreamomni2_jax.train import loop, optimizers, flops as perf, sigmas as train_sigmas
+from dreamomni2_jax.train import step as ts
 from dreamomni2_jax.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
-from dreamomni2_jax.attach import attach_lora
-from dreamomni2_jax.positions import SampleLayout as S
-from dreamomni2_jax.tiny import flux_model
+from dreamomni2_jax.lora.attach import attach_lora
+from dreamomni2_jax.layout.ids_flux1 import SampleLayout as S
+from dreamomni2_jax.testing.tiny_flux1 import flux_model
 
 # Attention adapters plus the output head, so the tiny random model can actually fit a batch.
 LORA = LoraConfig(rank=8, alpha=8.0, targets=(r"norm_out\.linear", r"^proj_out"))

@@ -12,9 +12,12 @@ from PIL import Image
 
 import _reference_code as ref
 from _fixtures_data import draw_image, tiny_config, write_folder, SPECS
-from dreamomni2_jax import images
-from dreamomni2_jax.cache import build_cache, decode_record, load_index
+from dreamomni2_jax.cache import inputs
+from dreamomni2_jax.cache.stage import build_cache
+from dreamomni2_jax.cache.records import decode_record, load_index
 from dreamomni2_jax.config import DataConfig
+from dreamomni2_jax.images.io import BadInput
+from dreamomni2_jax.images.sizes import pair_aspect_mismatch, reference_size
 
 
 class PoolEncoders:
@@ -111,7 +114,7 @@ def test_misaligned_editing_pair_is_bad_input_and_skippable(tmp_path):
     root.mkdir()
     manifest = _editing_manifest(root, [(1920, 1080), (768, 1024)])
     Image.open(root / "src0.png").resize((1080, 1920)).save(root / "tgt0.png")  # portrait target, landscape source
-    with pytest.raises(images.BadInput, match=r"m\.jsonl:1: editing pair not aligned.*1080x1920.*1920x1080"):
+    with pytest.raises(BadInput, match=r"m\.jsonl:1: editing pair not aligned.*1080x1920.*1920x1080"):
         build_cache(_config(), manifest, tmp_path / "c1", PoolEncoders(), progress=False)
     index = build_cache(_config(), manifest, tmp_path / "c2", PoolEncoders(), skip_bad=True, progress=False)
     assert index["num_records"] == 1 and index["num_skipped"] == 1
@@ -126,8 +129,8 @@ def test_misaligned_editing_pair_is_bad_input_and_skippable(tmp_path):
 
 
 def test_aspect_tolerance():
-    assert images.pair_aspect_mismatch((1920, 1080), (1916, 1080), 0.02) is None
-    assert images.pair_aspect_mismatch((1920, 1080), (1080, 1080), 0.02) == pytest.approx(1920 / 1080 - 1)
+    assert pair_aspect_mismatch((1920, 1080), (1916, 1080), 0.02) is None
+    assert pair_aspect_mismatch((1920, 1080), (1080, 1080), 0.02) == pytest.approx(1920 / 1080 - 1)
 
 
 # --------------------------------------------------------------------------- item 2: reference area
@@ -136,7 +139,7 @@ def test_aspect_tolerance():
 def test_reference_area_defaults_to_kontext_and_is_independent_of_the_target():
     d = DataConfig(target_max_area=512 * 512)
     assert d.reference_max_area == 1024 * 1024
-    assert images.reference_size(1920, 1080, d.reference_max_area) == \
+    assert reference_size(1920, 1080, d.reference_max_area) == \
         ref.resizeinput(Image.new("RGB", (1920, 1080))).size
 
 
@@ -165,7 +168,7 @@ def _qflux_dataset(root: Path) -> Path:
 
 def test_qflux_layout_reads_like_qflux(tmp_path):
     root = _qflux_dataset(tmp_path / "ds")
-    recs, bad = images.read_inputs(root)
+    recs, bad = inputs.read_inputs(root)
     assert not bad
     img_dir, ctl_dir = ref.find_directories(str(root))
     expected = sorted(ref.scan_image_files(img_dir, ctl_dir), key=lambda s: s["image"])
@@ -174,7 +177,7 @@ def test_qflux_layout_reads_like_qflux(tmp_path):
     # a target without control images is a generation record (qflux: controls = [])
     draw_image(root / "training_images" / "c.png", (64, 96), 9)
     (root / "training_images" / "c.txt").write_text("a cat")
-    recs, bad = images.read_inputs(root)
+    recs, bad = inputs.read_inputs(root)
     assert not bad and [r.resolved_task() for r in recs] == ["editing", "editing", "generation"]
     index = build_cache(tiny_config(), root, tmp_path / "c", PoolEncoders(), progress=False)
     assert index["num_records"] == 3 and [r["num_references"] for r in index["records"]] == [3, 3, 0]
@@ -185,7 +188,7 @@ def test_qflux_directory_aliases(tmp_path, dirs):
     root = _qflux_dataset(tmp_path / "ds")
     os.rename(root / "training_images", root / dirs[0])
     os.rename(root / "control_images", root / dirs[1])
-    recs, bad = images.read_inputs(root)
+    recs, bad = inputs.read_inputs(root)
     assert not bad and len(recs) == 2 and Path(recs[0].target).parent.name == dirs[0]
     assert Path(recs[0].references[0]).parent.name == dirs[1]
 
@@ -195,7 +198,7 @@ def test_qflux_layout_reports_what_qflux_drops_silently(tmp_path):
     os.remove(root / "control_images" / "b.txt")  # qflux: skipped without a word
     os.rename(root / "control_images" / "a_control_1.png", root / "control_images" / "a_control_3.png")  # gap
     draw_image(root / "control_images" / "lonely.png", (64, 64), 9)
-    recs, bad = images.read_qflux(root)
+    recs, bad = inputs.read_qflux(root)
     assert recs == []
     assert sorted(e.reason.split(" ")[0] for e in bad) == ["control", "controls", "instruction"], \
         [str(e) for e in bad]
@@ -203,12 +206,12 @@ def test_qflux_layout_reports_what_qflux_drops_silently(tmp_path):
 
 
 def test_flat_layout_still_reads(tmp_path):
-    recs, bad = images.read_inputs(write_folder(tmp_path / "f", SPECS[:2]))
+    recs, bad = inputs.read_inputs(write_folder(tmp_path / "f", SPECS[:2]))
     assert not bad and [len(r.references) for r in recs] == [1, 2]
 
 
 def test_v1_caches_with_misaligned_pairs_are_refused(tmp_path):
-    from dreamomni2_jax.cache import CacheError
+    from dreamomni2_jax.cache.records import CacheError
 
     (tmp_path / "index.json").write_text(json.dumps({"format": "dreamomni2-cache", "version": 1}))
     with pytest.raises(CacheError, match="v1 cache .*re-run scripts/cache.py"):

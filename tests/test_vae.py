@@ -13,7 +13,7 @@ from _asserts import assert_close
 from dreamomni2_jax.convert import vae as cvae
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint, save_arrays
 from dreamomni2_jax.weights.store import ConversionError
-from dreamomni2_jax.loaders import load_vae
+from dreamomni2_jax.convert.loaders import load_vae
 from dreamomni2_jax.models.vae import (
     VAEConfig, decode_latents, denormalize_latents, encode_images, normalize_latents,
 )

@@ -12,10 +12,10 @@ import torch
 from _asserts import rel_err
 from dreamomni2_jax.weights.store import ConversionError
 from dreamomni2_jax.convert.vae2 import main as convert_main
-from dreamomni2_jax import positions_flux2 as P2
+from dreamomni2_jax.layout import ids_klein as P2
 from dreamomni2_jax.models.vae2 import Flux2VAEConfig, encode_tokens
-from dreamomni2_jax.loaders import load_vae2
-from dreamomni2_jax.tiny_klein import save_flux2_vae
+from dreamomni2_jax.convert.loaders import load_vae2
+from dreamomni2_jax.testing.tiny_klein import save_flux2_vae
 
 
 @pytest.fixture(scope="module")

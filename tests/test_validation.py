@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from dreamomni2_jax.config import Config, DataConfig, ModelConfig, SampleConfig, ValidationSample
-from dreamomni2_jax.images import BadInput
-from dreamomni2_jax.lora import apply_lora
-from dreamomni2_jax.loaders import load_flux
-from dreamomni2_jax.validation import make_grid, make_validation_hook
+from dreamomni2_jax.images.io import BadInput
+from dreamomni2_jax.lora.layers import apply_lora
+from dreamomni2_jax.convert.loaders import load_flux
+from dreamomni2_jax.images.grid import make_grid
+from dreamomni2_jax.callbacks.validation import make_validation_hook
 
 
 def _events(path):
@@ -89,7 +90,7 @@ def test_preview_sizes_follow_dreamomni2():
     """Editing previews at the source's size (inference_edit.py: height/width = resizeinput(source)), generation
     previews at 1024x1024 (inference_gen.py) for the 1 MP target budget; set sizes win."""
     import _reference_code as ref
-    from dreamomni2_jax.validation import preview_size
+    from dreamomni2_jax.callbacks.validation import preview_size
 
     area = 1024 * 1024
     for wh in [(1920, 1080), (768, 1024), (1000, 1250)]:
@@ -101,7 +102,7 @@ def test_preview_sizes_follow_dreamomni2():
 
 
 def _caption_of(hook, row, width):
-    from dreamomni2_jax.validation import _caption
+    from dreamomni2_jax.images.grid import _caption
 
     return _caption(hook.samples[row].prompt, width)
 
@@ -128,8 +129,9 @@ def test_eval_records_row_shows_references_sample_and_target(tiny_cache, tiny_co
     import torch
     from diffusers import AutoencoderKL
 
-    from dreamomni2_jax.cache import decode_record, load_index
-    from dreamomni2_jax.validation import CAPTION_HEIGHT, ValidationHook, _caption, _fit_height
+    from dreamomni2_jax.cache.records import decode_record, load_index
+    from dreamomni2_jax.images.grid import CAPTION_HEIGHT, _caption, _fit_height
+    from dreamomni2_jax.callbacks.validation import ValidationHook
     from array_record.python.array_record_module import ArrayRecordReader
 
     from dreamomni2_jax.config import ConfigError

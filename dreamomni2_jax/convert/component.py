@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from dreamomni2_jax.dtypes import SHORT, short_name
+from dreamomni2_jax.utils.dtypes import SHORT, short_name
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 from dreamomni2_jax.weights.store import write_checkpoint
 

@@ -29,7 +29,7 @@ from dreamomni2_jax.models.stacked import (  # noqa: F401 - REMAT_POLICIES: part
     REMAT_POLICIES, as_batch, joint_ids, joint_mask, scan_blocks, stacked,
 )
 from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
-from dreamomni2_jax.rope import rope_cos_sin
+from dreamomni2_jax.models.rope import rope_cos_sin
 
 STACKED = FLUX_SCHEMA.stacked  # module names of the stacked groups (declared in models/flux_schema.py)
 

@@ -3,7 +3,7 @@
 blocks stacked along a leading layer axis (``nnx.vmap``) and run by ``jax.lax.scan`` under a remat policy, as
 :mod:`dreamomni2_jax.models.flux` does for FLUX.1.
 
-Position ids have 4 axes ``(T, H, W, L)`` (see :mod:`dreamomni2_jax.positions_flux2`), rope θ = ``rope_theta``.
+Position ids have 4 axes ``(T, H, W, L)`` (see :mod:`dreamomni2_jax.layout.ids_klein`), rope θ = ``rope_theta``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from dreamomni2_jax.models.flux2_blocks import (
     make_linear,
 )
 from dreamomni2_jax.models.flux2_schema import FLUX2_SCHEMA
-from dreamomni2_jax.rope import rope_cos_sin
+from dreamomni2_jax.models.rope import rope_cos_sin
 
 STACKED = FLUX2_SCHEMA.stacked  # module names of the stacked groups (declared in models/flux2_schema.py)
 

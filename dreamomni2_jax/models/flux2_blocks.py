@@ -17,7 +17,7 @@ from flax import nnx
 
 from dreamomni2_jax.models.attention import attention
 from dreamomni2_jax.models.flux_blocks import Identity, RMSNorm, layer_norm, make_linear, timestep_embedding
-from dreamomni2_jax.rope import apply_rope
+from dreamomni2_jax.models.rope import apply_rope
 
 
 def _linear(din: int, dout: int, rngs, dtype, param_dtype) -> nnx.Linear:

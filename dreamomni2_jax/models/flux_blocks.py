@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dreamomni2_jax.models.attention import attention
-from dreamomni2_jax.rope import apply_rope
+from dreamomni2_jax.models.rope import apply_rope
 
 
 class Identity(nnx.Module):

@@ -7,7 +7,7 @@ paths); FLUX.2 adds ``bn``, a frozen ``BatchNorm2d(affine=False)`` over the 2x2-
     tokens = (pack(patchify(vae.encode(x).mode())) - bn.running_mean) / sqrt(bn.running_var + batch_norm_eps)
 
 (``Flux2KleinPipeline._encode_vae_image`` + ``_pack_latents``) and the inverse before ``vae.decode``. Our
-:func:`dreamomni2_jax.positions.pack_latents` is exactly patchify + pack (features ordered channel, dy, dx), so the
+:func:`dreamomni2_jax.layout.ids_flux1.pack_latents` is exactly patchify + pack (features ordered channel, dy, dx), so the
 statistics apply on the token feature axis. NHWC inside; images in [-1, 1].
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dreamomni2_jax.models.vae import VAE, VAEConfig
-from dreamomni2_jax.positions import pack_latents, unpack_latents
+from dreamomni2_jax.layout.ids_flux1 import pack_latents, unpack_latents
 
 _DOWN = "DownEncoderBlock2D"
 _UP = "UpDecoderBlock2D"

@@ -18,7 +18,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from dreamomni2_jax.atomic_write import atomic_file
+from dreamomni2_jax.utils.atomic_write import atomic_file
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from dreamomni2_jax.atomic_write import atomic_dir
-from dreamomni2_jax.tree_paths import dotted
+from dreamomni2_jax.utils.atomic_write import atomic_dir
+from dreamomni2_jax.utils.tree_paths import dotted
 
 Shape = tuple[int, ...]
 TargetSpec = dict[str, tuple[Shape, np.dtype]]

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from _sharded_setup import LAYOUTS, adapted_tiny_flux, tiny_batch, train_state
 from dreamomni2_jax import sharding as shd
-from dreamomni2_jax import train_step as ts
+from dreamomni2_jax.train import step as ts
 from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, OptimConfig
 from dreamomni2_jax.models.attention import attention
 

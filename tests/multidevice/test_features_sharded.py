@@ -10,9 +10,9 @@ import pytest
 
 from _sharded_setup import LAYOUTS, adapted_tiny_flux, tiny_batch, train_state
 from dreamomni2_jax import sharding as shd
-from dreamomni2_jax import train_step as ts
+from dreamomni2_jax.train import step as ts
 from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, OptimConfig, TrainConfig
-from dreamomni2_jax.optimizers import NAMES
+from dreamomni2_jax.train.optimizers import NAMES
 
 BASE = Config(lora=LoraConfig(rank=4, alpha=8.0), optim=OptimConfig(lr=1e-2),
               mesh=MeshConfig(data=2, fsdp=2, tensor=2), train=TrainConfig(ema_decay=0.9, mask_floor=0.1))

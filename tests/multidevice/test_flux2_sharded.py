@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreamomni2_jax import positions_flux2 as P2
+from dreamomni2_jax.layout import ids_klein as P2
 from dreamomni2_jax import sharding as shd
-from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.lora.attach import attach_lora
 from dreamomni2_jax.config import LoraConfig, MeshConfig
-from dreamomni2_jax.lora import LoRAParam, lora_state, set_lora_state
+from dreamomni2_jax.lora.layers import LoRAParam, lora_state, set_lora_state
 from dreamomni2_jax.models.flux2 import Flux2Config, Flux2Transformer2DModel
-from dreamomni2_jax.positions import SampleLayout
-from dreamomni2_jax.tiny_klein import FLUX2_TINY
+from dreamomni2_jax.layout.ids_flux1 import SampleLayout
+from dreamomni2_jax.testing.tiny_klein import FLUX2_TINY
 
 
 def build():

@@ -9,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreamomni2_jax import data
+from dreamomni2_jax.data import stream as data
 from dreamomni2_jax import sharding as shd
-from dreamomni2_jax import train_step as ts
-from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.train import step as ts
+from dreamomni2_jax.lora.attach import attach_lora
 from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from dreamomni2_jax.models.flux2 import Flux2Config, Flux2Transformer2DModel
-from dreamomni2_jax.optimizers import make_optimizer
-from dreamomni2_jax.positions import SampleLayout as S
-from dreamomni2_jax.tiny_klein import FLUX2_TINY
+from dreamomni2_jax.train.optimizers import make_optimizer
+from dreamomni2_jax.layout.ids_flux1 import SampleLayout as S
+from dreamomni2_jax.testing.tiny_klein import FLUX2_TINY
 
 TARGETS = (r"attn\.to_q$", r"attn\.to_v$", r"attn\.to_qkv_mlp_proj", r"attn\.to_out")
 CFG = Config(model=ModelConfig(remat="full"),

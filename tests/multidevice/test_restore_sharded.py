@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from dreamomni2_jax.convert import flux_transformer as fc
-from dreamomni2_jax.loaders import load_flux
+from dreamomni2_jax.convert.loaders import load_flux
 
 
 def _flat(model) -> dict:

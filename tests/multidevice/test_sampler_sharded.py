@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreamomni2_jax import sampler
-from dreamomni2_jax.attach import attach_lora
+from dreamomni2_jax.sample import pipeline as sampler
+from dreamomni2_jax.lora.attach import attach_lora
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.config import MeshConfig
 

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from _sharded_setup import LAYOUTS, adapted_tiny_flux, tiny_batch, train_state
 from dreamomni2_jax import sharding as shd
-from dreamomni2_jax import train_step as ts
+from dreamomni2_jax.train import step as ts
 from dreamomni2_jax.config import Config, LoraConfig, MeshConfig, OptimConfig
 
 CFG = Config(lora=LoraConfig(rank=4, alpha=8.0), optim=OptimConfig(lr=1e-2, grad_accum=2),

@@ -1,0 +1,1 @@
+"""Run state on disk: Orbax checkpoints (exact resume) and the run directory (lock, branches, metrics)."""

@@ -1,0 +1,1 @@
+"""Image files and sizes: decoding, the Kontext size policy, sampling references, validation grids."""

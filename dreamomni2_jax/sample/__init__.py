@@ -1,0 +1,1 @@
+"""Multi-reference sampling: the pipeline and the FlowMatch Euler schedule."""
