@@ -1,10 +1,7 @@
-"""Convert a FLUX.2 VAE (diffusers ``AutoencoderKLFlux2`` ``vae/`` folder) to our Orbax format.
-
-Command line only; the code is :mod:`dreamomni2_jax.convert.vae2` (run ``--help`` for the options).
-"""
+"""Former name of ``convert/vae_flux2.py`` (the FLUX.2 VAE converter); same options."""
 import sys
 
-from dreamomni2_jax.convert.vae2 import main
+from dreamomni2_jax.convert.vae_flux2 import main
 
 if __name__ == "__main__":
     sys.exit(main())

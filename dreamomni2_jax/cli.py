@@ -22,6 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean bad input (imported lazily: the converters need no JAX)."""
     import json
 
+    # deferred import: the converters run this without JAX
     from dreamomni2_jax.config import ConfigError
 
     classes: list[type[BaseException]] = [UserError, ConfigError, json.JSONDecodeError, UnicodeDecodeError,

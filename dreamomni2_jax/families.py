@@ -25,17 +25,37 @@ from dreamomni2_jax.layout import ids_flux1 as positions, ids_klein as positions
 
 
 class Family:
-    """FLUX.1 (Kontext / dev): the base class holds its behaviour; other families override."""
+    """What every model family answers (the stages call only this): the attributes below and the methods of
+    :class:`Flux1Family`, which :class:`KleinFamily` overrides one by one.
+
+    The methods import the model, loader and encoder modules when called, not at import time: the LoRA exporter
+    and the converters ask a folder's family (:func:`for_path`) without importing JAX model code."""
+
+    name: str  # as ``convert/pipeline.py`` records it in a converted folder's manifest
+    schema: str  # its transformer's module schema (models/*_schema.py): the config class -> family mapping
+    position_scheme: str | None = None  # None: the config's ``model.position_scheme``
+    has_pooled: bool
+    guidance_is_cfg: bool  # True: ``guidance`` is a CFG scale against the empty prompt (no guidance embedding)
+    fits_output_area: bool  # the sampler fits the output size to ``max_area`` (Kontext); False: floor to 16 only
+
+    def scheme(self, configured: str) -> str:
+        """The position-id scheme to use given the config's ``model.position_scheme``."""
+        return self.position_scheme or configured
+
+
+class Flux1Family(Family):
+    """FLUX.1 (Kontext / dev): ``FluxTransformer2DModel`` with a pooled CLIP embedding and 3-axis ids, the FLUX.1
+    VAE with ``(z - shift) * scale``, CLIP-L + T5 prompts, the scheduler's dynamic shift."""
 
     name = "flux1"
-    schema = "flux"  # its transformer's module schema (models/flux_schema.py): the config class -> family mapping
-    position_scheme: str | None = None  # None: the config's ``model.position_scheme``
+    schema = "flux"
     has_pooled = True
-    guidance_is_cfg = False  # True: ``guidance`` is a CFG scale against the empty prompt (no guidance embedding)
-    fits_output_area = True  # the sampler fits the output size to ``max_area`` (Kontext); False: floor to 16 only
+    guidance_is_cfg = False
+    fits_output_area = True
 
     # ---- transformer
     def config_class(self):
+        # deferred import: asking a folder's family (exporter, converters) must not load JAX model code
         from dreamomni2_jax.models.flux import FluxConfig
 
         return FluxConfig
@@ -57,10 +77,6 @@ class Family:
 
     def text_ids(self, n: int) -> np.ndarray:
         return positions.text_ids(n)
-
-    def scheme(self, configured: str) -> str:
-        """The position-id scheme to use given the config's ``model.position_scheme``."""
-        return self.position_scheme or configured
 
     # ---- VAE and text encoders
     def load_vae(self, path, dtype):
@@ -114,7 +130,7 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(a * num_steps + b)
 
 
-class Flux2Klein(Family):
+class KleinFamily(Family):
     """FLUX.2 [klein]: ``Flux2Transformer2DModel`` (no guidance embedding, no pooled text), 4-axis ids (reference
     ``i`` at ``T = 10 + 10 i``, text ``[0, 0, 0, l]``), ``AutoencoderKLFlux2`` with batch-norm normalisation, Qwen3
     prompt embeddings, ``compute_empirical_mu`` shift, classifier-free guidance against the empty prompt."""
@@ -149,9 +165,9 @@ class Flux2Klein(Family):
         return positions_flux2.text_ids(n)
 
     def load_vae(self, path, dtype):
-        from dreamomni2_jax.convert.loaders import load_vae2
+        from dreamomni2_jax.convert.loaders import load_vae_flux2
 
-        return load_vae2(path, dtype)
+        return load_vae_flux2(path, dtype)
 
     def normalize(self, vae, z):
         h, w = z.shape[1:3]
@@ -182,7 +198,7 @@ class Flux2Klein(Family):
 
 
 # family name (as ``convert/pipeline.py`` records it) -> its behaviour (stateless; read-only)
-FAMILIES: Mapping[str, Family] = MappingProxyType({"flux1": Family(), "flux2-klein": Flux2Klein()})
+FAMILIES: Mapping[str, Family] = MappingProxyType({"flux1": Flux1Family(), "flux2-klein": KleinFamily()})
 
 
 def get(name: str) -> Family:

@@ -139,7 +139,7 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
     dims = perf.lora_dims(model)
     empty = None
     if cfg.data.caption_dropout > 0:
-        empty = {"t5": jnp.zeros(batch["t5"].shape[1:]), "pooled": jnp.zeros(batch["pooled"].shape[1:])}
+        empty = {"text": jnp.zeros(batch["text"].shape[1:]), "pooled": jnp.zeros(batch["pooled"].shape[1:])}
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, state = ts.init_train_state(model, tx, mesh=mesh,
                                           empty_text=empty, ema=cfg.train.ema_decay > 0)
@@ -162,13 +162,13 @@ def bench_jax(cfg, fc, batch, steps: int) -> dict:
 
     times = _time_steps(run, steps)
     n, t, r = batch["target"].shape[0], batch["target"].shape[1], batch["references"].shape[1]
-    flops = perf.flux_train_flops(fc, (n, t, r), batch["t5"].shape[1], dims)
+    flops = perf.flux_train_flops(fc, (n, t, r), batch["text"].shape[1], dims)
     med = statistics.median(times)
     out = {"impl": "jax", "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
            "mesh": dict(mesh.shape), "params": int(n_params), "lora_params": int(sum(
                x.size for x in jax.tree.leaves(state.lora) if hasattr(x, "size"))),
            "init_s": init_s, "compile_s": compile_s, "step_s_median": med, "step_s_all": times,
-           "tokens_per_s": n * (t + r + batch["t5"].shape[1]) / med, "flops_per_step": flops,
+           "tokens_per_s": n * (t + r + batch["text"].shape[1]) / med, "flops_per_step": flops,
            "flops_per_s": None if flops is None else flops / med,
            "mfu": None if flops is None else perf.mfu(flops, med, jax.device_count()),
            "loss_first_last": [losses[0], losses[-1]], **_peak_memory()}
@@ -203,7 +203,7 @@ def bench_torch(cfg, fc, batch, steps: int) -> dict:
     tb = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
     n, t = tb["target"].shape[:2]
     ids = tb["img_ids"][0]
-    txt_ids = torch.zeros(tb["t5"].shape[1], 3)
+    txt_ids = torch.zeros(tb["text"].shape[1], 3)
     g = torch.full((n,), cfg.model.guidance) if fc.guidance_embeds else None
     losses = []
 
@@ -213,7 +213,7 @@ def bench_torch(cfg, fc, batch, steps: int) -> dict:
         noise = torch.randn(tb["target"].shape, generator=gen)
         s = sigma[:, None, None]
         hidden = torch.cat([(1 - s) * tb["target"] + s * noise, tb["references"]], dim=1)
-        pred = model(hidden_states=hidden, encoder_hidden_states=tb["t5"], pooled_projections=tb["pooled"],
+        pred = model(hidden_states=hidden, encoder_hidden_states=tb["text"], pooled_projections=tb["pooled"],
                      timestep=sigma, img_ids=ids, txt_ids=txt_ids, guidance=g, return_dict=False)[0][:, :t]
         loss = ((pred - (noise - tb["target"])) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -226,7 +226,7 @@ def bench_torch(cfg, fc, batch, steps: int) -> dict:
     times = _time_steps(run, steps)
     med = statistics.median(times)
     return {"impl": "torch", "device": "cpu", "threads": torch.get_num_threads(), "step_s_median": med,
-            "step_s_all": times, "tokens_per_s": n * (tb["img_ids"].shape[1] + tb["t5"].shape[1]) / med,
+            "step_s_all": times, "tokens_per_s": n * (tb["img_ids"].shape[1] + tb["text"].shape[1]) / med,
             "lora_params": int(sum(p.numel() for p in params)), "loss_first_last": [losses[0], losses[-1]]}
 
 
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     batch = make_batch(cfg, fc)
     n = batch["target"].shape[0]
     print(f"model {args.model_size}: inner {fc.inner_dim}, {fc.num_layers}+{fc.num_single_layers} blocks; batch {n} "
-          f"x ({batch['target'].shape[1]} target + {batch['references'].shape[1]} ref + {batch['t5'].shape[1]} text) "
+          f"x ({batch['target'].shape[1]} target + {batch['references'].shape[1]} ref + {batch['text'].shape[1]} text) "
           f"tokens; compute {cfg.model.compute_dtype}, params {cfg.model.param_dtype}, remat {cfg.model.remat}, "
           f"attention {cfg.model.attention}", flush=True)
     results = {"config": args.config, "overrides": args.set, "model_size": args.model_size,

@@ -34,18 +34,18 @@ def _validation(cfg) -> list:
     """The validation-sampling callback when ``sample.every_steps`` > 0 (needs the full converted model folder)."""
     if cfg.sample.every_steps <= 0:
         return []
-    from dreamomni2_jax.callbacks.validation import make_validation_hook
+    from dreamomni2_jax.callbacks.validation import make_validation_callback
 
-    return [make_validation_hook(cfg, None, cfg.model.path, cfg.train.run_dir)]
+    return [make_validation_callback(cfg, None, cfg.model.path, cfg.train.run_dir)]
 
 
 def _held_out(cfg) -> list:
     """The held-out loss callback when ``train.eval_every`` > 0."""
     if cfg.train.eval_every <= 0:
         return []
-    from dreamomni2_jax.callbacks.eval_loss import EvalCallback
+    from dreamomni2_jax.callbacks.eval_loss import EvalLossCallback
 
-    return [EvalCallback(cfg)]
+    return [EvalLossCallback(cfg)]
 
 
 def main(argv=None, callbacks=(), after_save=None) -> int:

@@ -101,6 +101,27 @@ def test_record_roundtrip_keeps_bfloat16():
     assert arrays["b"].tolist() == [1, 1]
 
 
+def test_v2_cache_reads_its_t5_embeddings_as_text(tiny_cache, tmp_path):
+    """v3 renamed the prompt-embedding key "t5" to the family-neutral "text"; a v2 cache (index version 2, records
+    with "t5") is still read, without re-caching, and a v1 cache is still refused."""
+    import shutil
+
+    t5 = np.arange(6, dtype=np.float32).reshape(2, 3)
+    arrays, _ = decode_record(encode_record({"t5": t5, "pooled": np.ones(3, np.float32)}))
+    assert sorted(arrays) == ["pooled", "text"] and np.array_equal(arrays["text"], t5)
+    _, _, cache = tiny_cache
+    old = tmp_path / "v2"
+    shutil.copytree(cache, old)
+    index = json.loads((old / "index.json").read_text())
+    for version, ok in ((2, True), (1, False), (4, False)):
+        (old / "index.json").write_text(json.dumps({**index, "version": version}))
+        if ok:
+            assert load_index(old)["num_records"] == index["num_records"]
+        else:
+            with pytest.raises(CacheError, match="re-run scripts/cache.py|not a dreamomni2-cache"):
+                load_index(old)
+
+
 # --------------------------------------------------------------------------- real tiny encoders
 
 
@@ -163,11 +184,11 @@ def test_cache_matches_pytorch_reference(tiny_cache, tiny_pipeline_dir):
                 z = ((z - vae.config.shift_factor) * vae.config.scaling_factor)[0].permute(1, 2, 0).numpy()
                 np.testing.assert_allclose(arrays[key], z, atol=2e-4, rtol=1e-3)
             t5_ref, pooled_ref = text_ref(meta["instruction"])
-            np.testing.assert_allclose(arrays["t5"], t5_ref, atol=2e-4, rtol=1e-3)
+            np.testing.assert_allclose(arrays["text"], t5_ref, atol=2e-4, rtol=1e-3)
             np.testing.assert_allclose(arrays["pooled"], pooled_ref, atol=2e-4, rtol=1e-3)
         empty, _ = decode_record((cache / "empty_prompt.rec").read_bytes())
         t5_ref, pooled_ref = text_ref("")
-        np.testing.assert_allclose(empty["t5"], t5_ref, atol=2e-4, rtol=1e-3)
+        np.testing.assert_allclose(empty["text"], t5_ref, atol=2e-4, rtol=1e-3)
         np.testing.assert_allclose(empty["pooled"], pooled_ref, atol=2e-4, rtol=1e-3)
 
 
@@ -374,7 +395,7 @@ def test_enhancer_rewrites_with_task_suffix_and_keeps_the_original(tmp_path, tin
                                    clean_up_tokenization_spaces=False)[0]
         assert meta["instruction"] == extract_gen(answer) != rec["instruction"]
         t5, pooled = tiny_encoders.encode_text([meta["instruction"]])
-        np.testing.assert_allclose(arrays["t5"], t5[0], atol=1e-5)
+        np.testing.assert_allclose(arrays["text"], t5[0], atol=1e-5)
         np.testing.assert_allclose(arrays["pooled"], pooled[0], atol=1e-5)
     assert extract_gen("noise <gen> a cat </gen> tail") == "a cat" and extract_gen(" plain ") == "plain"
     assert MAX_NEW_TOKENS == reference_code.INFER_VLM_MAX_NEW_TOKENS

@@ -11,7 +11,7 @@ from dreamomni2_jax.layout import ids_flux1 as positions
 from dreamomni2_jax.cache.records import CacheError, decode_record, load_index
 from dreamomni2_jax.data.stream import CacheStream, ModelDims, SyntheticSource, make_train_stream
 
-KEYS = ("target", "references", "img_ids", "img_mask", "t5", "pooled")
+KEYS = ("target", "references", "img_ids", "img_mask", "text", "pooled")
 
 
 def records(cache):
@@ -55,7 +55,7 @@ def check_batch(batch, recs, rows, scheme="dreamomni2"):
         r = np.concatenate(refs)
         np.testing.assert_array_equal(batch["references"][b, : len(r)], r)
         assert not batch["references"][b, len(r):].any()
-        np.testing.assert_array_equal(batch["t5"][b], recs[i]["t5"])
+        np.testing.assert_array_equal(batch["text"][b], recs[i]["text"])
     return layouts
 
 
@@ -74,7 +74,7 @@ def test_bucket_batches_equal_positions_and_cover_the_data(tiny_cache):
     assert set(seen) == set(range(len(SPECS)))  # an epoch covers every record
     t5, pooled = stream.empty_prompt
     empty, _ = decode_record((cache / "empty_prompt.rec").read_bytes())
-    np.testing.assert_array_equal(t5, empty["t5"])
+    np.testing.assert_array_equal(t5, empty["text"])
     np.testing.assert_array_equal(pooled, empty["pooled"])
     assert t5.shape == (32, 32) and pooled.shape == (32,)
 
@@ -132,7 +132,7 @@ def test_processes_get_disjoint_shares_with_equal_shapes(tiny_cache, batching):
     seen = []
     for _ in range(p0.steps_per_epoch):
         b0, b1 = next(p0), next(p1)
-        assert all(b0[k].shape == b1[k].shape for k in KEYS) and b0["t5"].shape[0] == 1
+        assert all(b0[k].shape == b1[k].shape for k in KEYS) and b0["text"].shape[0] == 1
         r0, r1 = identify(b0, recs), identify(b1, recs)
         check_batch(b0, recs, r0)
         check_batch(b1, recs, r1)
@@ -162,13 +162,13 @@ def test_synthetic_source_from_model_dims(tiny_converted_dir):
     cfg = tiny_config(tiny_converted_dir, batch_size=4)
     stream = make_train_stream(cfg, 1, 2)
     assert isinstance(stream, SyntheticSource)
-    assert stream.dims == ModelDims(latent_channels=4, t5_dim=32, pooled_dim=32, downscale=8)
+    assert stream.dims == ModelDims(latent_channels=4, text_dim=32, pooled_dim=32, downscale=8)
     batch = next(stream)
     # target 96x64 px -> latent 8x12; references 64x64 and 96x96 px (w, h)
     lay = positions.batch_layout([positions.SampleLayout((8, 12), ((8, 8), (12, 12)))] * 2)
     assert batch["target"].shape == (2, 24, 16) and batch["references"].shape == (2, 16 + 36, 16)
     np.testing.assert_array_equal(batch["img_ids"], lay.ids)
-    assert batch["img_mask"].all() and batch["t5"].shape == (2, 32, 32) and batch["pooled"].shape == (2, 32)
+    assert batch["img_mask"].all() and batch["text"].shape == (2, 32, 32) and batch["pooled"].shape == (2, 32)
     assert batch["target"].dtype == np.float32 and stream.empty_prompt[0].shape == (32, 32)
     second = next(stream)
     state = stream.get_state()

@@ -54,7 +54,7 @@ def eval_run(tiny_cache, tiny_converted_dir, tmp_path_factory):
     out = {}
     for name, c in (("plain", base), ("eval", with_eval)):
         ctx = loop.setup(c)
-        cbs = [eval_loss.EvalCallback(c)] if c.train.eval_every else []
+        cbs = [eval_loss.EvalLossCallback(c)] if c.train.eval_every else []
         loop.train(ctx, cbs, progress=False)
         out[name] = (c, ctx, [json.loads(x) for x in (run / name / "metrics.jsonl").read_text().splitlines()])
     return out

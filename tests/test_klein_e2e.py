@@ -104,7 +104,7 @@ def test_cache_holds_the_pipelines_latents_and_prompt_embeds(chain, torch_pipe):
     index = load_index(chain / "cache")
     first = _read_first(chain / "cache" / index["shards"][0]["file"])
     rec0 = index["records"][0]
-    assert index["pooled_dim"] == 0 and index["t5_shape"] == [MAX_LEN, 96]
+    assert index["pooled_dim"] == 0 and index["text_shape"] == [MAX_LEN, 96]
     instruction = json.loads((chain / "data" / "train.jsonl").read_text().splitlines()[0])["instruction"]
     with torch.no_grad():
         want_text, _ = torch_pipe.encode_prompt(instruction, device=torch.device("cpu"), max_sequence_length=MAX_LEN,
@@ -117,12 +117,12 @@ def test_cache_holds_the_pipelines_latents_and_prompt_embeds(chain, torch_pipe):
     got_tokens = np.asarray(pack_latents(np.asarray(first["target"], np.float32)[None]))
     scale = np.abs(want_tokens).max()
     assert np.abs(got_tokens - want_tokens).max() <= 1e-4 * scale
-    np.testing.assert_allclose(np.asarray(first["t5"], np.float32), want_text[0].numpy(), rtol=0,
+    np.testing.assert_allclose(np.asarray(first["text"], np.float32), want_text[0].numpy(), rtol=0,
                                atol=1e-4 * float(want_text.abs().max()))
     assert first["pooled"].shape == (0,)
     from dreamomni2_jax.data.stream import ModelDims  # synthetic batches of a klein folder: its transformer's sizes
 
-    assert ModelDims.from_model_dir(chain / "model") == ModelDims(latent_channels=4, t5_dim=96, pooled_dim=0)
+    assert ModelDims.from_model_dir(chain / "model") == ModelDims(latent_channels=4, text_dim=96, pooled_dim=0)
 
 
 def test_train_kill9_then_resume_is_exact_and_validates(chain, straight, compile_cache):

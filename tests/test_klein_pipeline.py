@@ -16,8 +16,8 @@ from dreamomni2_jax.weights import store
 from dreamomni2_jax.text import klein as text_klein
 from dreamomni2_jax.convert.loaders import load_flux2
 from dreamomni2_jax.convert.loaders import load_qwen3
-from dreamomni2_jax.models.vae2 import encode_tokens
-from dreamomni2_jax.convert.loaders import load_vae2
+from dreamomni2_jax.models.vae_flux2 import encode_tokens
+from dreamomni2_jax.convert.loaders import load_vae_flux2
 from dreamomni2_jax.testing.tiny_klein import QWEN3_TINY_LAYERS, build_klein_pipeline
 from dreamomni2_jax.weights.manifest import read_family, read_manifest
 
@@ -94,7 +94,7 @@ def test_reference_latents_match_prepare_image_latents(klein):
     with torch.no_grad():
         want, want_ids = pipe.prepare_image_latents([torch.from_numpy(x) for x in images], 1, None,
                                                     torch.device("cpu"), torch.float32)
-    vae = load_vae2(out / "vae", jnp.float32)
+    vae = load_vae_flux2(out / "vae", jnp.float32)
     got = np.concatenate([np.asarray(encode_tokens(vae, jnp.asarray(x.transpose(0, 2, 3, 1)))) for x in images], 1)
     assert_close(got, want.numpy(), 1e-4)
     np.testing.assert_array_equal(P2.reference_ids([(4, 6), (6, 2)]), want_ids[0].numpy())

@@ -47,7 +47,7 @@ def test_klein_loss_is_the_diffusers_models_flow_matching_loss(tmp_path):
         ids = np.concatenate([batch["img_ids"][i, :t], batch["img_ids"][i, t_len:t_len + r]])[None]
         with torch.no_grad():
             pred = ref(hidden_states=torch.from_numpy(hid.astype(np.float32)),
-                       encoder_hidden_states=torch.from_numpy(batch["t5"][i:i + 1]),
+                       encoder_hidden_states=torch.from_numpy(batch["text"][i:i + 1]),
                        timestep=torch.tensor([s], dtype=torch.float32), img_ids=torch.from_numpy(ids),
                        txt_ids=torch.from_numpy(text_ids(5)[None]), guidance=None, return_dict=False)[0].numpy()
         losses.append(np.mean((pred[0, :t] - (noise - x0)) ** 2))

@@ -48,7 +48,7 @@ def _inputs(model, batch=2, seed=0):
 
 def _forward(model, b):
     hidden = jnp.concatenate([b["target"], b["references"]], axis=1)
-    return jax.jit(lambda g, s: nnx.merge(g, s)(hidden, b["t5"], b["pooled"], jnp.full((hidden.shape[0],), 0.3),
+    return jax.jit(lambda g, s: nnx.merge(g, s)(hidden, b["text"], b["pooled"], jnp.full((hidden.shape[0],), 0.3),
                                                 b["img_ids"], P.text_ids(TXT), guidance=1.0))(*nnx.split(model))
 
 
@@ -228,7 +228,7 @@ def test_adapter_grads_match_diffusers_peft(base_state, transformer_dir):
     x0 = torch.from_numpy(b["target"])
     s = sigma[:, None, None]
     hidden = torch.cat([(1 - s) * x0 + s * noise, torch.from_numpy(b["references"])], dim=1)
-    pred = ref(hidden_states=hidden, encoder_hidden_states=torch.from_numpy(b["t5"]),
+    pred = ref(hidden_states=hidden, encoder_hidden_states=torch.from_numpy(b["text"]),
                pooled_projections=torch.from_numpy(b["pooled"]), timestep=sigma,
                img_ids=torch.from_numpy(b["img_ids"][0]), txt_ids=torch.zeros(TXT, 3),
                guidance=torch.full((2,), 3.5), return_dict=False)[0][:, :t]

@@ -74,7 +74,7 @@ def test_masked_loss_matches_numpy(floor):
     s = np.asarray(d["sigma"])[:, None, None]
     noise = np.asarray(d["noise"])
     x_t = (1 - s) * b["target"] + s * noise
-    pred = np.asarray(model(jnp.concatenate([x_t, b["references"]], 1), b["t5"], b["pooled"], d["sigma"],
+    pred = np.asarray(model(jnp.concatenate([x_t, b["references"]], 1), b["text"], b["pooled"], d["sigma"],
                             b["img_ids"], jnp.zeros((4, 3), jnp.int32), guidance=1.0,
                             attention_mask=b["img_mask"], n_out=t), np.float64)
     err = (pred - (noise - b["target"])) ** 2
@@ -94,7 +94,7 @@ def test_masked_loss_matches_numpy(floor):
 def _record(rng, layout):
     return {"target": rng.standard_normal((*layout.target, 4)).astype(np.float32),
             **{f"ref{j}": rng.standard_normal((*r, 4)).astype(np.float32) for j, r in enumerate(layout.references)},
-            "t5": rng.standard_normal((4, 32)).astype(np.float32), "pooled": rng.standard_normal(32).astype(np.float32)}
+            "text": rng.standard_normal((4, 32)).astype(np.float32), "pooled": rng.standard_normal(32).astype(np.float32)}
 
 
 def test_reference_dropout_is_a_sample_with_fewer_references():
@@ -110,7 +110,7 @@ def test_reference_dropout_is_a_sample_with_fewer_references():
         keep = ref_dropout.kept(n, 0.5, 3, 40 + i)
         assert keep[0] == 0 and keep == sorted(keep)
         dropped_any |= len(keep) < n
-        fewer = {"target": r["target"], "t5": r["t5"], "pooled": r["pooled"],
+        fewer = {"target": r["target"], "text": r["text"], "pooled": r["pooled"],
                  **{f"ref{k}": r[f"ref{j}"] for k, j in enumerate(keep)}}
         alone = data.assemble_batch([fewer], "dreamomni2", full["target"].shape[1], full["references"].shape[1])
         for key in ("target", "references", "img_ids", "img_mask"):
@@ -239,7 +239,7 @@ def test_feature_config_errors():
 
 def test_validation_and_export_model_use_ema_or_schedule_free_point(tmp_path):
     from dreamomni2_jax.train import loop
-    from dreamomni2_jax.callbacks.validation import make_validation_hook
+    from dreamomni2_jax.callbacks.validation import make_validation_callback
 
     cfg = dataclasses.replace(CFG, optim=OptimConfig(name="schedule_free_adamw", lr=3e-2),
                               train=dataclasses.replace(CFG.train, ema_decay=0.5),
@@ -250,7 +250,7 @@ def test_validation_and_export_model_use_ema_or_schedule_free_point(tmp_path):
         state, _ = step(state, b, jax.random.key(k))
     ctx = loop.LoopContext(cfg=cfg, mesh=None, statics=statics, state=state, stream=None, rng=jax.random.key(0))
     flat = lambda m: jax.tree.leaves(nnx.state(m, ts.LoRAParam))  # noqa: E731
-    hook = make_validation_hook(cfg, None, tmp_path, tmp_path / "run")
+    hook = make_validation_callback(cfg, None, tmp_path, tmp_path / "run")
     for got, want in zip(flat(hook.transformer_getter(ctx)), jax.tree.leaves(state.ema)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     x = optimizers.eval_params(cfg.optim, state.opt_state, state.lora)

@@ -126,7 +126,7 @@ def test_nonfinite_steps_are_skipped(setup):
 
 def test_caption_dropout_uses_empty_prompt(setup):
     b = batch()
-    empty = {"t5": jnp.asarray(np.random.default_rng(5).standard_normal((4, 32)), jnp.float32),
+    empty = {"text": jnp.asarray(np.random.default_rng(5).standard_normal((4, 32)), jnp.float32),
              "pooled": jnp.asarray(np.random.default_rng(6).standard_normal(32), jnp.float32)}
     model = nnx.merge(setup.graphdef, setup.state.lora, setup.state.frozen)
     idx = jnp.arange(4)
@@ -135,7 +135,7 @@ def test_caption_dropout_uses_empty_prompt(setup):
         return jax.jit(lambda m, x: ts.flow_matching_loss(m, x, jax.random.key(3), idx, cfg, empty_text)[0])(model, bb)
 
     always = ts.StepConfig(caption_dropout=1.0)
-    emptied = {**b, "t5": np.broadcast_to(np.asarray(empty["t5"]), b["t5"].shape),
+    emptied = {**b, "text": np.broadcast_to(np.asarray(empty["text"]), b["text"].shape),
                "pooled": np.broadcast_to(np.asarray(empty["pooled"]), b["pooled"].shape)}
     np.testing.assert_allclose(float(loss(always, b, empty)), float(loss(ts.StepConfig(), emptied)), rtol=1e-6)
     draws = ts.sample_draws(jax.random.key(0), jnp.arange(4000), 1, 1, jnp.ones(4000), ts.StepConfig(caption_dropout=0.3))
@@ -258,7 +258,7 @@ def test_flops_formula_matches_traced_step(setup):
         setup.state, b, jax.random.key(0))
     model = nnx.merge(setup.graphdef, setup.state.lora, setup.state.frozen)
     n, t, r = b["target"].shape[0], b["target"].shape[1], b["references"].shape[1]
-    ours = perf.flux_train_flops(model.config, (n, t, r), b["t5"].shape[1], perf.lora_dims(model))
+    ours = perf.flux_train_flops(model.config, (n, t, r), b["text"].shape[1], perf.lora_dims(model))
     counted = _dot_flops(traced.jaxpr)
     assert abs(ours - counted) / counted < 0.02, (ours, counted)
 

@@ -14,7 +14,7 @@ from dreamomni2_jax.images.io import BadInput
 from dreamomni2_jax.lora.layers import apply_lora
 from dreamomni2_jax.convert.loaders import load_flux
 from dreamomni2_jax.images.grid import make_grid
-from dreamomni2_jax.callbacks.validation import make_validation_hook
+from dreamomni2_jax.callbacks.validation import make_validation_callback
 
 
 def _events(path):
@@ -53,7 +53,7 @@ def test_hook_writes_grid_png_and_tensorboard_image(tiny_pipeline_dir, ref_png, 
     model = load_flux(tiny_pipeline_dir / "transformer", dtype=jnp.float32)
     apply_lora(model, [r"attn\.to_q"], rank=2, alpha=2.0)  # what the training loop passes: a LoRA-patched model
     run = tmp_path / "run"
-    hook = make_validation_hook(_cfg(ref_png, true_cfg_scale=2.0, negative_prompt="blurry"),
+    hook = make_validation_callback(_cfg(ref_png, true_cfg_scale=2.0, negative_prompt="blurry"),
                                 lambda m: m["flux"], tiny_pipeline_dir, run)
     hook(1, {"flux": model})
     assert not (run / "samples").exists() and not (run / "tb").exists()
@@ -78,12 +78,12 @@ def test_hook_writes_grid_png_and_tensorboard_image(tiny_pipeline_dir, ref_png, 
 
 
 def test_disabled_hook_and_bad_reference(tiny_pipeline_dir, ref_png, tmp_path):
-    hook = make_validation_hook(_cfg(ref_png, every=0), None, tiny_pipeline_dir, tmp_path / "run")
+    hook = make_validation_callback(_cfg(ref_png, every=0), None, tiny_pipeline_dir, tmp_path / "run")
     assert not hook.enabled
     hook(10, object())
     assert not (tmp_path / "run").exists()
     with pytest.raises(BadInput, match=r"sample\.validation\[0\].*not found.*nope\.png"):
-        make_validation_hook(_cfg(tmp_path / "nope.png"), None, tiny_pipeline_dir, tmp_path / "run")
+        make_validation_callback(_cfg(tmp_path / "nope.png"), None, tiny_pipeline_dir, tmp_path / "run")
 
 
 def test_preview_sizes_follow_dreamomni2():
@@ -131,7 +131,7 @@ def test_eval_records_row_shows_references_sample_and_target(tiny_cache, tiny_co
 
     from dreamomni2_jax.cache.records import decode_record, load_index
     from dreamomni2_jax.images.grid import CAPTION_HEIGHT, _caption, _fit_height
-    from dreamomni2_jax.callbacks.validation import ValidationHook
+    from dreamomni2_jax.callbacks.validation import ValidationCallback
     from array_record.python.array_record_module import ArrayRecordReader
 
     from dreamomni2_jax.config import ConfigError
@@ -148,7 +148,7 @@ def test_eval_records_row_shows_references_sample_and_target(tiny_cache, tiny_co
     records = [decode_record(bytes(x)) for x in reader.read([0, 1])]
     reader.close()
     height = 64
-    hook = ValidationHook(cfg, lambda m: m, tiny_converted_dir, tmp_path / "run", row_height=height)
+    hook = ValidationCallback(cfg, lambda m: m, tiny_converted_dir, tmp_path / "run", row_height=height)
     assert hook.enabled and len(hook.eval_records) == 2
     hook(1, model)
     hook.close()

@@ -10,7 +10,7 @@ data-parallel over this host's devices (:class:`DataParallel`), for :func:`dream
   states of three layers concatenated) in the records' ``t5`` slot, ``pooled`` empty ``[0]`` (FLUX.2 has no pooled
   embedding).
 
-The model family picks its encoders (:meth:`dreamomni2_jax.families.Family.make_encoders`).
+The model family picks its encoders (:meth:`dreamomni2_jax.families.Flux1Family.make_encoders`).
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ from typing import Callable
 import numpy as np
 
 from dreamomni2_jax.cache.records import round_up
+from dreamomni2_jax.models.vae import normalize_latents
+from dreamomni2_jax.convert.loaders import load_vae
+from dreamomni2_jax.text.flux1 import load_text_encoders
+from dreamomni2_jax.convert.loaders import load_vae_flux2
+from dreamomni2_jax.text.klein import load_klein_text, prompt_embeds, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,6 @@ class _VaeEncoders:
 
 
 def _normalize_flux1(vae, z):
-    from dreamomni2_jax.models.vae import normalize_latents
-
     return normalize_latents(z, vae.config)
 
 
@@ -103,9 +106,6 @@ class JaxEncoders(_VaeEncoders):
 
     def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_sequence_length: int = 512,
                  image_batch: int = 8, text_batch: int = 16):
-        from dreamomni2_jax.convert.loaders import load_vae
-        from dreamomni2_jax.text.flux1 import load_text_encoders
-
         super().__init__(model_dir, dtype, max_sequence_length, image_batch, load_vae, _normalize_flux1)
         self.text = load_text_encoders(self.root, dtype=self.jdtype)
         self._clip = DataParallel(self.text.clip, lambda m, ids: m(ids)[1], text_batch)
@@ -124,10 +124,7 @@ class KleinEncoders(_VaeEncoders):
 
     def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_sequence_length: int = 512,
                  image_batch: int = 8, text_batch: int = 16, *, normalize: Callable):
-        from dreamomni2_jax.convert.loaders import load_vae2
-        from dreamomni2_jax.text.klein import load_klein_text, prompt_embeds, tokenize
-
-        super().__init__(model_dir, dtype, max_sequence_length, image_batch, load_vae2, normalize)
+        super().__init__(model_dir, dtype, max_sequence_length, image_batch, load_vae_flux2, normalize)
         self.text = load_klein_text(self.root, self.jdtype)
         self._tokenize = tokenize
         layers = self.text.layers

@@ -10,7 +10,10 @@ import numpy as np
 
 from dreamomni2_jax.utils.dtypes import np_dtype
 FORMAT = "dreamomni2-cache"
-VERSION = 2  # 2: editing source and target resized together (v1 caches trained on misaligned pairs)
+VERSION = 3  # 2: editing source and target resized together (v1 caches trained on misaligned pairs);
+# 3: the prompt embeddings are stored as "text" (FLUX.1: T5, klein: Qwen3), not "t5"
+READABLE = (2, VERSION)  # a v2 record's "t5" is read as "text" (decode_record): nothing to re-cache
+_LEGACY_KEYS = {"t5": "text"}
 _MAGIC = b"DO2R"
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one record per chunk: cheap random access
 
@@ -41,7 +44,8 @@ def decode_record(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     (n,) = struct.unpack("<I", data[4:8])
     header = json.loads(data[8:8 + n])
     base = 8 + n
-    arrays = {name: np.frombuffer(data, np_dtype(dt), count=int(np.prod(shape)), offset=base + off).reshape(shape)
+    arrays = {_LEGACY_KEYS.get(name, name):
+              np.frombuffer(data, np_dtype(dt), count=int(np.prod(shape)), offset=base + off).reshape(shape)
               for name, dt, shape, off, _ in header["arrays"]}
     return arrays, header["meta"]
 
@@ -84,7 +88,7 @@ def load_index(cache_dir: str | Path) -> dict:
     if index.get("format") == FORMAT and index.get("version") == 1:
         raise CacheError(f"{p}: a v1 cache (editing targets not resized with their source); re-run scripts/cache.py "
                          f"into a new --out")
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
+    if index.get("format") != FORMAT or index.get("version") not in READABLE:
         raise CacheError(f"{p}: not a {FORMAT} v{VERSION} index")
     missing = [k for k in ("shards", "records", "num_records", "empty_prompt") if k not in index]
     if missing:

@@ -182,7 +182,7 @@ def _encode_group(items: list[_Prepared], enc: Encoders) -> list[dict[str, np.nd
             out[i]["loss_mask"] = it.mask.reshape(h // f, f, w // f, f).mean(axis=(1, 3)).astype(np.float32)
     t5, pooled = enc.encode_text([it.instruction for it in items])
     for i in range(len(items)):
-        out[i]["t5"], out[i]["pooled"] = np.asarray(t5[i]), np.asarray(pooled[i])
+        out[i]["text"], out[i]["pooled"] = np.asarray(t5[i]), np.asarray(pooled[i])
     return out
 
 
@@ -261,7 +261,7 @@ def build_cache(
         if enc is None:
             enc = encoders() if callable(encoders) and not hasattr(encoders, "encode_images") else encoders
         t5, pooled = enc.encode_text([""])
-        empty = {"t5": np.asarray(t5[0]), "pooled": np.asarray(pooled[0])}
+        empty = {"text": np.asarray(t5[0]), "pooled": np.asarray(pooled[0])}
         write_bytes(out / "empty_prompt.rec", encode_record(empty))
     return _finalize(out, settings, len(chunks), pre_bad)
 
@@ -342,7 +342,7 @@ def _finalize(out: Path, s: CacheSettings, num_chunks: int, pre_bad: list[dict])
     index = {
         "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": asdict(s),
         "latent_channels": int(first["target"].shape[-1]), "latent_dtype": first["target"].dtype.name,
-        "t5_shape": list(arrays["t5"].shape), "pooled_dim": int(arrays["pooled"].shape[0]),
+        "text_shape": list(arrays["text"].shape), "pooled_dim": int(arrays["pooled"].shape[0]),
         "empty_prompt": "empty_prompt.rec", "skipped_report": "skipped.jsonl",
         "num_records": len(records), "num_skipped": len(skipped), "shards": shards, "records": records,
     }

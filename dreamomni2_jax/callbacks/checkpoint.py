@@ -11,6 +11,7 @@ from dreamomni2_jax.checkpoint.store import (CheckpointError, RunCheckpointer, o
 from dreamomni2_jax.cli import UserError
 from dreamomni2_jax.config import Config
 from dreamomni2_jax.checkpoint.run_dir import BRANCHES, SUPERSEDED, branch_aside, trim_metrics, write_config
+from dreamomni2_jax.lora.layers import lora_metadata
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ class CheckpointCallback:
         self.preempted_at: int | None = None
 
     def on_start(self, ctx) -> None:
-        from dreamomni2_jax.lora.layers import lora_metadata
-
         run_dir = Path(self.cfg.train.run_dir).absolute()
         main = jax.process_index() == 0
         self.ckpt = open_run(run_dir, self.cfg, adapter=lora_metadata(ctx.model()), after_save=self.after_save)

@@ -26,6 +26,10 @@ from flax import nnx
 from dreamomni2_jax import sharding as shd
 from dreamomni2_jax.train import step as ts
 from dreamomni2_jax.sample.schedule import calculate_shift, time_shift
+from dreamomni2_jax.data import stream as data
+from dreamomni2_jax.cache.records import CacheError, decode_record, load_index
+from dreamomni2_jax.train.optimizers import eval_params
+from dreamomni2_jax.utils.tensorboard import summary_writer
 
 log = logging.getLogger("dreamomni2_jax.train")
 EVAL_SEED = 0x45564C  # "EVL"
@@ -73,9 +77,6 @@ class HeldOut:
     """The held-out batches of ``data.eval_cache_dir`` for this process and the jitted evaluation."""
 
     def __init__(self, cfg, process_index: int = 0, process_count: int = 1):
-        from dreamomni2_jax.data import stream as data
-        from dreamomni2_jax.cache.records import CacheError, decode_record, load_index
-
         root = Path(cfg.data.eval_cache_dir)
         index = load_index(root)
         for s in index["shards"]:
@@ -144,7 +145,7 @@ class HeldOut:
         return {"eval_loss": float(by_sigma.mean()), "eval_loss_by_sigma": [float(x) for x in by_sigma]}
 
 
-class EvalCallback:
+class EvalLossCallback:
     """Loop callback: the held-out loss every ``train.eval_every`` steps."""
 
     def __init__(self, cfg):
@@ -159,7 +160,6 @@ class EvalCallback:
     def on_step_end(self, ctx, metrics) -> None:
         if ctx.step % self.cfg.train.eval_every:
             return
-        from dreamomni2_jax.train.optimizers import eval_params
 
         lora = eval_params(self.cfg.optim, ctx.state.opt_state, ctx.state.lora)  # schedule-free: its x point
         rec = {"step": ctx.step, **self.held.evaluate(ctx.statics, ctx.state, lora)}
@@ -168,8 +168,6 @@ class EvalCallback:
         with open(Path(self.cfg.train.run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self._writer is None:
-            from dreamomni2_jax.utils.tensorboard import summary_writer
-
             self._writer = summary_writer(Path(self.cfg.train.run_dir) / "tb")
         self._writer.add_scalar("eval/loss", rec["eval_loss"], global_step=ctx.step)
         self._writer.flush()

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dreamomni2_jax.data import stream as data
+from dreamomni2_jax.cache.records import CacheError, decode_record, load_index
+from dreamomni2_jax.models.vae import decode_latents, denormalize_latents
 
 __all__ = ["EvalRecord", "read_eval_records", "decode_latent"]
 
@@ -36,8 +39,6 @@ def read_eval_records(cache_dir: str | Path, n: int, max_sequence_length: int) -
     ``data.max_sequence_length`` (they could not be batched with the other validation prompts)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    from dreamomni2_jax.data import stream as data
-    from dreamomni2_jax.cache.records import CacheError, decode_record, load_index
 
     root = Path(cache_dir)
     index = load_index(root)
@@ -55,11 +56,11 @@ def read_eval_records(cache_dir: str | Path, n: int, max_sequence_length: int) -
             arrays, meta = decode_record(bytes(raw))
             refs = tuple(np.array(arrays[f"ref{j}"]) for j in range(len(arrays)) if f"ref{j}" in arrays)
             where = str(meta.get("where") or meta.get("line") or f"{root} record {len(out)}")
-            if arrays["t5"].shape[0] != max_sequence_length:
-                raise CacheError(f"data.eval_cache_dir {root}: prompt embeddings of length {arrays['t5'].shape[0]}"
+            if arrays["text"].shape[0] != max_sequence_length:
+                raise CacheError(f"data.eval_cache_dir {root}: prompt embeddings of length {arrays['text'].shape[0]}"
                                  f" != data.max_sequence_length={max_sequence_length} ({where})")
             out.append(EvalRecord(str(meta.get("instruction", "")), str(meta.get("task") or "editing"),
-                                  np.array(arrays["t5"]), np.array(arrays["pooled"]), refs,
+                                  np.array(arrays["text"]), np.array(arrays["pooled"]), refs,
                                   np.array(arrays["target"]), where))
     return out
 
@@ -68,7 +69,6 @@ def decode_latent(vae, z: np.ndarray) -> np.ndarray:
     """Normalised latent ``[h, w, C]`` (as cached) -> uint8 ``[h * f, w * f, 3]`` through the VAE decoder."""
     import jax.numpy as jnp
 
-    from dreamomni2_jax.models.vae import decode_latents, denormalize_latents
 
     x = denormalize_latents(jnp.asarray(z, jnp.float32)[None], vae.config).astype(vae.dtype)
     img = np.clip(np.asarray(decode_latents(vae, x), np.float32)[0] / 2 + 0.5, 0.0, 1.0)

@@ -1,10 +1,10 @@
 """Validation sampling during training: a grid PNG per validation step plus a TensorBoard image.
 
-    hook = make_validation_hook(cfg, transformer_getter, model_dir, run_dir)
+    hook = make_validation_callback(cfg, transformer_getter, model_dir, run_dir)
     ...
     hook(step, model)   # every step; samples when step % cfg.sample.every_steps == 0 (step > 0)
     hook.close()
-    # or, with dreamomni2_jax.train.loop: train(ctx, callbacks=[make_validation_hook(cfg, None, model_dir, run_dir)])
+    # or, with dreamomni2_jax.train.loop: train(ctx, callbacks=[make_validation_callback(cfg, None, model_dir, run_dir)])
 
 Each ``cfg.sample.validation`` entry (prompt, reference paths, seed, size) is sampled with the current
 (LoRA-patched) transformer ``transformer_getter(model)`` through :class:`dreamomni2_jax.sample.pipeline.Pipeline`, with
@@ -40,6 +40,13 @@ from dreamomni2_jax.images.sizes import editing_size
 from dreamomni2_jax.images.io import open_image
 from dreamomni2_jax.images.grid import ROW_HEIGHT, make_grid
 from dreamomni2_jax.utils.tensorboard import summary_writer
+from dreamomni2_jax.callbacks.previews import read_eval_records
+from dreamomni2_jax import families
+from dreamomni2_jax.sample.pipeline import Pipeline
+from dreamomni2_jax.sample.schedule import FlowMatchConfig
+from dreamomni2_jax.callbacks.previews import decode_latent
+from dreamomni2_jax.sample.pipeline import to_uint8
+from dreamomni2_jax.sample.pipeline import save_png
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,7 @@ def preview_size(sample: ValidationSample, source_size: tuple[int, int] | None,
     return side, side
 
 
-class ValidationHook:
+class ValidationCallback:
     """``hook(step, model)``: validation sampling every ``cfg.sample.every_steps`` (a no-op when disabled)."""
 
     def __init__(self, cfg: Config, transformer_getter: Callable[[Any], Any] | None, model_dir: str | Path,
@@ -106,7 +113,6 @@ class ValidationHook:
         self._writer = None
         self.eval_records = []
         if self.every > 0 and cfg.sample.eval_records > 0:  # read now: a bad cache fails at start-up
-            from dreamomni2_jax.callbacks.previews import read_eval_records
 
             self.eval_records = read_eval_records(cfg.data.eval_cache_dir, cfg.sample.eval_records,
                                                   cfg.data.max_sequence_length)
@@ -130,10 +136,6 @@ class ValidationHook:
 
     def _pipeline(self):
         if self._pipe is None:
-            from dreamomni2_jax import families
-            from dreamomni2_jax.sample.pipeline import Pipeline
-            from dreamomni2_jax.sample.schedule import FlowMatchConfig
-
             fam = families.for_path(self.model_dir)  # FLUX.1 / FLUX.2 [klein] VAE and text encoder
             dtype = np_dtype(self.cfg.model.compute_dtype)
             max_len = self.cfg.data.max_sequence_length
@@ -153,9 +155,6 @@ class ValidationHook:
     def sample(self, model) -> list[tuple[list[np.ndarray], np.ndarray, np.ndarray | None]]:
         """``[(reference images uint8, output uint8, target uint8 or None)]`` per validation entry, then per held-out
         record (every process)."""
-        from dreamomni2_jax.callbacks.previews import decode_latent
-        from dreamomni2_jax.sample.pipeline import to_uint8
-
         pipe, transformer, sc = self._pipeline(), self.transformer_getter(model), self.cfg.sample
         out = []
         for i, s in enumerate(self.samples):
@@ -181,8 +180,6 @@ class ValidationHook:
 
     def run(self, step: int, model) -> Path | None:
         """Sample now and write the grid; returns its path on process 0 (else None)."""
-        from dreamomni2_jax.sample.pipeline import save_png
-
         t0 = time.time()
         results = self.sample(model)
         if jax.process_index() != 0:
@@ -221,8 +218,8 @@ def _default_transformer(obj, ema: bool = False):
     return model(ema=ema) if callable(model) else obj
 
 
-def make_validation_hook(cfg: Config, transformer_getter: Callable[[Any], Any] | None, model_dir: str | Path,
-                         run_dir: str | Path) -> ValidationHook:
+def make_validation_callback(cfg: Config, transformer_getter: Callable[[Any], Any] | None, model_dir: str | Path,
+                         run_dir: str | Path) -> ValidationCallback:
     """The training loop's validation callable ``hook(step, model) -> None`` (see the module docstring); it is
     also a ``dreamomni2_jax.train.loop.Callback`` (``on_step_end(ctx, metrics)`` samples with ``ctx.model()``).
 
@@ -230,4 +227,4 @@ def make_validation_hook(cfg: Config, transformer_getter: Callable[[Any], Any] |
     ``model``; ``None``: ``model.model()`` when it has that method (a ``LoopContext``), else ``model`` itself."""
     if transformer_getter is None and cfg.sample.use_ema:
         transformer_getter = functools.partial(_default_transformer, ema=True)
-    return ValidationHook(cfg, transformer_getter, model_dir, run_dir)
+    return ValidationCallback(cfg, transformer_getter, model_dir, run_dir)

@@ -125,4 +125,4 @@ def branch_aside(run_dir: Path, root: Path, step: int) -> Path:
     return dest
 
 
-__all__ = ["RunLock", "CheckpointCallback", "trim_metrics", "branch_aside", "write_config"]
+__all__ = ["RunLock", "trim_metrics", "branch_aside", "write_config"]

@@ -354,6 +354,7 @@ def load_lora(path: str | Path, step: int | None = None, ema: bool = False) -> t
         raise CheckpointError(f"{step_dir}: no EMA adapters in this checkpoint (trained with train.ema_decay=0)")
     adapters = state["ema"] if ema else state["lora"]
     if not ema:
+        # deferred import, and the one import running up a layer: a schedule-free run's saved evaluation point
         from dreamomni2_jax.train.optimizers import saved_eval_params
 
         adapters = saved_eval_params(state.get("opt_state"), adapters)

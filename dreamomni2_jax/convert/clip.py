@@ -44,6 +44,7 @@ def _strip_prefix(reader: Reader) -> Reader:
 
 def read_config(folder: Path):
     """CLIPConfig from ``folder/config.json``, checking ``architectures``."""
+    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
     from dreamomni2_jax.models.clip import CLIPConfig
 
     return read_transformers_config(folder, CLIPConfig, ARCHITECTURES, "CLIP text encoder")

@@ -1,10 +1,10 @@
-"""One model component: checkpoint -> converted folder (CLI and Python), and loading either into NNX.
+"""One model component: checkpoint -> converted folder, from the command line or from Python.
 
-Every converter (``convert/flux_transformer.py``, ``vae.py``, ``clip.py``, ``t5.py``) supplies a
-``build_plan(src, [config=...,] param_dtype=...) -> (Plan, config)``; this module does the rest the
-same way for all of them: dtype names, the metadata written next to the params, the command line, and
-``load_component`` (restore a converted folder, or convert a source on the fly, into an abstract
-already-sharded template).
+Every converter (``flux_transformer``, ``flux2_transformer``, ``vae``, ``vae_flux2``, ``clip``, ``t5``, ``qwen3``
+in this package) supplies a ``build_plan(src, [config=...,] param_dtype=...) -> (Plan, config)``; this module does
+the rest the same way for all of them: dtype names, the metadata written next to the params and the command line.
+Loading a converted folder (or a source converted on the fly) into an abstract, already-sharded template is
+:func:`dreamomni2_jax.weights.store.load_component`, called by :mod:`dreamomni2_jax.convert.loaders`.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def read_transformers_config(folder: Path, config_cls, architectures, what: str)
     cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: {what} config missing")
+    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
     from dreamomni2_jax.config import read_json
 
     d = read_json(cfg_path)

@@ -77,6 +77,7 @@ def detect_layout(reader: Reader) -> str:
 
 def infer_config(reader: Reader, layout: str, base=None):
     """Flux2Config from tensor shapes; ``base`` (a Flux2Config) supplies head_dim / rope axes / θ / eps."""
+    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
     from dreamomni2_jax.models.flux2 import Flux2Config
 
     base = base or Flux2Config()

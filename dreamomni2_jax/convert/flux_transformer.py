@@ -84,6 +84,7 @@ def detect_layout(reader: Reader) -> str:
 
 def infer_config(reader: Reader, layout: str, base=None):
     """FluxConfig from tensor shapes; ``base`` (a FluxConfig) supplies head_dim / rope axes (defaults: Kontext)."""
+    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
     from dreamomni2_jax.models.flux import FluxConfig
 
     base = base or FluxConfig()

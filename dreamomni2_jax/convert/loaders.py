@@ -19,7 +19,7 @@ from dreamomni2_jax.convert import flux_transformer as flux_table
 from dreamomni2_jax.convert import qwen3 as qwen3_table
 from dreamomni2_jax.convert import t5 as t5_table
 from dreamomni2_jax.convert import vae as vae_table
-from dreamomni2_jax.convert import vae2 as vae2_table
+from dreamomni2_jax.convert import vae_flux2 as vae_flux2_table
 from dreamomni2_jax.models import flux, flux2, qwen3
 from dreamomni2_jax.models.clip import CLIPConfig, CLIPTextModel
 from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
@@ -27,7 +27,7 @@ from dreamomni2_jax.models.flux2 import Flux2Config, Flux2Transformer2DModel
 from dreamomni2_jax.models.qwen3 import Qwen3Config, Qwen3Model
 from dreamomni2_jax.models.t5 import T5Config, T5EncoderModel
 from dreamomni2_jax.models.vae import VAE, VAEConfig
-from dreamomni2_jax.models.vae2 import AutoencoderKLFlux2, Flux2VAEConfig
+from dreamomni2_jax.models.vae_flux2 import AutoencoderKLFlux2, Flux2VAEConfig
 from dreamomni2_jax.weights.store import load_component, replicated
 
 ParamSharding = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
@@ -81,15 +81,15 @@ def load_vae(path: str | Path, dtype=jnp.float32, *, param_sharding=None, attn_c
                                                      rngs=nnx.Rngs(0)))
 
 
-def load_vae2(path: str | Path, dtype=jnp.float32, *, param_sharding=None, attn_chunk: int = 4096
+def load_vae_flux2(path: str | Path, dtype=jnp.float32, *, param_sharding=None, attn_chunk: int = 4096
               ) -> AutoencoderKLFlux2:
     """Load a FLUX.2 VAE (params in ``dtype``; batch-norm statistics float32).
 
-    ``path``: a converted folder (``convert/vae2.py`` OUT), or a diffusers ``AutoencoderKLFlux2`` ``vae/`` folder or
+    ``path``: a converted folder (``convert/vae_flux2.py`` OUT), or a diffusers ``AutoencoderKLFlux2`` ``vae/`` folder or
     a BFL FLUX.2 ``ae.safetensors`` converted on the fly in memory.
     """
     return load_component(
-        path, config_cls=Flux2VAEConfig, build_plan=vae2_table.build_plan, param_dtype=dtype,
+        path, config_cls=Flux2VAEConfig, build_plan=vae_flux2_table.build_plan, param_dtype=dtype,
         param_sharding=param_sharding,
         make_model=lambda cfg: AutoencoderKLFlux2(cfg, dtype=dtype, param_dtype=dtype, attn_chunk=attn_chunk,
                                                   rngs=nnx.Rngs(0)))

@@ -11,7 +11,7 @@ and ``manifest.json`` (what is there, dtypes, source). ``--dtype`` is for the tr
 ``--small-dtype`` for the VAE and CLIP (default for both: ``source``, the checkpoint's own dtype).
 A ``Flux2KleinPipeline`` folder (``model_index.json`` ``_class_name``) has ``transformer/`` (FLUX.2), ``vae/``
 (``AutoencoderKLFlux2``), ``text_encoder/`` (Qwen3, ``--dtype``), ``tokenizer/`` (Qwen2) and ``scheduler/``. The
-model family (``flux1`` / ``flux2-klein``) is recorded in the manifest (:func:`read_family`), so later commands
+model family (``flux1`` / ``flux2-klein``) is recorded in the manifest (:mod:`dreamomni2_jax.weights.manifest`, :func:`~dreamomni2_jax.weights.manifest.read_family`), so later commands
 read it from the converted folder. Each component is written to a temp folder and renamed; a re-run skips
 components already present once their keys and shapes are verified (a damaged or dtype-mismatched one is an error
 unless ``--overwrite``), so an interrupted run resumes and never leaves partial outputs. The manifest is written
@@ -33,6 +33,13 @@ from typing import Callable
 from dreamomni2_jax.utils.atomic_write import atomic_dir, write_json
 from dreamomni2_jax.weights import store
 from dreamomni2_jax.weights.manifest import FORMAT, COMPONENTS, Component, FAMILIES, MANIFEST, PIPELINE_CLASSES
+from dreamomni2_jax.convert.component import SOURCE, source_dtype
+from dreamomni2_jax.weights.safetensors_io import open_checkpoint
+from dreamomni2_jax.convert.component import check_disjoint
+from dreamomni2_jax.convert.component import DTYPES
+from dreamomni2_jax.weights.store import verify_converted
+from dreamomni2_jax.convert.component import DTYPE_CHOICES
+from dreamomni2_jax import cli
 
 log = logging.getLogger(__name__)
 _TOKENIZER_FILES = {"tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),  # CLIP or Qwen2
@@ -99,17 +106,12 @@ def _copy_dir(src: Path, out: Path) -> None:
 
 
 def _want_dtype(c: Component, src: Path, dtype: str, small_dtype: str) -> str:
-    from dreamomni2_jax.convert.component import SOURCE, source_dtype
-    from dreamomni2_jax.weights.safetensors_io import open_checkpoint
-
     want = dtype if c.big else small_dtype
     return source_dtype(open_checkpoint(src / c.name)) if want == SOURCE else want
 
 
 def _check_out(src: Path, out: Path) -> None:
     """``out`` is new, empty, or holds only what this converter writes (a previous or interrupted run)."""
-    from dreamomni2_jax.convert.component import check_disjoint
-
     check_disjoint(src, out)
     if not out.exists():
         return
@@ -159,9 +161,6 @@ def _check_existing(src: Path, out: Path, dtype: str, small_dtype: str, overwrit
 
 def _verify(c: Component, src: Path, dst: Path, dtype: str) -> None:
     """The converted ``dst`` has every key and shape the converter would write from ``src`` (metadata only)."""
-    from dreamomni2_jax.convert.component import DTYPES
-    from dreamomni2_jax.weights.store import verify_converted
-
     plan, _ = importlib.import_module(f"dreamomni2_jax.convert.{c.converter}").build_plan(src / c.name, param_dtype=DTYPES[dtype])
     verify_converted(dst, plan.spec)
 
@@ -173,8 +172,6 @@ def _converter(c: Component) -> Callable[..., Path]:
 def convert_pipeline(src: str | Path, out: str | Path, dtype: str = "source", small_dtype: str = "source",
                      overwrite: bool = False, progress: bool = True) -> Path:
     """Convert / copy every component of ``src`` into ``out`` (see module docstring); returns ``out``."""
-    from dreamomni2_jax.convert.component import DTYPE_CHOICES
-
     for name, v in (("dtype", dtype), ("small_dtype", small_dtype)):
         if v not in DTYPE_CHOICES:
             raise ValueError(f"{name} must be one of {list(DTYPE_CHOICES)}, got {v!r}")
@@ -219,9 +216,6 @@ def convert_pipeline(src: str | Path, out: str | Path, dtype: str = "source", sm
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreamomni2_jax.convert.component import DTYPE_CHOICES
-    from dreamomni2_jax import cli
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--src", required=True, help="local diffusers Flux Kontext / FLUX.2 [klein] pipeline folder")

@@ -38,6 +38,7 @@ def rules(cfg) -> list[Rule]:
 
 def read_config(folder: Path):
     """Qwen3Config from ``folder/config.json``, checking ``architectures``."""
+    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
     from dreamomni2_jax.models.qwen3 import Qwen3Config
 
     return read_transformers_config(folder, Qwen3Config, ARCHITECTURES, "Qwen3 text encoder")

@@ -39,6 +39,7 @@ def rules(cfg, embed_source: str) -> list[Rule]:
 
 def read_config(folder: Path):
     """T5Config from ``folder/config.json``, checking ``architectures``."""
+    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
     from dreamomni2_jax.models.t5 import T5Config
 
     return read_transformers_config(folder, T5Config, ARCHITECTURES, "T5 encoder")

@@ -1,7 +1,7 @@
 """Declarative safetensors -> Flax NNX parameter mapping engine (shared by all converters).
 
-API (small on purpose; the Flux, VAE, CLIP and T5 converters all use only this)
------------------------------------------------------------------------------
+API (small on purpose; every converter uses only this: both transformers and VAEs, CLIP, T5, Qwen3)
+----------------------------------------------------------------------------------------------------
 Target side: a converter describes the Flax parameters it must produce as ``TargetSpec``:
 ``dict[str, tuple[tuple[int, ...], np.dtype]]`` mapping a dotted param path (as in
 ``nnx.state(model, nnx.Param)`` flattened with "." joins, e.g. ``"x_embedder.kernel"``) to its shape. Params

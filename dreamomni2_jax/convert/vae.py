@@ -131,6 +131,7 @@ def ldm_shapes(reader: Reader, what: str) -> dict:
 
 def infer_bfl_config(reader: Reader, norm_num_groups: int = 32):
     """VAEConfig from BFL tensor shapes; GroupNorm groups and latent scale/shift cannot be inferred (Flux's)."""
+    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
     from dreamomni2_jax.models.vae import VAEConfig
 
     return VAEConfig(**ldm_shapes(reader, "VAE"), norm_num_groups=norm_num_groups,

@@ -50,6 +50,7 @@ from dreamomni2_jax.data import loss_mask, ref_dropout
 from dreamomni2_jax.layout import ids_flux1 as positions
 from dreamomni2_jax.cache.records import CacheError, decode_record, load_index, round_up
 from dreamomni2_jax.utils.dtypes import np_dtype
+from dreamomni2_jax import families
 
 LatentKey = tuple[tuple[int, int], tuple[tuple[int, int], ...]]
 _ENDLESS = sys.maxsize // 2
@@ -130,7 +131,7 @@ def assemble_batch(samples: Sequence[dict[str, np.ndarray]], scheme: str, target
             references[i, : len(r)] = r
     out = {
         "target": target, "references": references, "img_ids": lay.ids, "img_mask": lay.mask,
-        "t5": np.stack([s["t5"] for s in samples]), "pooled": np.stack([s["pooled"] for s in samples]),
+        "text": np.stack([s["text"] for s in samples]), "pooled": np.stack([s["pooled"] for s in samples]),
     }
     if weights is not None:
         lw = np.zeros((b, lay.target_len), np.float32)
@@ -321,7 +322,7 @@ class CacheStream(_StepStream):
                         SampleOptions.from_config(cfg))
         self.plan = plan
         arrays, _ = decode_record((cache_dir / index["empty_prompt"]).read_bytes())
-        self.empty_prompt = (np.array(arrays["t5"]), np.array(arrays["pooled"]))
+        self.empty_prompt = (np.array(arrays["text"]), np.array(arrays["pooled"]))
         fp = {"source": "cache", "num_records": index["num_records"], "batch_size": d.batch_size,
               "batching": d.batching, "seed": d.shuffle_seed, "process_index": process_index,
               "process_count": process_count}
@@ -337,7 +338,7 @@ class ModelDims:
     """Sizes a synthetic batch needs (defaults: Flux Kontext dev)."""
 
     latent_channels: int = 16
-    t5_dim: int = 4096
+    text_dim: int = 4096
     pooled_dim: int = 768
     downscale: int = 8
 
@@ -354,14 +355,13 @@ class ModelDims:
             return json.loads(p.read_text())
 
         vae = cfg("vae")
-        from dreamomni2_jax import families
 
         fam = families.for_path(root)
         if not fam.has_pooled:  # FLUX.2 [klein]: sizes from the transformer (Qwen3 features, no pooled embedding)
             dims = cls.from_flux_config(fam.config_class().from_dict(cfg("transformer"), source=str(root / "transformer")))
-            return cls(latent_channels=dims.latent_channels, t5_dim=dims.t5_dim, pooled_dim=0,
+            return cls(latent_channels=dims.latent_channels, text_dim=dims.text_dim, pooled_dim=0,
                        downscale=2 ** (len(vae["block_out_channels"]) - 1))
-        return cls(latent_channels=int(vae["latent_channels"]), t5_dim=int(cfg("text_encoder_2")["d_model"]),
+        return cls(latent_channels=int(vae["latent_channels"]), text_dim=int(cfg("text_encoder_2")["d_model"]),
                    pooled_dim=int(cfg("text_encoder")["hidden_size"]),
                    downscale=2 ** (len(vae["block_out_channels"]) - 1))
 
@@ -369,7 +369,7 @@ class ModelDims:
     def from_flux_config(cls, fc) -> "ModelDims":
         """From a transformer's ``FluxConfig`` / ``Flux2Config`` (packed input width = 4 latent channels; VAE
         downscale 8; FLUX.2 has no pooled text embedding)."""
-        return cls(latent_channels=fc.in_channels // 4, t5_dim=fc.joint_attention_dim,
+        return cls(latent_channels=fc.in_channels // 4, text_dim=fc.joint_attention_dim,
                    pooled_dim=getattr(fc, "pooled_projection_dim", 0) or 0)
 
 
@@ -391,7 +391,7 @@ def synthetic_sample(rng: np.random.Generator, layout: positions.SampleLayout, d
     return {"target": rng.standard_normal((*layout.target, c), np.float32).astype(dtype),
             **{f"ref{j}": rng.standard_normal((h, w, c), np.float32).astype(dtype)
                for j, (h, w) in enumerate(layout.references)},
-            "t5": rng.standard_normal((text_len, dims.t5_dim), np.float32).astype(dtype),
+            "text": rng.standard_normal((text_len, dims.text_dim), np.float32).astype(dtype),
             "pooled": rng.standard_normal((dims.pooled_dim,), np.float32).astype(dtype)}
 
 
@@ -410,7 +410,7 @@ def synthetic_batch(rng: np.random.Generator, layouts: Sequence[positions.Sample
         tgt[i, : s.target_tokens] = rng.standard_normal((s.target_tokens, channels))
         refs[i, : s.reference_tokens] = rng.standard_normal((s.reference_tokens, channels))
     return {"target": tgt, "references": refs, "img_ids": lay.ids, "img_mask": lay.mask,
-            "t5": rng.standard_normal((n, text_len, text_dim)).astype(np.float32),
+            "text": rng.standard_normal((n, text_len, text_dim)).astype(np.float32),
             "pooled": rng.standard_normal((n, pooled_dim)).astype(np.float32)}
 
 
@@ -453,8 +453,8 @@ class SyntheticSource(_StepStream):
         self.dims = dims
         fn = _SyntheticBatch(cfg, dims, _local_batch(cfg, process_count), process_index=process_index)
         rng = np.random.default_rng([cfg.data.shuffle_seed, 2**32 - 1])  # not a pool index
-        dtype = fn.pool[0][0]["t5"].dtype
-        self.empty_prompt = (rng.standard_normal((cfg.data.max_sequence_length, dims.t5_dim), np.float32).astype(dtype),
+        dtype = fn.pool[0][0]["text"].dtype
+        self.empty_prompt = (rng.standard_normal((cfg.data.max_sequence_length, dims.text_dim), np.float32).astype(dtype),
                              rng.standard_normal((dims.pooled_dim,), np.float32).astype(dtype))
         fp = {"source": "synthetic", "batch_size": cfg.data.batch_size, "process_count": process_count}
         super().__init__(fn, 0, fp)

@@ -5,7 +5,7 @@ pixels ``[H, W, 3]`` in [-1, 1] at its sampling size, per model family.
   (``auto_resize``) or only floored to multiples of 16, lanczos-resized;
 * :func:`klein_reference_pixels` (FLUX.2 [klein]): ``Flux2KleinPipeline``'s own preprocessing.
 
-The family picks one (:meth:`dreamomni2_jax.families.Family.reference_pixels`); the sampler calls the family.
+The family picks one (:meth:`dreamomni2_jax.families.Flux1Family.reference_pixels`); the sampler calls the family.
 """
 from __future__ import annotations
 

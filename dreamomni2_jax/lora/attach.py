@@ -26,6 +26,7 @@ from dreamomni2_jax.lora.layers import (LoraError, apply_lora, linear_paths, lor
 from dreamomni2_jax.lora.files import MAGNITUDE, LoraFileError, check_finite, load_lora_file
 from dreamomni2_jax.models.schemas import lora_target_patterns, schema_for, stacked_groups
 from dreamomni2_jax.utils.tree_paths import dotted
+from dreamomni2_jax.checkpoint.store import load_lora as read_checkpoint_lora
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,6 @@ def attach_lora(model: nnx.Module, source: str | Path | None = None, *, config: 
         return _fresh(model, config, seed)
     path = Path(source)
     if path.is_dir():
-        from dreamomni2_jax.checkpoint.store import load_lora as read_checkpoint_lora
-
         flat, meta = read_checkpoint_lora(path, step, ema=ema)
     else:
         flat, meta = load_lora_file(path, layer_counts(model), schema=schema_for(model))

@@ -191,6 +191,7 @@ def write_adapters(path: str | Path, adapters: Mapping[str, Adapter], format: st
 
 def check_finite(flat: Mapping[str, np.ndarray], source) -> None:
     """Refuse adapters holding NaN / inf (a diverged run): :class:`LoraFileError` naming ``source`` and the keys."""
+    # deferred import: LoRA files are numpy only; the finiteness check of JAX trees needs JAX
     from dreamomni2_jax.utils.integrity import nonfinite_leaves
 
     bad = nonfinite_leaves(flat)

@@ -47,6 +47,7 @@ from dreamomni2_jax.models.vae import VAE, decode_latents, encode_images
 from dreamomni2_jax.images.references import (  # noqa: F401 - reference_pixels / klein_reference_pixels: public here too
     MULTIPLE, ImageLike, floor16, klein_reference_pixels, reference_pixels)
 from dreamomni2_jax.sample.schedule import FlowMatchConfig, euler_step, set_timesteps
+from dreamomni2_jax.lora.attach import attach_lora
 
 DEFAULT_SIZE = 1024
 
@@ -348,8 +349,6 @@ def load_pipeline(model_dir: str | Path, dtype=jnp.bfloat16, *, lora: str | Path
         dtype=dtype, max_sequence_length=max_sequence_length, family=fam,
         distilled=bool(index.get("is_distilled", False)))
     if lora is not None:
-        from dreamomni2_jax.lora.attach import attach_lora
-
         attach_lora(pipe.transformer, lora, scale=lora_scale)
     return pipe
 

@@ -131,6 +131,7 @@ def flux_model(seed: int = 0, **kwargs):
     import jax.numpy as jnp
     from flax import nnx
 
+    # deferred import: the tiny-model builders run without JAX until a JAX model is asked for
     from dreamomni2_jax.models.flux import FluxConfig, FluxTransformer2DModel
 
     return FluxTransformer2DModel(FluxConfig.from_dict(FLUX_TINY), rngs=nnx.Rngs(seed), dtype=jnp.float32,

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from dreamomni2_jax.models.qwen3 import KLEIN_LAYERS, Qwen3Model, prompt_embeds
+from dreamomni2_jax.convert.loaders import load_qwen3
 
 
 def load_tokenizer(folder: str | Path) -> Any:
@@ -82,7 +83,6 @@ def load_klein_text(root: str | Path, dtype=None, param_sharding=None) -> KleinT
     """Qwen3 ``text_encoder/`` + ``tokenizer/`` of a converted (or diffusers) klein folder."""
     import jax.numpy as jnp
 
-    from dreamomni2_jax.convert.loaders import load_qwen3
 
     root = Path(root)
     for sub in ("text_encoder", "tokenizer"):

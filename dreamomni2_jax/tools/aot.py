@@ -122,6 +122,7 @@ def flux_config(cfg, layers: tuple[int, int] | None = None, model: str | None = 
     when given (full width, fewer blocks)."""
     from pathlib import Path
 
+    # deferred import: JAX and the model code load only after target_devices() set up the compile-only platforms
     from dreamomni2_jax import families
     from dreamomni2_jax.train.loop import transformer_path
     from dreamomni2_jax.models.flux import FluxConfig
@@ -209,7 +210,7 @@ def lower_train(cfg, devices, fc):
     empty = None
     if cfg.data.caption_dropout > 0:
         dt = jnp.dtype(cfg.model.param_dtype)
-        empty = {"t5": jax.ShapeDtypeStruct((cfg.data.max_sequence_length, fc.joint_attention_dim), dt),
+        empty = {"text": jax.ShapeDtypeStruct((cfg.data.max_sequence_length, fc.joint_attention_dim), dt),
                  "pooled": jax.ShapeDtypeStruct((getattr(fc, "pooled_projection_dim", 0) or 0,), dt)}
     statics, state = make_state(cfg, model, mesh, empty)
     shapes = batch_shapes(cfg, fc, cfg.data.batch_size)
@@ -217,7 +218,7 @@ def lower_train(cfg, devices, fc):
              for k, v in shapes.items()}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shd.replicated(mesh))
     step = ts.compile_train_step(statics, state, batch)
-    t = batch["target"].shape[1] + batch["references"].shape[1] + batch["t5"].shape[1]
+    t = batch["target"].shape[1] + batch["references"].shape[1] + batch["text"].shape[1]
     info = {"mesh": dict(mesh.shape), "batch_per_chip": cfg.data.batch_size // cfg.optim.grad_accum
             // shd.batch_shards(mesh), "global_batch": cfg.data.batch_size,
             "grad_accum": cfg.optim.grad_accum, "tokens_per_sample": t,

@@ -23,14 +23,14 @@ from pathlib import Path
 from dreamomni2_jax.checkpoint.store import load_lora, read_config
 from dreamomni2_jax.utils.dtypes import SHORT
 from dreamomni2_jax.lora.files import FORMATS, save_lora_file
+from dreamomni2_jax import families
+from dreamomni2_jax import cli
 
 
 def run_schema(step_dir: str | Path) -> str | None:
     """The module schema (``flux`` / ``flux2``) of the model the run trained, from the family of its saved
     ``model.path``; None when that folder is not on this machine (the kohya names then follow the adapters'
     modules: the first schema declaring all of them)."""
-    from dreamomni2_jax import families
-
     model = read_config(step_dir).model.path
     return families.for_path(model).schema if model and Path(model).exists() else None
 
@@ -47,8 +47,6 @@ def export(ckpt: str, out: str, step: int | None = None, dtype: str = "bf16", fo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreamomni2_jax import cli
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="run directory, its checkpoints/ folder, or a step folder")

@@ -16,6 +16,7 @@ import jax
 
 from dreamomni2_jax.models.roles import NO_BACKWARD_ROLES, SchemaError
 from dreamomni2_jax.models.schemas import schema_for
+from dreamomni2_jax.lora.layers import lora_modules
 
 # Dense bf16 peak FLOP/s per chip / GPU (vendor figures).
 PEAK_FLOPS: dict[str, float] = {
@@ -85,8 +86,6 @@ def flux_forward_macs(config, image_tokens: int, text_tokens: int, out_tokens: i
 
 def lora_dims(model) -> dict[str, tuple[int, int, int, int]]:
     """``{path: (layers, in, out, rank)}`` of the adapters in ``model`` (for :func:`flux_train_flops`)."""
-    from dreamomni2_jax.lora.layers import lora_modules
-
     out = {}
     for path, m in lora_modules(model).items():
         *lead, din, r = m.lora_A.shape

@@ -29,6 +29,9 @@ from dreamomni2_jax.config import Config
 from dreamomni2_jax.lora.attach import attach_lora
 from dreamomni2_jax.train.optimizers import make_optimizer
 from dreamomni2_jax.train.flops import flux_train_flops, lora_dims, mfu
+from dreamomni2_jax.data import stream as data
+from dreamomni2_jax.lora.layers import lora_metadata
+from dreamomni2_jax.train.optimizers import eval_params
 
 log = logging.getLogger("dreamomni2_jax.train")
 
@@ -68,7 +71,6 @@ class LoopContext:
         to evaluate (:func:`optimizers.eval_params`), or their EMA with ``ema``."""
         from flax import nnx
 
-        from dreamomni2_jax.train.optimizers import eval_params
 
         if ema and self.state.ema is None:
             raise ValueError("the EMA adapters were asked for but train.ema_decay is 0")
@@ -118,7 +120,7 @@ def empty_text(cfg: Config, stream) -> dict | None:
     if t5 is None:
         raise ValueError("data.caption_dropout > 0 but the data stream has no empty-prompt embeddings "
                          "(re-run scripts/cache.py)")
-    return {"t5": jnp.asarray(t5), "pooled": jnp.asarray(pooled)}
+    return {"text": jnp.asarray(t5), "pooled": jnp.asarray(pooled)}
 
 
 def make_state(cfg: Config, model, mesh, empty_text: dict | None = None) -> tuple[ts.StepStatics, ts.TrainState]:
@@ -138,12 +140,9 @@ def setup(cfg: Config, *, model=None, stream=None, mesh=None) -> LoopContext:
     if model is None:
         model, paths = load_model(cfg, mesh)
         if jax.process_index() == 0:
-            from dreamomni2_jax.lora.layers import lora_metadata
-
             meta = lora_metadata(model)  # the adapters' own (lora.init_from: the file's rank / alpha)
             log.info("LoRA rank %d alpha %g on %d modules", meta["rank"], meta["alpha"], len(paths))
     if stream is None:  # this process's share; synthetic batches get the loaded model's sizes
-        from dreamomni2_jax.data import stream as data
 
         stream = data.make_train_stream(cfg, jax.process_index(), jax.process_count(),
                                         dims=data.ModelDims.from_flux_config(model.config))
@@ -185,7 +184,7 @@ class MetricsWriter:
 def step_info(ctx: LoopContext, batch: dict) -> dict:
     """Tokens (image + text, padded) and analytic FLOPs of one step on ``batch`` (global shapes)."""
     b = batch["target"].shape[0]
-    t, r, txt = batch["target"].shape[1], batch["references"].shape[1], batch["t5"].shape[1]
+    t, r, txt = batch["target"].shape[1], batch["references"].shape[1], batch["text"].shape[1]
     return {"tokens": b * (t + r + txt),
             "flops": flux_train_flops(ctx.flux_config, (b, t, r), txt, ctx.lora_dims)}
 

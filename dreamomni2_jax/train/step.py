@@ -37,7 +37,7 @@ from dreamomni2_jax.layout.ids_flux1 import round_ids
 from dreamomni2_jax.train.optimizers import logged_lr
 from dreamomni2_jax.train.sigmas import loss_weighting, sample_sigmas
 
-BATCH_KEYS = ("target", "references", "img_ids", "img_mask", "t5", "pooled")
+BATCH_KEYS = ("target", "references", "img_ids", "img_mask", "text", "pooled")
 OPTIONAL_KEYS = ("loss_weight",)  # [B, T] float per-token loss weight (train.loss_mask; dreamomni2_jax.data.loss_mask)
 
 
@@ -57,7 +57,7 @@ class TrainState:
     nonfinite: jax.Array  # int32: consecutive skipped (non-finite) steps
     skipped: jax.Array  # int32: total skipped steps
     frozen: nnx.State  # base params and other non-trainable model variables
-    empty_text: dict | None = None  # {"t5": [L, D], "pooled": [Dp]} for caption dropout
+    empty_text: dict | None = None  # {"text": [L, D], "pooled": [Dp]} for caption dropout
     ema: nnx.State | None = None  # EMA of the adapters (train.ema_decay > 0; dreamomni2_jax.train.ema)
 
     def trainable(self) -> dict:
@@ -154,12 +154,12 @@ def per_sample_losses(model, batch: dict, draws: dict, cfg: StepConfig, empty_te
     sigmas, noise = draws["sigma"], draws["noise"]
     s = sigmas[:, None, None]
     x_t = (1.0 - s) * x0 + s * noise
-    t5, pooled = batch["t5"], batch["pooled"]
+    t5, pooled = batch["text"], batch["pooled"]
     if cfg.caption_dropout > 0:
         if empty_text is None:
             raise ValueError("caption dropout > 0 needs the empty-prompt embeddings (empty_text)")
         drop = draws["drop_caption"]
-        t5 = jnp.where(drop[:, None, None], empty_text["t5"][None].astype(t5.dtype), t5)
+        t5 = jnp.where(drop[:, None, None], empty_text["text"][None].astype(t5.dtype), t5)
         pooled = jnp.where(drop[:, None], empty_text["pooled"][None].astype(pooled.dtype), pooled)
     hidden = jnp.concatenate([x_t, batch["references"].astype(jnp.float32)], axis=1)
     img_ids = round_ids(batch["img_ids"], cfg.ids_dtype)

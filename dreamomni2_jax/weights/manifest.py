@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from dreamomni2_jax.config import read_json
 
 MANIFEST = "manifest.json"
 FORMAT = "dreamomni2-jax-converted-pipeline"
@@ -37,7 +38,7 @@ COMPONENTS = (
 
 KLEIN_COMPONENTS = (
     Component("transformer", "diffusers", "Flux2Transformer2DModel", "config.json", "flux2_transformer", big=True),
-    Component("vae", "diffusers", "AutoencoderKLFlux2", "config.json", "vae2"),
+    Component("vae", "diffusers", "AutoencoderKLFlux2", "config.json", "vae_flux2"),
     Component("text_encoder", "transformers", "Qwen3ForCausalLM", "config.json", "qwen3", big=True),
     Component("tokenizer", "transformers", "Qwen2TokenizerFast", None, None, aliases=("Qwen2Tokenizer",)),
     Component("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler", "scheduler_config.json", None),
@@ -57,7 +58,6 @@ def read_manifest(path: str | Path) -> dict | None:
     p = Path(path) / MANIFEST
     if not p.is_file():
         return None
-    from dreamomni2_jax.config import read_json
 
     m = read_json(p)  # a damaged manifest is an error naming it, not a traceback
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None

@@ -61,6 +61,10 @@ def is_converted(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+# Converters recorded under an earlier module name in folders they wrote (``config.json`` ``_converter``).
+RENAMED_CONVERTERS = {"convert.vae2": "convert.vae_flux2"}
+
+
 def check_replaceable(out: Path, converter: str | None = None) -> None:
     """``--overwrite`` only ever replaces a previous output of the same converter: a folder holding exactly
     ``config.json`` (with the converter's ``_converted_from`` / ``_converter`` entries) and ``params/``.
@@ -80,7 +84,8 @@ def check_replaceable(out: Path, converter: str | None = None) -> None:
     if not isinstance(meta, dict) or "_converted_from" not in meta:
         raise FileExistsError(f"{out}: {what} it: {CONFIG_FILE} has no _converted_from entry, so it was not "
                               "written by a converter of this project")
-    if converter and meta.get("_converter", converter) != converter:
+    written_by = RENAMED_CONVERTERS.get(meta.get("_converter"), meta.get("_converter", converter))
+    if converter and written_by != converter:
         raise FileExistsError(f"{out}: {what} it: written by {meta.get('_converter')}, not {converter}")
 
 

@@ -1,6 +1,6 @@
 """Convert a FLUX.2 VAE (diffusers ``AutoencoderKLFlux2`` ``vae/`` folder or BFL single file) to our Orbax format.
 
-    python convert/vae2.py --src SRC --out OUT [--dtype fp32|bf16] [--config config.json] [--overwrite]
+    python convert/vae_flux2.py --src SRC --out OUT [--dtype fp32|bf16] [--config config.json] [--overwrite]
 
 SRC: a diffusers folder (``config.json`` with ``_class_name`` ``AutoencoderKLFlux2`` + safetensors) or a BFL
 single file (the FLUX.2 ``ae.safetensors`` / ``flux2-vae.safetensors``, LDM layout; a ``vae.`` /
@@ -48,7 +48,8 @@ def rules(cfg, layout: str = "diffusers") -> list[Rule]:
 def infer_bfl_config(reader, norm_num_groups: int = 32):
     """Flux2VAEConfig from BFL tensor shapes; GroupNorm groups and batch-norm eps cannot be inferred (diffusers'
     ``AutoencoderKLFlux2`` defaults)."""
-    from dreamomni2_jax.models.vae2 import Flux2VAEConfig
+    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
+    from dreamomni2_jax.models.vae_flux2 import Flux2VAEConfig
 
     return Flux2VAEConfig(**ldm_shapes(reader, "FLUX.2 VAE"), norm_num_groups=norm_num_groups,
                           use_quant_conv="encoder.quant_conv.weight" in reader,
@@ -59,7 +60,7 @@ def build_plan(src: str | Path, config=None, param_dtype=np.float32):
     """Open ``src``, settle the config, validate -> ``(Plan, Flux2VAEConfig)`` (nothing read yet)."""
     from flax import nnx
 
-    from dreamomni2_jax.models.vae2 import AutoencoderKLFlux2, Flux2VAEConfig
+    from dreamomni2_jax.models.vae_flux2 import AutoencoderKLFlux2, Flux2VAEConfig
 
     src = Path(src)
     reader = open_checkpoint(src).under_prefix(BFL_PREFIXES)

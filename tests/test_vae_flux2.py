@@ -11,28 +11,28 @@ import torch
 
 from _asserts import rel_err
 from dreamomni2_jax.weights.store import ConversionError
-from dreamomni2_jax.convert.vae2 import main as convert_main
+from dreamomni2_jax.convert.vae_flux2 import main as convert_main
 from dreamomni2_jax.layout import ids_klein as P2
-from dreamomni2_jax.models.vae2 import Flux2VAEConfig, encode_tokens
-from dreamomni2_jax.convert.loaders import load_vae2
+from dreamomni2_jax.models.vae_flux2 import Flux2VAEConfig, encode_tokens
+from dreamomni2_jax.convert.loaders import load_vae_flux2
 from dreamomni2_jax.testing.tiny_klein import save_flux2_vae
 
 
 @pytest.fixture(scope="module")
-def vae2(tmp_path_factory):
+def flux2_vae(tmp_path_factory):
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 
-    src = save_flux2_vae(tmp_path_factory.mktemp("vae2") / "vae", seed=1)
+    src = save_flux2_vae(tmp_path_factory.mktemp("vae_flux2") / "vae", seed=1)
     out = src.parent / "converted"
     assert convert_main(["--src", str(src), "--out", str(out), "--no-progress"]) == 0
     ref = AutoencoderKLFlux2.from_pretrained(src, torch_dtype=torch.float32).eval()
     pipe = object.__new__(Flux2KleinPipeline)  # the latent helpers need only `vae`
     pipe.vae = ref
-    return src, out, pipe, load_vae2(out, dtype=jnp.float32)
+    return src, out, pipe, load_vae_flux2(out, dtype=jnp.float32)
 
 
-def test_encode_tokens_match_klein_pipeline(vae2):
-    src, out, pipe, model = vae2
+def test_encode_tokens_match_klein_pipeline(flux2_vae):
+    src, out, pipe, model = flux2_vae
     assert model.flux2_config == Flux2VAEConfig.from_json(src / "config.json")
     assert json.loads((out / "config.json").read_text())["_class_name"] == "AutoencoderKLFlux2"
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 48)).astype(np.float32)
@@ -44,8 +44,8 @@ def test_encode_tokens_match_klein_pipeline(vae2):
     np.testing.assert_array_equal(np.asarray(model.bn.running_var[...]), pipe.vae.bn.running_var.numpy())
 
 
-def test_decode_tokens_match_klein_pipeline(vae2):
-    _, _, pipe, model = vae2
+def test_decode_tokens_match_klein_pipeline(flux2_vae):
+    _, _, pipe, model = flux2_vae
     tokens = np.random.default_rng(1).standard_normal((2, 2 * 3, 16)).astype(np.float32)
     with torch.no_grad():  # the tail of Flux2KleinPipeline.__call__
         ids = torch.from_numpy(P2.target_ids(4, 6))[None].expand(2, -1, -1)
@@ -57,10 +57,10 @@ def test_decode_tokens_match_klein_pipeline(vae2):
     assert rel_err(np.asarray(got).transpose(0, 3, 1, 2), want) <= 1e-4
 
 
-def test_converter_checks_class_and_tensors(vae2, tmp_path):
+def test_converter_checks_class_and_tensors(flux2_vae, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    src = vae2[0]
+    src = flux2_vae[0]
     bad = tmp_path / "vae"
     bad.mkdir()
     sd = load_file(str(next(src.glob("*.safetensors"))))
@@ -70,10 +70,10 @@ def test_converter_checks_class_and_tensors(vae2, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="bn.running_var"):
-        load_vae2(bad)
+        load_vae_flux2(bad)
     (bad / "config.json").write_text(json.dumps({**cfg, "_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="AutoencoderKLFlux2"):
-        load_vae2(bad)
+        load_vae_flux2(bad)
     with pytest.raises(ValueError, match="decoder_block_out_channels"):
         Flux2VAEConfig.from_dict({**cfg, "decoder_block_out_channels": [8, 8, 16, 16]})
 
@@ -103,16 +103,16 @@ def _to_bfl(sd: dict, n_blocks: int) -> dict:
     return out
 
 
-def test_bfl_single_file_matches_diffusers_conversion(vae2, tmp_path):
+def test_bfl_single_file_matches_diffusers_conversion(flux2_vae, tmp_path):
     """BFL FLUX.2 ``ae.safetensors`` layout written by inverting diffusers' conversion script (transcribed in
     ``_reference_code.py``), converted by ours, checked against the diffusers model; config inferred from shapes."""
     from safetensors.torch import load_file, save_file
 
     from _reference_code import convert_flux2_vae_checkpoint_to_diffusers
-    from dreamomni2_jax.convert.vae2 import infer_bfl_config
+    from dreamomni2_jax.convert.vae_flux2 import infer_bfl_config
     from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 
-    src, _, pipe, _ = vae2
+    src, _, pipe, _ = flux2_vae
     sd = {k: v.clone() for k, v in load_file(str(next(src.glob("*.safetensors")))).items()}
     cfg = json.loads((src / "config.json").read_text())
     bfl = _to_bfl(sd, len(cfg["block_out_channels"]))
@@ -125,11 +125,11 @@ def test_bfl_single_file_matches_diffusers_conversion(vae2, tmp_path):
     ref_cfg = Flux2VAEConfig.from_json(src / "config.json")
     assert infer_bfl_config(open_checkpoint(path), ref_cfg.norm_num_groups) == ref_cfg
     with pytest.raises(ValueError, match="norm_num_groups=32"):
-        load_vae2(path)
+        load_vae_flux2(path)
     out = tmp_path / "converted"
     assert convert_main(["--src", str(path), "--out", str(out), "--dtype", "fp32", "--no-progress",
                          "--config", str(src / "config.json")]) == 0
-    model = load_vae2(out, dtype=jnp.float32)
+    model = load_vae_flux2(out, dtype=jnp.float32)
     images = np.random.default_rng(2).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
     latents = np.random.default_rng(3).standard_normal((1, ref_cfg.latent_channels, 4, 4)).astype(np.float32)
     with torch.no_grad():
