@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESTORE = """
 import resource, sys, time
 import jax.numpy as jnp
-from dreamomni2_jax import loaders
+from dreamomni2_jax.convert import loaders
 t0 = time.perf_counter()
 model = getattr(loaders, sys.argv[2])(sys.argv[1], dtype=jnp.bfloat16)
 print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -97,7 +97,7 @@ def test_max_to_keep_and_resolve(tmp_path):
 _KILL_MID_SAVE = textwrap.dedent("""
     import os, signal, sys
     import jax.numpy as jnp
-    from dreamomni2_jax import checkpoint as C
+    from dreamomni2_jax.checkpoint import store as C
     ck = C.open_run(sys.argv[1], None, every_steps=1, async_save=True)
     ck.save(1, {"lora": {"a": jnp.ones((8, 8))}}, {"pos": 1}, None)
     ck.wait()

@@ -23,9 +23,8 @@ import os
 import time
 from pathlib import Path
 
-
 from dreamomni2_jax.utils.atomic_write import write_text
-from dreamomni2_jax.checkpoint.store import (complete_steps)
+from dreamomni2_jax.checkpoint.store import complete_steps
 from dreamomni2_jax.cli import UserError
 from dreamomni2_jax.config import Config
 

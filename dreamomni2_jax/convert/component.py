@@ -19,6 +19,8 @@ import numpy as np
 from dreamomni2_jax.utils.dtypes import SHORT, short_name
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 from dreamomni2_jax.weights.store import write_checkpoint
+from dreamomni2_jax.config import read_json
+from dreamomni2_jax import cli
 
 DTYPES = SHORT  # converter --dtype names
 SOURCE = "source"  # keep the source checkpoint's dtype (the default: a converter is lossless unless asked)
@@ -48,8 +50,6 @@ def read_transformers_config(folder: Path, config_cls, architectures, what: str)
     cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: {what} config missing")
-    # deferred import: JAX / Flax model code loads only when a plan is built, not for --help or argument checks
-    from dreamomni2_jax.config import read_json
 
     d = read_json(cfg_path)
     arch = d.get("architectures") or []
@@ -81,8 +81,6 @@ def component_main(convert: Callable, *, description: str, src_help: str, defaul
 
     ``convert(src, out, dtype, [config,] overwrite=, progress=)``; ``config_help`` adds ``--config``.
     """
-    from dreamomni2_jax import cli
-
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--src", required=True, help=src_help)
     ap.add_argument("--out", required=True, help="output folder; must not exist, be the source or be inside it")
