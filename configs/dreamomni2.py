@@ -53,24 +53,14 @@ Field by field:
   30); validation
   entries: none ship (add yours with references; editing previews render at the source's size [DO2]).
 """
-from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
-                                   OptimConfig, SampleConfig, TrainConfig)
+from dreamomni2_jax.config import Config, override
+from dreamomni2_jax.config_common import full_1024
 
 
 def get_config() -> Config:
-    return Config(
-        model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="auto",
-                          remat="dots_no_batch_saveable", position_scheme="dreamomni2", guidance=1.0,
-                          ids_dtype="int32"),
-        lora=LoraConfig(rank=16, alpha=16.0, preset="attention", init="gaussian", dropout=0.0, dtype="float32"),
-        data=DataConfig(batch_size=4, max_refs=3, target_max_area=1024 * 1024, reference_max_area=1024 * 1024,
-                        caption_dropout=0.05, batching="bucket", num_workers=4,
-                        synthetic_resolution=(1024, 1024), synthetic_refs=((1024, 1024), (1024, 1024))),
-        optim=OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=100, b1=0.9, b2=0.999, eps=1e-8,
-                          weight_decay=0.01, grad_clip=1.0, grad_accum=4),
-        mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed="auto"),
-        checkpoint=CheckpointConfig(every_steps=100, max_to_keep=10, async_save=True),
-        sample=SampleConfig(steps=28, guidance=3.5, every_steps=500),
-        train=TrainConfig(run_dir="runs/dreamomni2", steps=5000, seed=0, timestep_sampling="uniform",
-                          weighting="none", log_every=10),
-    )
+    # full_1024() already holds the rest of the recipe above: bf16, remat, rank/alpha 16 gaussian on attention,
+    # 1024² areas, caption dropout 0.05, max_refs 3, AdamW lr 1e-4 (b1 0.9, b2 0.999, eps 1e-8) after 100 warm-up
+    # steps, clipping at 1.0, 5000 steps, uniform σ without weighting, sample 28 steps at guidance 3.5
+    return override(full_1024(), data=dict(batch_size=4),
+                    optim=dict(schedule="cosine", weight_decay=0.01, grad_accum=4),
+                    checkpoint=dict(every_steps=100, max_to_keep=10), train=dict(run_dir="runs/dreamomni2"))

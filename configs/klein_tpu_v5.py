@@ -19,28 +19,10 @@ per chip on v5p-8 with 2 references: klein 9B as written peaks at 81.07 GiB per 
 twice the batch. Check another slice or reference count before a run:
     python scripts/aot.py --config configs/klein_tpu_v5.py --model klein-9b --topology v6e-8 --refs 3
 """
-from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
-                                   OptimConfig, SampleConfig, TrainConfig, ValidationSample)
-
-# diffusers' klein script default (klein_wide) plus the double blocks' text-stream attention projections
-TEXT_STREAM = (r"attn\.add_[qkv]_proj", r"attn\.to_add_out")
+from dreamomni2_jax.config import Config, override
+from dreamomni2_jax.config_common import GENERATION_PREVIEW, klein_1024
 
 
 def get_config() -> Config:
-    return Config(
-        model=ModelConfig(path="", param_dtype="bfloat16", compute_dtype="bfloat16", attention="auto",
-                          remat="full"),
-        lora=LoraConfig(rank=16, alpha=16.0, preset="klein_wide", targets=TEXT_STREAM, dtype="float32",
-                        init="gaussian"),
-        data=DataConfig(batch_size=32, max_refs=3, target_max_area=1024 * 1024, batching="bucket", num_workers=8,
-                        caption_dropout=0.05, synthetic_resolution=(1024, 1024),
-                        synthetic_refs=((1024, 1024), (1024, 1024))),
-        optim=OptimConfig(lr=1e-4, schedule="constant", warmup_steps=100, grad_clip=1.0),
-        mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed="auto"),
-        checkpoint=CheckpointConfig(every_steps=250, max_to_keep=3, async_save=True),
-        sample=SampleConfig(steps=50, guidance=4.0, every_steps=500, validation=(
-            ValidationSample(prompt="A leather handbag with a red floral pattern on a wooden table.", references=(),
-                             seed=0, task="generation"),)),
-        train=TrainConfig(run_dir="runs/klein_tpu_v5", steps=5000, seed=0, timestep_sampling="uniform",
-                          weighting="none", log_every=10),
-    )
+    return override(klein_1024(), model=dict(remat="full"), data=dict(batch_size=32, num_workers=8),
+                    sample=dict(validation=(GENERATION_PREVIEW,)), train=dict(run_dir="runs/klein_tpu_v5"))

@@ -383,25 +383,20 @@ def _coerce(key: str, value: Any, tp) -> Any:
     return value
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``section.key=value`` strings (later ones win), then validate the whole config once: overrides may
-    come in any order. Errors name the offending key."""
-    changes: dict[str, dict[str, Any]] = {}
+def _field_type(cfg: Config, sec_name: str, field_name: str):
+    """The declared type of ``sec_name.field_name``; :class:`ConfigError` naming the key when either is unknown."""
+    key = f"{sec_name}.{field_name}"
     sections = {f.name for f in dataclasses.fields(cfg)}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if key.count(".") != 1:
-            raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
-        sec_name, field_name = key.split(".")
-        if sec_name not in sections:
-            raise ConfigError(f"unknown config section {sec_name!r} in {key!r}; sections: {sorted(sections)}")
-        hints = typing.get_type_hints(type(getattr(cfg, sec_name)))
-        if field_name not in hints:
-            raise ConfigError(f"unknown config key {key!r}; {sec_name} keys: {sorted(hints)}")
-        changes.setdefault(sec_name, {})[field_name] = _parse_value(key, text, hints[field_name])
+    if sec_name not in sections:
+        raise ConfigError(f"unknown config section {sec_name!r} in {key!r}; sections: {sorted(sections)}")
+    hints = typing.get_type_hints(type(getattr(cfg, sec_name)))
+    if field_name not in hints:
+        raise ConfigError(f"unknown config key {key!r}; {sec_name} keys: {sorted(hints)}")
+    return hints[field_name]
+
+
+def _replace_fields(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:
+    """``cfg`` with ``changes`` ({section: {key: value}}, keys already checked), validated once."""
     if not changes:
         cfg.validate()
         return cfg
@@ -414,6 +409,35 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{sec_name}: {e}") from None
     return dataclasses.replace(cfg, **new)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings (later ones win), then validate the whole config once: overrides may
+    come in any order. Errors name the offending key."""
+    changes: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key.count(".") != 1:
+            raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
+        sec_name, field_name = key.split(".")
+        changes.setdefault(sec_name, {})[field_name] = _parse_value(key, text, _field_type(cfg, sec_name, field_name))
+    return _replace_fields(cfg, changes)
+
+
+def override(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """:func:`apply_overrides` with typed values, for config files that start from a base
+    (:mod:`dreamomni2_jax.config_common`): ``override(base, data=dict(batch_size=8), mesh=dict(distributed="off"))``.
+    Keys are checked as for ``--set``, values must have the field's type (an int is a float); validated once."""
+    for sec_name, fields in sections.items():
+        if not isinstance(fields, dict):
+            raise ConfigError(f"override {sec_name}=...: expected a dict of {sec_name} keys, got "
+                              f"{type(fields).__name__}")
+        for field_name in fields:
+            _field_type(cfg, sec_name, field_name)
+    return _replace_fields(cfg, sections)
 
 
 def _where(path: Path, err: BaseException) -> str:

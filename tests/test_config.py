@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from dreamomni2_jax.config import ConfigError, from_dict, load_config
+from dreamomni2_jax.config import Config, ConfigError, from_dict, load_config, override
+from dreamomni2_jax.config_common import full_1024
 from dreamomni2_jax.models.flux_schema import FLUX_SCHEMA
 from dreamomni2_jax.models.schemas import lora_target_patterns
 
@@ -16,6 +17,33 @@ def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(ROOT / "configs" / f"{name}.py")
     assert lora_target_patterns(cfg.lora) and cfg.train.steps > 0
     assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("name", ["klein_demo", "klein_tpu_v5", "klein_gpu_h100"])
+def test_klein_configs_load_and_round_trip(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.py")
+    assert lora_target_patterns(cfg.lora, "flux2") and cfg.train.steps > 0
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_copied_elsewhere_loads(tmp_path):
+    """The shared bases are in the package: a config file copied to any folder loads the same."""
+    for name in ("gpu_h100", "klein_demo"):
+        (tmp_path / f"{name}.py").write_text((ROOT / "configs" / f"{name}.py").read_text())
+        assert load_config(tmp_path / f"{name}.py") == load_config(ROOT / "configs" / f"{name}.py")
+
+
+def test_override_is_typed_and_checks_keys():
+    cfg = override(full_1024(), data=dict(batch_size=8), lora=dict(alpha=8), train=dict(run_dir="runs/x"))
+    assert isinstance(cfg, Config) and (cfg.data.batch_size, cfg.lora.alpha, cfg.train.run_dir) == (8, 8, "runs/x")
+    assert override(cfg) == cfg
+    for kw, match in [(dict(optimizer=dict(lr=1.0)), "unknown config section 'optimizer'"),
+                      (dict(optim=dict(lrr=1.0)), r"unknown config key 'optim\.lrr'"),
+                      (dict(optim=dict(lr="1e-4")), r"optim\.lr: expected float"),
+                      (dict(optim=dict(lr=2.0)), r"optim\.lr=2\.0 must be <= 1"),
+                      (dict(optim=3), "expected a dict of optim keys")]:
+        with pytest.raises(ConfigError, match=match):
+            override(cfg, **kw)
 
 
 def test_real_size_configs_use_release_lora_settings():
