@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    from _fixtures_data import write_jsonl
+    from support.fixtures_data import write_jsonl
 
     from dreamomni2_jax.convert.pipeline import convert_pipeline
     from dreamomni2_jax.testing import tiny_flux1 as tiny

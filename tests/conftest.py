@@ -2,8 +2,8 @@
 
 The folder is written by :mod:`dreamomni2_jax.testing.tiny_flux1` with the real diffusers / transformers
 classes (``save_pretrained``, safetensors), so every test runs our real converters and
-loaders on real on-disk formats. Per-area fixtures live in ``tests/_fixtures_*.py``
-modules and are registered here.
+loaders on real on-disk formats. Per-area fixtures live in ``tests/support/fixtures_*.py``
+modules, registered here as pytest plugins (``pytest_plugins``).
 """
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ import pytest
 
 from dreamomni2_jax.testing import tiny_flux1 as tiny
 
+# Converted tiny model, real tiny encoders and a tiny cache (fixtures_data: built on first use, shared by all
+# modules); a PEFT LoRA file on the tiny transformer (fixtures_lora).
+pytest_plugins = ["support.fixtures_data", "support.fixtures_lora"]
+
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
@@ -32,7 +36,3 @@ def tiny_pipeline_dir_noguidance(tmp_path_factory):
     """Same layout, transformer without a guidance embedder."""
     return tiny.build_pipeline(tmp_path_factory.mktemp("tiny") / "flux-noguid", seed=10, guidance_embeds=False)
 
-
-# Converted tiny model, real tiny encoders and a tiny cache (built on first use, shared by all modules).
-from _fixtures_data import tiny_cache, tiny_converted_dir, tiny_encoders  # noqa: E402,F401
-from _fixtures_lora import peft_lora_file  # noqa: E402,F401

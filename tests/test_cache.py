@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _fixtures_data import SPECS, tiny_config, write_folder, write_jsonl
+from support.fixtures_data import SPECS, tiny_config, write_folder, write_jsonl
 from dreamomni2_jax.cache import inputs
 from dreamomni2_jax.cache.records import CacheError, decode_record, encode_record, load_index
 from dreamomni2_jax.cache.stage import build_cache
@@ -304,7 +304,7 @@ def test_interrupted_run_resumes_to_the_clean_result(when, tmp_path, tiny_encode
 
 def test_rerun_with_other_settings_is_refused(tiny_cache, tiny_encoders):
     cfg, manifest, cache = tiny_cache
-    from _fixtures_data import with_data
+    from support.fixtures_data import with_data
 
     with pytest.raises(CacheError, match="target_max_area"):
         build_cache(with_data(cfg, target_max_area=64 * 64), manifest, cache, tiny_encoders, shard_size=4,
@@ -318,7 +318,7 @@ def test_rerun_with_other_settings_is_refused(tiny_cache, tiny_encoders):
 
 def _config_file(tmp_path, model_path) -> Path:
     p = tmp_path / "cfg.py"
-    p.write_text("import sys\nsys.path.insert(0, %r)\nfrom _fixtures_data import tiny_config\n"
+    p.write_text("import sys\nsys.path.insert(0, %r)\nfrom support.fixtures_data import tiny_config\n"
                  "def get_config():\n    return tiny_config(%r)\n" % (str(REPO / "tests"), str(model_path)))
     return p
 
@@ -358,8 +358,8 @@ def test_enhancer_rewrites_with_task_suffix_and_keeps_the_original(tmp_path, tin
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from _fixtures_data import reference_qwen_processor, save_tiny_qwen_vl
-    import _reference_code as reference_code
+    from support.fixtures_data import reference_qwen_processor, save_tiny_qwen_vl
+    from support import reference_code
     from dreamomni2_jax.cache.enhance import MAX_NEW_TOKENS, QwenEnhancer, extract_gen, vlm_messages
 
     qwen = save_tiny_qwen_vl(tmp_path / "qwen")
@@ -403,7 +403,7 @@ def test_enhancer_rewrites_with_task_suffix_and_keeps_the_original(tmp_path, tin
 
 
 def test_vlm_image_is_dreamomni2_fetch_image(tmp_path):
-    import _reference_code as reference_code
+    from support import reference_code
     from dreamomni2_jax.cache.enhance import vlm_image
 
     rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from _fixtures_data import SPECS, tiny_config, with_data
+from support.fixtures_data import SPECS, tiny_config, with_data
 from dreamomni2_jax.layout import ids_flux1 as positions
 from dreamomni2_jax.cache.records import CacheError, decode_record, load_index
 from dreamomni2_jax.data.stream import CacheStream, ModelDims, SyntheticSource, make_train_stream

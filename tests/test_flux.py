@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from _asserts import assert_close
+from support.asserts import assert_close
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
 from dreamomni2_jax.layout import ids_flux1 as P
 from dreamomni2_jax.models.attention import attention, splash_attention

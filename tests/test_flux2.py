@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from _asserts import rel_err
+from support.asserts import rel_err
 from dreamomni2_jax.convert.flux2_transformer import main as convert_main
 from dreamomni2_jax.weights.store import ConversionError
 from dreamomni2_jax.layout import ids_klein as P2
@@ -18,7 +18,7 @@ from dreamomni2_jax.models.flux2 import Flux2Config
 from dreamomni2_jax.convert.loaders import load_flux2
 from dreamomni2_jax.layout.ids_flux1 import SampleLayout
 from dreamomni2_jax.testing.tiny_klein import FLUX2_TINY, save_flux2_transformer
-from _fixtures_klein import meta_reader
+from support.fixtures_klein import meta_reader
 
 TXT = 7
 LAYOUT = SampleLayout(target=(4, 6), references=((4, 4), (2, 6)))

@@ -15,8 +15,8 @@ import pytest
 import torch
 from flax import nnx
 
-import _reference_code as reference_code
-from _asserts import assert_close
+from support import reference_code
+from support.asserts import assert_close
 from dreamomni2_jax.convert import flux_transformer as fc
 from dreamomni2_jax.weights.safetensors_io import SafetensorsError, open_checkpoint, save_arrays
 from dreamomni2_jax.weights.store import ConversionError, write_checkpoint

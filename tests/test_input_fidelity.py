@@ -69,7 +69,7 @@ def test_non_utf8_inputs_and_extreme_sizes_are_bad_inputs(tmp_path):
 
 def test_skip_bad_skips_extreme_aspect_and_non_utf8(tiny_converted_dir, tiny_encoders, tmp_path):
     from dreamomni2_jax.cache.stage import build_cache
-    from _fixtures_data import tiny_config
+    from support.fixtures_data import tiny_config
 
     d = tmp_path / "in"
     d.mkdir()
@@ -123,7 +123,7 @@ def test_runtime_path_never_imports_torch_and_digest_ignores_sharding(tiny_pipel
     model = tmp_path / "model"
     os.symlink(tiny_converted_dir, model)
     os.symlink(tiny_pipeline_dir, tmp_path / "src")
-    script = Path(__file__).resolve().parent / "_runtime_imports.py"
+    script = Path(__file__).resolve().parent / "support" / "runtime_imports.py"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "PYTHONPATH": str(REPO)}
     (tmp_path / "out").mkdir()

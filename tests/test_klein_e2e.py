@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 import pytest
-from _compile_cache import persistent_compile_cache
+from support.compile_cache import persistent_compile_cache
 import torch
 
 from dreamomni2_jax.checkpoint import store as C
@@ -132,7 +132,7 @@ def test_train_kill9_then_resume_is_exact_and_validates(chain, straight, compile
     run = chain / "killed"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_kill_after_save.py"), "2", *_train_argv(run)],
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "kill_after_save.py"), "2", *_train_argv(run)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert C.complete_steps(run / "checkpoints") == [2]

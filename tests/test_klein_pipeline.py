@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _asserts import assert_close
+from support.asserts import assert_close
 from dreamomni2_jax.convert import pipeline as cpipe
 from dreamomni2_jax.weights import store
 from dreamomni2_jax.text import klein as text_klein

@@ -122,7 +122,7 @@ def test_wide_preset_and_errors(base_state):
 
 def test_kontext_wide_preset_is_the_diffusers_kontext_script_default(base_state, transformer_dir):
     """peft with train_dreambooth_lora_flux_kontext.py's default target_modules adapts exactly our preset's modules."""
-    import _reference_code as ref
+    from support import reference_code as ref
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig as PeftLoraConfig
 

@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from _asserts import assert_close
+from support.asserts import assert_close
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
 from dreamomni2_jax.tools.export_lora import main as export_main
 from dreamomni2_jax.checkpoint import store as C

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from _fixtures_data import draw_image
+from support.fixtures_data import draw_image
 from dreamomni2_jax.data import stream as data
 from dreamomni2_jax.cache import inputs
 from dreamomni2_jax.cache.stage import build_cache

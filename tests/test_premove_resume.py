@@ -1,7 +1,7 @@
 """A run directory written before the move-only restructure (commit d9c5347) resumes and exports with this code.
 
 The fixture ``tests/data/premove_run/run`` (how it was made: ``tests/data/premove_run/README.md``) was trained by the
-pre-move code on the tiny model and cache of ``tests/_fixtures_data.py``; its Orbax step metadata names the data
+pre-move code on the tiny model and cache of ``tests/support/fixtures_data.py``; its Orbax step metadata names the data
 item's handler by its old module path, ``dreamomni2_jax.checkpoint_items.DataStateHandler``. Orbax only resolves a
 saved handler name when an item is restored without ``CheckpointArgs``; every restore here passes them, so the
 recorded path is never imported. These tests resume the run the way a user does (``scripts/train.py`` with
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _asserts import assert_trees_close
-from _compile_cache import persistent_compile_cache
+from support.asserts import assert_trees_close
+from support.compile_cache import persistent_compile_cache
 
 from dreamomni2_jax.checkpoint import store as C
 from dreamomni2_jax.convert.loaders import load_flux

@@ -8,12 +8,12 @@ import pytest
 import torch
 from flax import nnx
 
-from _asserts import rel_err
+from support.asserts import rel_err
 from dreamomni2_jax.convert.qwen3 import main as convert_main
 from dreamomni2_jax.models.qwen3 import Qwen3Config, prompt_embeds
 from dreamomni2_jax.convert.loaders import load_qwen3
 from dreamomni2_jax.testing.tiny_klein import QWEN3_TINY, QWEN3_TINY_LAYERS, save_qwen3
-from _fixtures_klein import meta_reader
+from support.fixtures_klein import meta_reader
 
 S = 12
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from _compile_cache import persistent_compile_cache
+from support.compile_cache import persistent_compile_cache
 
 from dreamomni2_jax.convert.flux_transformer import main as convert_main
 from dreamomni2_jax.tools.export_lora import main as export_main
@@ -97,7 +97,7 @@ def test_kill9_after_checkpoint_then_resume_is_exact(config_file, straight, tmp_
     run = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_kill_after_save.py"), "3", *_argv(config_file, run)],
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "kill_after_save.py"), "3", *_argv(config_file, run)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert C.complete_steps(run / "checkpoints") == [3]

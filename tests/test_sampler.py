@@ -302,8 +302,8 @@ def test_cli_enhance_rewrites_the_prompt_like_dreamomni2(model_dir, tmp_path, ca
     import json
     import runpy
 
-    import _reference_code as reference_code
-    from _fixtures_data import reference_qwen_processor, save_tiny_qwen_vl
+    from support import reference_code
+    from support.fixtures_data import reference_qwen_processor, save_tiny_qwen_vl
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from dreamomni2_jax.cache.enhance import extract_gen

@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-import _reference_code as ref
+from support import reference_code as ref
 from dreamomni2_jax.train import flops as perf
 from dreamomni2_jax.layout import ids_klein as P2
 from dreamomni2_jax import sharding as shd

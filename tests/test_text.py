@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _asserts import assert_close
+from support.asserts import assert_close
 from dreamomni2_jax.text.flux1 import load_text_encoders
 
 LONG = "the dog runs in the park in the sun " * 40

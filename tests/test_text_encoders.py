@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from _asserts import assert_close
+from support.asserts import assert_close
 from dreamomni2_jax.convert import clip as cclip
 from dreamomni2_jax.convert import t5 as ct5
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint, save_arrays

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from _asserts import assert_trees_close
+from support.asserts import assert_trees_close
 from dreamomni2_jax.data import stream as data
 from dreamomni2_jax.train import loop, optimizers, flops as perf, sigmas as train_sigmas
 from dreamomni2_jax.train import step as ts

@@ -1,5 +1,5 @@
 """What a LoRA learns from: editing pairs resized together at the geometry DreamOmni2 edits at, reference area
-independent of the target, and qflux's dataset layout (against transcriptions in ``_reference_code.py``)."""
+independent of the target, and qflux's dataset layout (against transcriptions in ``support/reference_code.py``)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import _reference_code as ref
-from _fixtures_data import draw_image, tiny_config, write_folder, SPECS
+from support import reference_code as ref
+from support.fixtures_data import draw_image, tiny_config, write_folder, SPECS
 from dreamomni2_jax.cache import inputs
 from dreamomni2_jax.cache.stage import build_cache
 from dreamomni2_jax.cache.records import decode_record, load_index

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _asserts import assert_close
+from support.asserts import assert_close
 from dreamomni2_jax.convert import vae as cvae
 from dreamomni2_jax.weights.safetensors_io import open_checkpoint, save_arrays
 from dreamomni2_jax.weights.store import ConversionError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _asserts import rel_err
+from support.asserts import rel_err
 from dreamomni2_jax.weights.store import ConversionError
 from dreamomni2_jax.convert.vae_flux2 import main as convert_main
 from dreamomni2_jax.layout import ids_klein as P2
@@ -105,10 +105,10 @@ def _to_bfl(sd: dict, n_blocks: int) -> dict:
 
 def test_bfl_single_file_matches_diffusers_conversion(flux2_vae, tmp_path):
     """BFL FLUX.2 ``ae.safetensors`` layout written by inverting diffusers' conversion script (transcribed in
-    ``_reference_code.py``), converted by ours, checked against the diffusers model; config inferred from shapes."""
+    ``support/reference_code.py``), converted by ours, checked against the diffusers model; config inferred from shapes."""
     from safetensors.torch import load_file, save_file
 
-    from _reference_code import convert_flux2_vae_checkpoint_to_diffusers
+    from support.reference_code import convert_flux2_vae_checkpoint_to_diffusers
     from dreamomni2_jax.convert.vae_flux2 import infer_bfl_config
     from dreamomni2_jax.weights.safetensors_io import open_checkpoint
 

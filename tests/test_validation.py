@@ -89,7 +89,7 @@ def test_disabled_hook_and_bad_reference(tiny_pipeline_dir, ref_png, tmp_path):
 def test_preview_sizes_follow_dreamomni2():
     """Editing previews at the source's size (inference_edit.py: height/width = resizeinput(source)), generation
     previews at 1024x1024 (inference_gen.py) for the 1 MP target budget; set sizes win."""
-    import _reference_code as ref
+    from support import reference_code as ref
     from dreamomni2_jax.callbacks.validation import preview_size
 
     area = 1024 * 1024

@@ -9,7 +9,7 @@ so that both codes can be compared on the same inputs. The checkout whose packag
     JAX_PLATFORMS=cpu PYTHONPATH=/tmp/old python tests/data/premove_run/make_fixture.py \
         --work /tmp/premove_work --out tests/data/premove_run/run
 
-Steps (the same inputs as the session fixtures of tests/conftest.py and tests/_fixtures_data.py):
+Steps (the same inputs as the session fixtures of tests/conftest.py and tests/support/fixtures_data.py):
 tiny random pipeline (seed 0, guidance embedder) -> convert_pipeline (fp32) -> write_jsonl(<work>/data/in) -> cache
 (tiny_config's data settings, shards of 4 records) -> ``scripts/train.py --config train_config.py`` for 4 steps
 (checkpoints at steps 2 and 4) -> the run directory, without its lock file, copied to ``--out``.
@@ -45,7 +45,7 @@ def _imports():
 
 
 def build_inputs(work: Path) -> tuple[Path, Path]:
-    """The tiny converted model and cache, exactly as tests/_fixtures_data.py builds them -> (model, cache)."""
+    """The tiny converted model and cache, exactly as tests/support/fixtures_data.py builds them -> (model, cache)."""
     from dreamomni2_jax.config import Config, DataConfig, ModelConfig
 
     build_pipeline, write_jsonl, convert_pipeline, JaxEncoders, build_cache = _imports()

@@ -2,8 +2,8 @@
 the run with the pre-move code, commit d9c5347) and tests/test_premove_resume.py (which resumes it with this code).
 
 model.path, data.cache_dir and train.run_dir are placeholders: both callers pass them with --set (the tiny converted
-model and the tiny cache of tests/_fixtures_data.py, and the run directory). The data settings are those of
-``tests/_fixtures_data.tiny_config`` (the cache is built with them).
+model and the tiny cache of tests/support/fixtures_data.py, and the run directory). The data settings are those of
+``tests/support/fixtures_data.tiny_config`` (the cache is built with them).
 """
 from dreamomni2_jax.config import (CheckpointConfig, Config, DataConfig, LoraConfig, MeshConfig, ModelConfig,
                                    OptimConfig, TrainConfig)

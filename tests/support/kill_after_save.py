@@ -1,7 +1,7 @@
 """Fault injection for tests/test_resume.py: run scripts/train.py's ``main`` with a checkpoint ``after_save`` hook
 that SIGKILLs this process once the checkpoint of step N is committed.
 
-    python tests/_kill_after_save.py N <scripts/train.py arguments>
+    python tests/support/kill_after_save.py N <scripts/train.py arguments>
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def kill_after(n: int):
 
 
 if __name__ == "__main__":
-    spec = importlib.util.spec_from_file_location("_train_script", Path(__file__).resolve().parents[1] / "scripts" /
+    spec = importlib.util.spec_from_file_location("_train_script", Path(__file__).resolve().parents[2] / "scripts" /
                                                   "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
