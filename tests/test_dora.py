@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 from safetensors import safe_open
 
+from support.asserts import assert_adapter_close, assert_close
 from dreamomni2_jax.checkpoint import store as C
 from dreamomni2_jax.lora import files as L
 from dreamomni2_jax.train import step as ts
@@ -184,13 +185,6 @@ def _dora_model(base_model, alpha=6.0, rank=4, seed=1):
     return model
 
 
-def _close(got, want, base=None):
-    err, ref = np.abs(got - want).max(), np.abs(want).max()
-    assert err <= 1e-4 * ref, (err, ref)
-    if base is not None:
-        assert np.abs(want - base).max() > 100 * err  # the adapter really changes the output
-
-
 def test_dora_export_loads_in_diffusers_with_equal_output_and_reads_back(base_model, inputs, tiny_pipeline_dir,
                                                                          tmp_path):
     from diffusers import FluxKontextPipeline
@@ -209,7 +203,7 @@ def test_dora_export_loads_in_diffusers_with_equal_output_and_reads_back(base_mo
     pipe.load_lora_weights(str(path), adapter_name="d")
     dora_layers = [m for m in pipe.transformer.modules() if getattr(m, "lora_magnitude_vector", None)]
     assert len(dora_layers) == len(L.unstack(lora_state(model), 6.0))  # every module loaded as peft DoRA
-    _close(ours, _torch_out(pipe.transformer, inputs), base)
+    assert_adapter_close(ours, _torch_out(pipe.transformer, inputs), 1e-4, base)
 
     # import back: the same DoRA adapters, the same output; a plain LoRA model cannot take them
     back = nnx.clone(base_model)
@@ -217,7 +211,7 @@ def test_dora_export_loads_in_diffusers_with_equal_output_and_reads_back(base_mo
     assert info["variant"] == "dora" and lora_metadata(back)["variant"] == "dora"
     for k, v in lora_state(model).items():
         np.testing.assert_array_equal(np.asarray(lora_state(back)[k]), np.asarray(v))
-    _close(_jax_out(back, inputs), ours)
+    assert_close(_jax_out(back, inputs), ours, 1e-4)
     plain = nnx.clone(base_model)
     apply_lora(plain, TARGETS, rank=4, alpha=6.0)
     with pytest.raises(L.LoraFileError, match="dora adapter cannot be loaded into the model's lora adapters"):
@@ -238,7 +232,8 @@ def test_dora_init_from_plain_lora_file_keeps_its_output(base_model, inputs, tmp
     model = nnx.clone(base_model)
     attach_lora(model, config=LoraConfig(variant="dora", init_from=str(path)))
     assert lora_metadata(model)["variant"] == "dora"
-    _close(_jax_out(model, inputs), _jax_out(src, inputs), _jax_out(base_model, inputs))
+    assert_adapter_close(_jax_out(model, inputs), _jax_out(src, inputs), 1e-4,
+                         _jax_out(base_model, inputs))
 
 
 def test_import_dora_saved_by_diffusers_from_peft(base_model, inputs, tiny_pipeline_dir, tmp_path):
@@ -264,4 +259,4 @@ def test_import_dora_saved_by_diffusers_from_peft(base_model, inputs, tiny_pipel
     meta = attach_lora(model, tmp_path / "pytorch_lora_weights.safetensors")
     assert meta["variant"] == "dora" and meta["rank"] == 3 and meta["alpha"] == 5.0
     assert lora_metadata(model)["variant"] == "dora"
-    _close(_jax_out(model, inputs), want, base)
+    assert_adapter_close(_jax_out(model, inputs), want, 1e-4, base)

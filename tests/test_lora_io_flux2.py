@@ -9,6 +9,7 @@ import torch
 from flax import nnx
 from safetensors import safe_open
 
+from support.asserts import assert_adapter_close
 from dreamomni2_jax.lora import files as L
 from dreamomni2_jax.layout import ids_klein as P2
 from dreamomni2_jax.convert.flux2_transformer import main as convert_main
@@ -78,12 +79,6 @@ def _diffusers(torch_model, path, inputs):
         torch_model.delete_adapters("t")
 
 
-def _close(got, want, base):
-    err, ref = np.abs(got - want).max(), np.abs(want).max()
-    assert err <= 1e-4 * ref, (err, ref)
-    assert np.abs(want - base).max() > 100 * err  # the adapter really changes the output
-
-
 @pytest.mark.parametrize("alpha", [4.0, 12.0], ids=["alpha=rank", "alpha!=rank"])
 def test_diffusers_export_loads_in_diffusers_flux2(klein, inputs, tmp_path, alpha):
     base, torch_model = klein
@@ -91,7 +86,8 @@ def test_diffusers_export_loads_in_diffusers_flux2(klein, inputs, tmp_path, alph
     path = L.save_lora_file(tmp_path / "pytorch_lora_weights.safetensors", lora_state(model), alpha)
     with safe_open(str(path), "np") as f:
         assert "transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj.lora_B.weight" in f.keys()
-    _close(_ours(model, inputs), _diffusers(torch_model, path, inputs), _ours(base, inputs))
+    assert_adapter_close(_ours(model, inputs), _diffusers(torch_model, path, inputs), 1e-4,
+                         _ours(base, inputs))
 
 
 @pytest.mark.parametrize("alpha", [4.0, 12.0], ids=["alpha=rank", "alpha!=rank"])
@@ -108,7 +104,8 @@ def test_kohya_export_matches_diffusers_flux2_kohya_conversion(klein, inputs, tm
         assert f.get_tensor("lora_unet_single_blocks_1_linear1.lora_down.weight").shape == (4, d)
     assert {"lora_unet_single_blocks_0_linear2.alpha", "lora_unet_double_blocks_1_txt_mlp_0.lora_up.weight",
             "lora_unet_img_in.lora_down.weight", "lora_unet_final_layer_linear.alpha"} <= keys
-    _close(_ours(model, inputs), _diffusers(torch_model, path, inputs), _ours(base, inputs))
+    assert_adapter_close(_ours(model, inputs), _diffusers(torch_model, path, inputs), 1e-4,
+                         _ours(base, inputs))
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])

@@ -105,7 +105,8 @@ def _to_bfl(sd: dict, n_blocks: int) -> dict:
 
 def test_bfl_single_file_matches_diffusers_conversion(flux2_vae, tmp_path):
     """BFL FLUX.2 ``ae.safetensors`` layout written by inverting diffusers' conversion script (transcribed in
-    ``support/reference_code.py``), converted by ours, checked against the diffusers model; config inferred from shapes."""
+    ``support/reference_code.py``), converted by ours, checked against the diffusers model; config inferred from
+    shapes."""
     from safetensors.torch import load_file, save_file
 
     from support.reference_code import convert_flux2_vae_checkpoint_to_diffusers

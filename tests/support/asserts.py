@@ -21,6 +21,17 @@ def assert_close(got, want, rtol: float, what: str = "") -> None:
     assert err <= rtol, f"{what + ': ' if what else ''}relative error {err:.3g} > {rtol:g}"
 
 
+def assert_adapter_close(got, want, rtol: float, base=None) -> None:
+    """:func:`assert_close` for an adapted model's output against a reference implementation's; with ``base`` (the
+    output without the adapter), also that the adapter moves the output by more than 100 times the error, so a
+    comparison cannot pass because the adapter does nothing."""
+    assert_close(got, want, rtol)
+    if base is not None:
+        got, want, base = (np.asarray(a, np.float32) for a in (got, want, base))
+        err, moved = np.abs(got - want).max(), np.abs(want - base).max()
+        assert moved > 100 * err, f"the adapter moves the output by {moved:.3g}, not > 100 x the error {err:.3g}"
+
+
 def assert_trees_close(got, want, rtol: float, *, scaled: bool = False) -> None:
     """Leafwise ``np.testing.assert_allclose(rtol=rtol, atol=rtol)``; ``scaled``: atol ``rtol`` times each
     reference leaf's largest magnitude (optimizer moments span many orders of magnitude)."""
