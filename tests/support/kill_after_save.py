@@ -1,5 +1,5 @@
-"""Fault injection for tests/test_resume.py: run scripts/train.py's ``main`` with a checkpoint ``after_save`` hook
-that SIGKILLs this process once the checkpoint of step N is committed.
+"""Fault injection for tests/e2e/test_resume.py and test_klein_e2e.py: run scripts/train.py's ``main`` with a
+checkpoint ``after_save`` hook that SIGKILLs this process once the checkpoint of step N is committed.
 
     python tests/support/kill_after_save.py N <scripts/train.py arguments>
 """

@@ -21,7 +21,8 @@ import torch
 
 from dreamomni2_jax.checkpoint import store as C
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+KILL_AFTER_SAVE = REPO / "tests" / "support" / "kill_after_save.py"  # run as a script: SIGKILL after step N's save
 CONFIG = REPO / "configs" / "klein_demo.py"
 SPECS = [((64, 64), [(64, 64), (64, 48)])] * 4  # one batch shape: the train step compiles once
 STEPS = 4
@@ -132,7 +133,7 @@ def test_train_kill9_then_resume_is_exact_and_validates(chain, straight, compile
     run = chain / "killed"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "kill_after_save.py"), "2", *_train_argv(run)],
+    proc = subprocess.run([sys.executable, str(KILL_AFTER_SAVE), "2", *_train_argv(run)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert C.complete_steps(run / "checkpoints") == [2]

@@ -19,7 +19,8 @@ from dreamomni2_jax.tools.export_lora import main as export_main
 from dreamomni2_jax.checkpoint import store as C
 from dreamomni2_jax.lora.files import load_lora_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+KILL_AFTER_SAVE = REPO / "tests" / "support" / "kill_after_save.py"  # run as a script: SIGKILL after step N's save
 CONFIG = """
 from dreamomni2_jax.config import *
 
@@ -97,7 +98,7 @@ def test_kill9_after_checkpoint_then_resume_is_exact(config_file, straight, tmp_
     run = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "kill_after_save.py"), "3", *_argv(config_file, run)],
+    proc = subprocess.run([sys.executable, str(KILL_AFTER_SAVE), "3", *_argv(config_file, run)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert C.complete_steps(run / "checkpoints") == [3]
