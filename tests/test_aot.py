@@ -87,6 +87,7 @@ def _check_arguments(report, shards, empty_text: bool, tile_padding: int = 0):
     assert 0 <= args - report["state_bytes_per_chip"] - batch_bytes_per_chip(report) <= 16 + tile_padding
 
 
+@pytest.mark.slow  # its report fixture compiles the full-width step (1-3 min on a CPU)
 def test_tpu_v5p_train_step_compiles_with_splash_in_the_program(tpu_report):
     r = tpu_report
     assert r["compiled"] and r["device_kind"].startswith("TPU v5") and r["chips"] == 4
@@ -97,10 +98,12 @@ def test_tpu_v5p_train_step_compiles_with_splash_in_the_program(tpu_report):
     assert r["capacity_gib"] == 95.74
 
 
+@pytest.mark.slow  # its report fixture compiles the full-width step (1-3 min on a CPU)
 def test_tpu_v5p_per_chip_arguments_are_the_sharded_parameters(tpu_report):
     _check_arguments(tpu_report, shards=4, empty_text=True, tile_padding=64 * 1024)  # caption_dropout 0.05
 
 
+@pytest.mark.slow  # its report fixture compiles the full-width step (1-3 min on a CPU)
 def test_h100x8_train_step_compiles_with_cudnn_in_the_program(gpu_report):
     r = gpu_report
     assert r["compiled"] and r["device_kind"] == "NVIDIA H100 80GB HBM3" and r["chips"] == 8
@@ -194,6 +197,7 @@ def klein_reference_bytes_per_chip(shards: int, rank: int = 16) -> dict:
     return {"base": base, "lora": lora, "modules": modules}
 
 
+@pytest.mark.slow  # its report fixture compiles the full-width step (1-3 min on a CPU)
 def test_klein_v5p_train_step_compiles_with_klein_shapes(klein_report):
     r = klein_report
     assert r["compiled"] and r["fits"] and r["chips"] == 4 and r["batch_per_chip"] == 1
@@ -203,6 +207,7 @@ def test_klein_v5p_train_step_compiles_with_klein_shapes(klein_report):
     assert r["tokens_per_sample"] == 512 + 4096 + 4096
 
 
+@pytest.mark.slow  # its report fixture compiles the full-width step (1-3 min on a CPU)
 def test_klein_per_chip_arguments_are_the_sharded_diffusers_parameters(klein_report):
     r, shards = klein_report, 4
     ref = klein_reference_bytes_per_chip(shards)
