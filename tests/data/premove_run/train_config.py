@@ -1,5 +1,5 @@
 """Training config of the pre-move run fixture (tests/data/premove_run/run), shared by make_fixture.py (which wrote
-the run with the pre-move code, commit d9c5347) and tests/test_premove_resume.py (which resumes it with this code).
+the run with the pre-move code, commit d9c5347) and tests/e2e/test_premove_resume.py (which resumes it with this code).
 
 model.path, data.cache_dir and train.run_dir are placeholders: both callers pass them with --set (the tiny converted
 model and the tiny cache of tests/support/fixtures_data.py, and the run directory). The data settings are those of

@@ -31,8 +31,8 @@ from dreamomni2_jax.lora.layers import lora_state
 from dreamomni2_jax.tools.export_lora import main as export_main
 from test_lora_io import _jax_out, _torch_out, inputs  # noqa: F401 - inputs: fixture over base_model below
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(__file__).resolve().parent / "data" / "premove_run"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "data" / "premove_run"
 OLD_HANDLER = "dreamomni2_jax.checkpoint_items.DataStateHandler"
 NEW_HANDLER = "dreamomni2_jax.checkpoint.items.DataStateHandler"
 
