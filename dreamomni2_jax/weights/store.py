@@ -160,6 +160,24 @@ def _stack(slices, sharding):
     return _stacker(sharding)(*slices)
 
 
+@functools.lru_cache(maxsize=None)
+def _caster(sharding, dtype):
+    import jax
+
+    return jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)
+
+
+def _placed(array, dtype, sharding):
+    """``array`` as ``dtype`` placed with ``sharding``. A restored ``jax.Array`` may span devices of other processes
+    (it is never fetched to the host); a host array gives each process only its own shards."""
+    import jax
+
+    if isinstance(array, jax.Array):
+        return _caster(sharding, np.dtype(dtype))(array)
+    host = np.asarray(array).astype(dtype, copy=False)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 class _Filler:
     """Collects restored arrays per (possibly stacked) param and rebuilds the ``nnx.State``."""
 
@@ -192,17 +210,13 @@ class _Filler:
         return jax.ShapeDtypeStruct(shape[1:], dtype, sharding=_slice_sharding(sharding))
 
     def put(self, target: str, array) -> None:
-        import jax
-
         full, idx = self.locate(target)
         shape, dtype, sharding = self.info[full]
         if idx is None:
-            self.values[full] = jax.device_put(np.asarray(array).astype(dtype, copy=False), sharding)
+            self.values[full] = _placed(array, dtype, sharding)
             return
         slices = self.pending.setdefault(full, [None] * shape[0])
-        if not isinstance(array, jax.Array):
-            array = jax.device_put(np.asarray(array).astype(dtype, copy=False), _slice_sharding(sharding))
-        slices[idx] = array
+        slices[idx] = _placed(array, dtype, _slice_sharding(sharding))
         if all(s is not None for s in slices):
             self.values[full] = _stack(self.pending.pop(full), sharding)
 
