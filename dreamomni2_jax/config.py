@@ -205,12 +205,16 @@ class MeshConfig(_Section):
     fsdp: int = -1  # -1: all remaining devices; base weights and optimizer state sharded here
     tensor: int = 1  # tensor parallelism over heads / MLP hidden
     distributed: str = "auto"  # auto | on | off: jax.distributed.initialize() for multi-host
+    init_timeout_s: int = 300  # how long a process waits for the coordinator (process 0) before it gives up
+    heartbeat_timeout_s: int = 100  # a process silent this long counts as dead: the others stop (JAX's default)
 
     def _validate(self):
         sizes = (self.data, self.fsdp, self.tensor)
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ConfigError(f"mesh sizes (data, fsdp, tensor)={sizes}: each >= 1, at most one -1")
         _choice("mesh.distributed", self.distributed, ("auto", "on", "off"))
+        _positive("mesh.init_timeout_s", self.init_timeout_s)
+        _positive("mesh.heartbeat_timeout_s", self.heartbeat_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ FSDP rule, so a moment is placed like its parameter.
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Mapping
 
 import jax
@@ -79,36 +78,21 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
 
 
 def multihost_env(environ: Mapping[str, str] | None = None) -> str | None:
-    """Name of the detected multi-process launcher (``"tpu"``, ``"slurm"``, ``"jax"``, ``"openmpi"``) or None."""
-    env = os.environ if environ is None else environ
+    """Name of the detected multi-process launcher (``"jax"``, ``"openmpi"``, ``"slurm"``, ``"tpu-gke"``,
+    ``"tpu-vm"``) or None; see :mod:`dreamomni2_jax.multihost` for the detection order."""
+    from dreamomni2_jax import multihost
 
-    def count(name):
-        try:
-            return int(env.get(name, "1"))
-        except ValueError:
-            return 1
-
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return "jax"
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return "tpu"
-    if env.get("SLURM_JOB_ID") and max(count("SLURM_NTASKS"), count("SLURM_NPROCS")) > 1:
-        return "slurm"
-    if env.get("OMPI_MCA_orte_hnp_uri") and count("OMPI_COMM_WORLD_SIZE") > 1:
-        return "openmpi"
-    return None
+    launch = multihost.detect(environ)
+    return None if launch is None else launch.launcher
 
 
 def initialize_distributed(mesh_cfg: MeshConfig, environ: Mapping[str, str] | None = None) -> bool:
-    """Call ``jax.distributed.initialize()`` when ``mesh.distributed`` is "on", or "auto" and a multi-host launcher
-    is detected. Must run before any other JAX call. Returns whether it initialized."""
-    if mesh_cfg.distributed == "off":
-        return False
-    if mesh_cfg.distributed == "auto" and multihost_env(environ) is None:
-        return False
-    jax.distributed.initialize()
-    return True
+    """``jax.distributed.initialize()`` when ``mesh.distributed`` is "on", or "auto" and a multi-host launcher
+    is detected (:func:`dreamomni2_jax.multihost.initialize`). Must run before any other JAX call. Returns whether
+    it initialized."""
+    from dreamomni2_jax import multihost
+
+    return multihost.initialize(mesh_cfg, environ) is not None
 
 
 # --------------------------------------------------------------------------- parameter shardings

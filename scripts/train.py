@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from dreamomni2_jax.config import ConfigError, load_config
 
@@ -73,6 +74,39 @@ def _main(args, callbacks, after_save=None) -> int:
     sharding.initialize_distributed(cfg.mesh)  # before any other JAX call
     import jax
 
+    if jax.process_count() > 1:  # every process: the same config, one run dir that every host sees
+        from dreamomni2_jax import multihost
+
+        multihost.check_same_config(cfg)
+        multihost.check_shared_run_dir(cfg.train.run_dir)
+    return _train(cfg, args, callbacks, after_save)
+
+
+def _exit_if_lost(err, cfg) -> None:
+    """With several processes, a runtime error of a collective that says a peer is gone (it died or is unreachable)
+    -> one line and exit code 2 at once: ``os._exit`` skips the runtime's shutdown barrier and pending checkpoint
+    writes, which would wait for the lost process (the last finalized checkpoint stays intact; an unfinished save
+    is a temporary folder). Returns for any other error."""
+    import os
+
+    import jax
+
+    from dreamomni2_jax import multihost
+
+    if jax.process_count() == 1 or not multihost.is_lost_process_error(err):
+        return
+    from dreamomni2_jax.checkpoint.store import CHECKPOINTS_DIR, complete_steps
+
+    root = Path(cfg.train.run_dir).absolute() / CHECKPOINTS_DIR
+    steps = complete_steps(root)
+    print(f"error: {multihost.lost_process_message(err, str(root / str(steps[-1])) if steps else None)}",
+          file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+def _train(cfg, args, callbacks, after_save) -> int:
+    import jax
+
     from dreamomni2_jax import cli
     from dreamomni2_jax.train import loop
     from dreamomni2_jax.train.preemption import SigtermFlag
@@ -91,6 +125,9 @@ def _main(args, callbacks, after_save=None) -> int:
                      jax.devices()[0].device_kind)
         try:
             ctx = loop.setup(cfg)
+        except jax.errors.JaxRuntimeError as e:
+            _exit_if_lost(e, cfg)
+            raise
         except ValueError as e:  # model / data / mesh that do not fit the config: named in the message
             raise cli.UserError(str(e)) from None
         if main_process:
@@ -105,6 +142,9 @@ def _main(args, callbacks, after_save=None) -> int:
         except loop.NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
+        except jax.errors.JaxRuntimeError as e:  # before the finally below: closing would wait for a lost process
+            _exit_if_lost(e, cfg)
+            raise
         finally:
             if ckpt.ckpt is not None:
                 ckpt.ckpt.close()  # pending saves of good states complete; no background thread is left behind

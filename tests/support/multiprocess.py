@@ -10,6 +10,9 @@ Every launch has a hard timeout: when it runs out (or when one process fails and
 
     procs = launch([sys.executable, "scripts/train.py", ...], nproc=2, devices=4, cwd=ROOT, timeout_s=300)
     assert all(p.returncode == 0 for p in procs), report(procs)
+
+``{rank}`` in an argument of the command is replaced by the process's rank (a per-process ``--set``, e.g. run
+directories that differ); ``start(..., ranks=[1])`` starts only some ranks of the group (the others never come).
 """
 from __future__ import annotations
 
@@ -56,15 +59,17 @@ class Proc:
 
 
 def start(cmd: Sequence[str], nproc: int, devices: int, *, cwd: Path, logs: Path,
-          env: Mapping[str, str] | None = None, port: int | None = None) -> list[Proc]:
-    """Start the group; each process writes stdout + stderr to ``logs/proc<rank>.log``."""
+          env: Mapping[str, str] | None = None, port: int | None = None,
+          ranks: Sequence[int] | None = None) -> list[Proc]:
+    """Start the group (or only ``ranks`` of it); each process writes stdout + stderr to ``logs/proc<rank>.log``;
+    ``{rank}`` in an argument becomes the rank."""
     logs.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     procs = []
-    for rank in range(nproc):
+    for rank in (range(nproc) if ranks is None else ranks):
         log = logs / f"proc{rank}.log"
         with open(log, "w") as fh:
-            p = subprocess.Popen(list(cmd), cwd=cwd, env=process_env(rank, nproc, devices, port, env), stdout=fh,
+            p = subprocess.Popen([str(a).replace("{rank}", str(rank)) for a in cmd], cwd=cwd, env=process_env(rank, nproc, devices, port, env), stdout=fh,
                                  stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(Proc(rank, p, log))
     return procs
