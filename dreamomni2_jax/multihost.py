@@ -341,6 +341,31 @@ def check_shared_run_dir(run_dir: str | Path) -> None:
                                      "there; the run directory must be on storage visible to every host")
 
 
+def agreed(fn: Callable[[], object]):
+    """``fn()`` on this process; if it raises a :class:`UserError` on any process, every process raises (the
+    failing one its own error, the others a :class:`LaunchError` naming it) instead of the others waiting in a
+    collective for a process that has stopped."""
+    import jax
+
+    err = None
+    try:
+        result = fn()
+    except UserError as e:
+        err, result = e, None
+    if jax.process_count() == 1:
+        if err is not None:
+            raise err
+        return result
+    bad = _allgather([err is not None])
+    if err is not None:
+        raise err
+    if bad.any():
+        failed = ", ".join(str(p) for p in range(bad.shape[0]) if bad[p])
+        raise LaunchError(f"process(es) {failed} stopped at start (see the error line in their output); "
+                          f"process {jax.process_index()} stops with them")
+    return result
+
+
 # --------------------------------------------------------------------------- a lost process
 
 

@@ -118,7 +118,10 @@ def _train(cfg, args, callbacks, after_save) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("dreamomni2_jax").setLevel(logging.INFO if main_process else logging.WARNING)
     log = logging.getLogger("dreamomni2_jax.train")
-    lock = RunLock(cfg.train.run_dir).acquire() if main_process else None
+    from dreamomni2_jax.multihost import agreed
+
+    # process 0 holds the run dir's lock; a busy run dir stops every process (none waits for process 0)
+    lock = agreed(lambda: RunLock(cfg.train.run_dir).acquire() if main_process else None)
     try:
         if main_process:
             log.info("%d process(es), %d devices (%s)", jax.process_count(), jax.device_count(),

@@ -2,7 +2,8 @@
 
 Each case must end every process with ONE line (``error: ...``), exit code 2, no traceback, within a tight
 timeout: a coordinator that never comes up, a run directory the hosts do not share, a different ``--set`` on one
-process, and one process killed (-9) after a checkpoint (the survivor stops and names it; the checkpoint resumes).
+process, a run dir locked by another run, and one process killed (-9) after a checkpoint (the survivor stops and
+names it; the checkpoint resumes).
 """
 from __future__ import annotations
 
@@ -81,6 +82,18 @@ def test_different_set_on_one_process(mp_inputs, tmp_path):
                    logs=tmp_path / "logs", env=env, timeout_s=240, grace_s=60)
     lines = assert_one_clear_line(procs, "different configs", "optim.lr differs on process(es) 1")
     assert "1.0" in lines[0] and "0.1" in lines[1], lines
+
+
+def test_busy_run_dir_stops_every_process(mp_inputs, tmp_path):
+    """Process 0 cannot take the run dir's lock: process 1 must not wait for it in a collective."""
+    from dreamomni2_jax.checkpoint.run_dir import RunLock
+
+    model, cache, env = mp_inputs
+    with RunLock(tmp_path / "run"):
+        procs = launch(train_cmd(model, cache, tmp_path / "run", "train.steps=2"), 2, 2, cwd=ROOT,
+                       logs=tmp_path / "logs", env=env, timeout_s=240, grace_s=60)
+    lines = assert_one_clear_line(procs)
+    assert "run dir is in use" in lines[0] and "process(es) 0 stopped at start" in lines[1], lines
 
 
 @pytest.mark.slow
