@@ -4,7 +4,10 @@
 
 ``model.path``: a converted model folder (``convert/pipeline.py`` output, with ``transformer/``) or a transformer
 checkpoint itself. ``data.cache_dir`` empty -> synthetic batches (smoke runs / throughput). Multi-host: run the
-same command on every host; ``jax.distributed.initialize()`` happens when ``mesh.distributed`` asks for it.
+same command on every host; ``jax.distributed.initialize()`` happens when ``mesh.distributed`` asks for it, then
+every process checks that the config is the same everywhere and that ``train.run_dir`` is shared
+(:mod:`dreamomni2_jax.multihost`); a process lost mid-run stops the others with one line (README "Pods and
+clusters").
 Writes ``train.run_dir/metrics.jsonl`` (one JSON record per step), ``config.json``, checkpoints (resumed from
 the latest one automatically) and, with ``sample.every_steps`` > 0, validation samples.
 """
