@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -39,6 +40,7 @@ from dreamomni2_jax.cli import UserError
 TPU_PORT = "8482"  # JAX's coordinator port on Cloud TPU (jax/_src/clusters/cloud_tpu_cluster.py)
 MARKER = ".hosts_check"  # written by process 0 in train.run_dir, read by every other process
 INIT_MARGIN_S = 30  # JAX's own connect timeout: mesh.init_timeout_s + this
+MARKER_WAIT_S = 10  # how long the other processes look for the marker (storage caches)
 PER_HOST_KEYS = frozenset({"train.run_dir"})  # may differ per host (mount points); the marker checks it instead
 
 
@@ -323,10 +325,16 @@ def check_shared_run_dir(run_dir: str | Path) -> None:
             problem = f"process 0 cannot write {marker}: {e}"
     multihost_utils.sync_global_devices("dreamomni2_run_dir_marker")
     if jax.process_index() != 0:
-        try:
-            seen = marker.read_text().strip()
-        except OSError:
-            seen = None
+        seen, deadline = None, time.monotonic() + MARKER_WAIT_S
+        while True:  # NFS / gcsfuse may cache "no such file" for a few seconds: list the folder, retry
+            try:
+                os.listdir(run_dir)
+                seen = marker.read_text().strip()
+            except OSError:
+                seen = None
+            if seen == str(token) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if seen != str(token):
             problem = (f"train.run_dir {run_dir} is not shared between hosts: process {jax.process_index()} does "
                        f"not see the file {MARKER} that process 0 wrote there; the run directory must be on storage "

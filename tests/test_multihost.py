@@ -5,6 +5,8 @@ The table mirrors JAX's own cluster detection (``jax/_src/clusters``): the same 
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dreamomni2_jax import multihost as mh
@@ -142,3 +144,35 @@ def test_lost_process_errors():
                                                  "peer"))
     assert mh.is_lost_process_error(RuntimeError("UNAVAILABLE: Task 1 heartbeat timeout"))
     assert not mh.is_lost_process_error(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8 GiB"))
+
+
+def test_lost_process_message(monkeypatch):
+    monkeypatch.setattr("jax.process_index", lambda: 0)
+    monkeypatch.setattr("jax.process_count", lambda: 4)
+    line = mh.lost_process_message(RuntimeError("UNAVAILABLE: Task 3 heartbeat timeout.\nmore"), "/r/checkpoints/8")
+    assert line.startswith("process 0 of 4 lost contact with process 3") and "\n" not in line
+    assert "the last checkpoint is /r/checkpoints/8" in line
+    assert "no checkpoint was written yet" in mh.lost_process_message(RuntimeError("gloo: reset"))
+
+
+@pytest.mark.parametrize("case", ["mpirun (Open MPI 4), 8 per node", "mpirun, JAX_COORDINATOR_PORT",
+                                  "srun, 8 tasks per node", "srun, plain node list",
+                                  "mpirun inside SLURM: Open MPI first, as JAX"])
+def test_agrees_with_jax_own_detection(case, monkeypatch):
+    """Cross-check against the installed JAX's cluster detection (a private module: skipped if it moved)."""
+    try:
+        from jax._src import clusters
+    except ImportError:
+        pytest.skip("jax._src.clusters moved")
+    env = next(e for c, e, _ in TABLE if c == case)
+    for k in [k for k in os.environ if k.startswith(("OMPI_", "SLURM_", "JAX_", "TPU_", "MEGASCALE_"))]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        coord, count, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None,
+                                                                                         None)
+    except TypeError:
+        pytest.skip("auto_detect_unset_distributed_params has another signature in this JAX")
+    launch = mh.detect({**NO_METADATA, **env})
+    assert (launch.coordinator, launch.num_processes, launch.process_id) == (coord, count, pid)
