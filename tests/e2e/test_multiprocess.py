@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -50,9 +51,15 @@ def get_config():
 """
 
 
+class Setup(NamedTuple):
+    config: Path
+    env: dict  # with a persistent compile cache shared by every process of this module
+    model: str = ""
+    refs: tuple[str, ...] = ()
+
+
 @pytest.fixture(scope="module")
-def setup(tiny_cache, tmp_path_factory):
-    """(config file, environment with a persistent compile cache shared by every process of this module)."""
+def setup(tiny_cache, tmp_path_factory) -> Setup:
     cfg, manifest, cache = tiny_cache
     root = tmp_path_factory.mktemp("multiprocess")
     img = manifest.parent / "img"
@@ -61,15 +68,15 @@ def setup(tiny_cache, tmp_path_factory):
                                     ref1=str(img / "s1_ref1.png")))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    return config, env
+    return Setup(config, env, cfg.model.path, (str(img / "s1_ref0.png"), str(img / "s1_ref1.png")))
 
 
 def _args(config: Path, run: Path, *extra: str) -> list[str]:
     return ["--config", str(config), "--set", f"train.run_dir={run}", "--no-progress", *extra]
 
 
-def _one_process(setup, run: Path, *extra: str, devices: int = 8) -> subprocess.CompletedProcess:
-    config, env = setup
+def _one_process(setup: Setup, run: Path, *extra: str, devices: int = 8) -> subprocess.CompletedProcess:
+    config, env = setup.config, setup.env
     env = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     proc = subprocess.run([*TRAIN, *_args(config, run, *extra)], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
@@ -77,10 +84,10 @@ def _one_process(setup, run: Path, *extra: str, devices: int = 8) -> subprocess.
     return proc
 
 
-def _start(setup, run: Path, nproc: int, devices: int, *extra: str) -> list[mp.Proc]:
-    config, env = setup
-    return mp.start([*TRAIN, *_args(config, run, *extra)], nproc, devices, cwd=REPO, logs=run.parent / f"{run.name}-logs",
-                    env=env)
+def _start(setup: Setup, run: Path, nproc: int, devices: int, *extra: str) -> list[mp.Proc]:
+    config, env = setup.config, setup.env
+    return mp.start([*TRAIN, *_args(config, run, *extra)], nproc, devices, cwd=REPO,
+                    logs=run.parent / f"{run.name}-logs", env=env)
 
 
 def _launch(setup, run: Path, nproc: int, devices: int, *extra: str) -> list[mp.Proc]:
@@ -139,13 +146,31 @@ def test_exported_lora_equals_the_one_process_runs(setup, straight, two, tmp_pat
     for name, src in (("one", one / "checkpoints" / "6"), ("two", run)):
         files[name] = tmp_path / f"{name}.safetensors"
         proc = subprocess.run([sys.executable, str(REPO / "convert" / "export_lora.py"), "--ckpt", str(src), "--out",
-                               str(files[name]), "--dtype", "fp32"], env=setup[1], cwd=REPO, capture_output=True,
+                               str(files[name]), "--dtype", "fp32"], env=setup.env, cwd=REPO, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(files["one"]), load_file(files["two"])
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_one_process_samples_with_a_two_process_run(setup, straight, two, tmp_path):
+    """scripts/sample.py --lora RUN (one process) reads what 2 processes wrote: the image of the 1-process run."""
+    (one, _), (run, _) = straight, two
+    model, refs = setup.model, setup.refs
+    pngs = {}
+    for name, lora in (("one", one / "checkpoints" / "6"), ("two", run)):
+        pngs[name] = tmp_path / f"{name}.png"
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), "--model", model, "--prompt",
+                               "put the hat from image 2 on the person in image 1", *[a for r in refs for a in
+                                                                                     ("--ref", r)],
+                               "--lora", str(lora), "--steps", "2", "--height", "64", "--width", "64", "--max-area",
+                               str(64 * 64), "--ref-area", str(64 * 64), "--dtype", "fp32", "--out", str(pngs[name]),
+                               "--no-progress"], env=setup.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (np.asarray(Image.open(pngs[n])) for n in ("one", "two"))
+    np.testing.assert_array_equal(a, b)
 
 
 def test_kill9_of_every_process_after_a_checkpoint_then_the_same_command_continues_exactly(setup, straight, tmp_path):
@@ -228,7 +253,8 @@ def test_features_and_optimizers_on_two_processes_equal_one(setup, tiny_cache, n
 
 @pytest.mark.slow
 def test_klein_on_two_processes_equals_one(chain, tmp_path):  # noqa: F811 - chain: test_klein_e2e's tiny klein chain
-    setup = (REPO / "configs" / "klein_demo.py", {**os.environ, "JAX_PLATFORMS": "cpu", "DREAMOMNI2_DEMO_OUT": str(chain)})
+    setup = Setup(REPO / "configs" / "klein_demo.py", {**os.environ, "JAX_PLATFORMS": "cpu",
+                                                        "DREAMOMNI2_DEMO_OUT": str(chain)})
     extra = ["--set", "mesh.distributed=auto", "--set", "data.batch_size=8", "--set", "train.steps=3",
              "--set", "sample.every_steps=0", "--set", "checkpoint.every_steps=1000"]
     _one_process(setup, tmp_path / "one", *extra)
