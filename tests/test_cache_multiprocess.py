@@ -144,3 +144,64 @@ def test_killed_run_resumes_with_another_number_of_processes(setup, killed, tmp_
     for p in procs:  # 4 shards left among 3 processes: 2, 1, 1
         assert f"process {p.rank} of 3: {2 if p.rank == 0 else 1} of 6 shards to encode" in p.output, report(procs)
     assert_same_cache(out, ref)
+
+
+# --------------------------------------------------------------------------- the agreement steps, in this process
+
+
+class _PoolEncoders:
+    """8x8-pooled pixels as latents, zeros as embeddings (no model, no JAX)."""
+
+    downscale = 8
+
+    def encode_images(self, x):
+        n, h, w, c = x.shape
+        return x.reshape(n, h // 8, 8, w // 8, 8, c).mean(axis=(2, 4))
+
+    def encode_text(self, prompts):
+        return np.zeros((len(prompts), 4, 8), np.float32), np.zeros((len(prompts), 8), np.float32)
+
+
+def _as_group(monkeypatch, others=lambda row: row):
+    """This process among 2 whose other process gathers ``others(row)`` (its own row by default: the same)."""
+    from dreamomni2_jax.cache import stage
+
+    monkeypatch.setattr(stage._Processes, "gather", lambda self, row: np.stack(
+        [np.asarray(r, np.int32) for r in ([row, others(row)] if self.index == 0 else [others(row), row])]))
+
+
+def test_a_process_that_cannot_see_the_folder_says_so(tmp_path, monkeypatch):
+    from dreamomni2_jax.cache.records import CacheError
+
+    _as_group(monkeypatch)
+    manifest = write_jsonl(tmp_path / "in")
+    with pytest.raises(CacheError, match=r"cache/settings.json not found although process 0 wrote it: the cache "
+                                         r"folder must be on storage every host sees"):
+        build_cache(tiny_config(), manifest, tmp_path / "cache", _PoolEncoders(), shard_size=2, progress=False,
+                    processes=(1, 2))
+
+
+def test_process_0_names_the_shard_files_it_cannot_see(tmp_path, monkeypatch):
+    from dreamomni2_jax.cache.records import CacheError
+
+    _as_group(monkeypatch)
+    manifest = write_jsonl(tmp_path / "in")  # 3 shards: 0 and 2 are process 0's, 1 is process 1's (not written)
+    with pytest.raises(CacheError, match=r"shard-00001.json not found although process 1 wrote it"):
+        build_cache(tiny_config(), manifest, tmp_path / "cache", _PoolEncoders(), shard_size=2, progress=False,
+                    processes=(0, 2))
+    assert sorted(p.name for p in (tmp_path / "cache").glob("shard-*.json")) == ["shard-00000.json",
+                                                                                   "shard-00002.json"]
+
+
+def test_a_failed_process_stops_the_others_with_one_line(tmp_path, monkeypatch):
+    from dreamomni2_jax.cache.records import CacheError
+
+    _as_group(monkeypatch, others=lambda row: [1, *row[1:]])  # the other process failed its first step
+    manifest = write_jsonl(tmp_path / "in")
+    with pytest.raises(CacheError, match=r"^cache setup: process 1 of 2 failed \(see its output\); process 0 stops"):
+        build_cache(tiny_config(), manifest, tmp_path / "cache", _PoolEncoders(), shard_size=2, progress=False,
+                    processes=(0, 2))
+    _as_group(monkeypatch, others=lambda row: [0, 99, *row[2:]])  # the other process reads other inputs
+    with pytest.raises(CacheError, match=r"process 1 reads other inputs \(99 shards\) than process 0 \(3 shards\)"):
+        build_cache(tiny_config(), manifest, tmp_path / "cache", _PoolEncoders(), shard_size=2, progress=False,
+                    processes=(0, 2))
