@@ -299,8 +299,8 @@ def build_cache(
     rows = group.agree(err, "cache setup", [len(chunks), *np.frombuffer(bytes.fromhex(digest), np.int32)])
     if (rows != rows[0]).any():
         other = int(np.flatnonzero((rows != rows[0]).any(axis=1))[0])
-        raise CacheError(f"{data}: process {other} reads other inputs ({int(rows[other, 0])} shards) than process 0 "
-                         f"({int(rows[0, 0])} shards): every host must see the same --data")
+        raise CacheError(f"{data}: process {other} reads other inputs than process 0 ({int(rows[other, 0])} vs "
+                         f"{int(rows[0, 0])} shards): every host must see the same --data")
     # step 2: every process sees process 0's settings.json (shared storage, the same command) and process 0's list
     # of the finished shards
     err = None
