@@ -207,11 +207,16 @@ class MeshConfig(_Section):
     distributed: str = "auto"  # auto | on | off: jax.distributed.initialize() for multi-host
     init_timeout_s: int = 300  # how long a process waits for the coordinator (process 0) before it gives up
     heartbeat_timeout_s: int = 100  # a process silent this long counts as dead: the others stop (JAX's default)
+    # data parallelism across TPU slices (multi-slice over the data-center network): the number of slices; the
+    # data / fsdp / tensor sizes above are then per slice. 1: one mesh over all devices (no "dcn_data" axis)
+    dcn_data: int = 1
 
     def _validate(self):
         sizes = (self.data, self.fsdp, self.tensor)
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ConfigError(f"mesh sizes (data, fsdp, tensor)={sizes}: each >= 1, at most one -1")
+        if not isinstance(self.dcn_data, int) or isinstance(self.dcn_data, bool) or self.dcn_data < 1:
+            raise ConfigError(f"mesh.dcn_data={self.dcn_data!r}: the number of slices, an integer >= 1")
         _choice("mesh.distributed", self.distributed, ("auto", "on", "off"))
         _positive("mesh.init_timeout_s", self.init_timeout_s)
         _positive("mesh.heartbeat_timeout_s", self.heartbeat_timeout_s)

@@ -1,8 +1,11 @@
 """Device mesh, sharding rules and multi-host set-up: the one place where placement is decided.
 
-Mesh axes are ``("data", "fsdp", "tensor")``. Logical axes map onto them through :data:`LOGICAL_RULES`:
+Mesh axes are ``("data", "fsdp", "tensor")``; with ``mesh.dcn_data > 1`` (several TPU slices over the data-center
+network) a leading ``"dcn_data"`` axis, one entry per slice, comes first. Logical axes map onto them through
+:data:`LOGICAL_RULES`:
 
-* ``batch`` (activations / data) -> ``("data", "fsdp")``;
+* ``batch`` (activations / data) -> ``("data", "fsdp")``, on a multi-slice mesh ``("dcn_data", "data", "fsdp")``
+  (:func:`batch_axes`); parameters and optimizer state are never sharded over ``dcn_data`` (replicated per slice);
 * ``heads`` / ``mlp`` (the output dim of q/k/v/MLP-up projections, the input dim of out/MLP-down) -> ``tensor``;
 * ``layers`` (the leading axis of stacked blocks) -> never sharded (``lax.scan`` slices it);
 * every other parameter dim is a candidate for ``fsdp``: the largest one divisible by the fsdp size is sharded.
@@ -30,7 +33,8 @@ from dreamomni2_jax.models.schemas import declared_linear, stacked_groups
 from dreamomni2_jax.utils.tree_paths import dotted
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+DCN_AXIS = "dcn_data"  # leading axis of a multi-slice mesh (mesh.dcn_data > 1): data parallel across slices
+BATCH_AXES = ("data", "fsdp")  # within a slice; see batch_axes()
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "heads": "tensor",
@@ -62,19 +66,44 @@ def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
-    """``Mesh`` over all (or the given) devices with axes ``("data", "fsdp", "tensor")``, Auto axis types.
+def device_grid(mesh_cfg: MeshConfig, devices) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``(devices as an array of the mesh shape, axis names)``: :func:`make_mesh` without the ``Mesh``.
 
-    Uses ``mesh_utils.create_device_mesh`` (topology-aware on TPU/GPU) and falls back to a plain reshape."""
-    devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_cfg, len(devices))
+    ``mesh.dcn_data == 1``: axes :data:`AXES` over all devices (``mesh_utils.create_device_mesh``, topology-aware on
+    TPU/GPU, else a plain reshape). ``> 1``: ``("dcn_data", *AXES)``, one ``dcn_data`` entry per slice
+    (``mesh_utils.create_hybrid_device_mesh`` on the devices' ``slice_index``), data / fsdp / tensor within a slice."""
+    from jax.experimental import mesh_utils
+
+    devices = list(devices)
+    n_dcn = int(getattr(mesh_cfg, "dcn_data", 1))
+    if n_dcn == 1:
+        shape = mesh_shape(mesh_cfg, len(devices))
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices, dtype=object).reshape(shape)
+        return grid, AXES
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None in slices or len(slices) != n_dcn:
+        found = "have no slice_index" if None in slices else f"are in {len(slices)} slice(s)"
+        raise MeshError(f"mesh.dcn_data={n_dcn} needs {n_dcn} TPU slices (devices with slice_index 0..{n_dcn - 1}); "
+                        f"the {len(devices)} devices {found} (GPU hosts are not slices: use mesh.data for data "
+                        "parallelism across hosts)")
+    if len(devices) % n_dcn:
+        raise MeshError(f"mesh.dcn_data={n_dcn}: {len(devices)} devices do not split evenly over the slices")
+    ici = mesh_shape(mesh_cfg, len(devices) // n_dcn)
     try:
-        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_hybrid_device_mesh((1, *ici), (n_dcn, 1, 1, 1), devices=devices)
+    except ValueError as e:  # slices of different sizes
+        raise MeshError(f"mesh.dcn_data={n_dcn}, per slice (data, fsdp, tensor)={ici}: {e}") from e
+    return grid, (DCN_AXIS, *AXES)
 
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    """``Mesh`` over all (or the given) devices with axes ``("data", "fsdp", "tensor")`` (multi-slice:
+    ``("dcn_data", "data", "fsdp", "tensor")``, see :func:`device_grid`), Auto axis types."""
+    grid, axes = device_grid(mesh_cfg, jax.devices() if devices is None else devices)
+    return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
 def multihost_env(environ: Mapping[str, str] | None = None) -> str | None:
@@ -178,21 +207,29 @@ def shardings_of(tree):
 # --------------------------------------------------------------------------- batches
 
 
+def batch_axes(mesh) -> tuple[str, ...]:
+    """Mesh axes the batch (leading) axis is split over: ``("data", "fsdp")``, preceded by ``"dcn_data"`` on a
+    multi-slice mesh."""
+    return ((DCN_AXIS,) if DCN_AXIS in mesh.shape else ()) + BATCH_AXES
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) axis over ``("data", "fsdp")``, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+    """Leading (batch) axis over :func:`batch_axes`, the rest replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def batch_shards(mesh: Mesh) -> int:
-    return _axis_size(mesh, BATCH_AXES)
+    return _axis_size(mesh, batch_axes(mesh))
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
-    """Each micro-batch (``global_batch / grad_accum``) must split evenly over the data x fsdp devices."""
+    """Each micro-batch (``global_batch / grad_accum``) must split evenly over the (dcn_data x) data x fsdp
+    devices."""
     n = batch_shards(mesh)
     if global_batch % grad_accum or (global_batch // grad_accum) % n:
         raise MeshError(f"data.batch_size={global_batch} with optim.grad_accum={grad_accum} gives micro-batches of "
-                        f"{global_batch / grad_accum:g} samples, which must be a multiple of data x fsdp = {n}")
+                        f"{global_batch / grad_accum:g} samples, which must be a multiple of "
+                        f"{' x '.join(batch_axes(mesh))} = {n}")
 
 
 def put_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

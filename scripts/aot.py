@@ -14,6 +14,11 @@ full-width model with 2 double and 4 single blocks (quick checks). The transform
 family read from the folder) or, with ``--model``, a published config without any checkpoint: ``kontext`` (FLUX.1
 Kontext dev), ``klein-4b`` / ``klein-9b`` (FLUX.2 [klein]: its transformer class, 4-axis ids, no guidance; the
 klein configs train the ``klein_wide`` LoRA preset). Exit code 0, or 2 for bad input.
+
+Several hosts: ``v5p-64`` / ``v6e-64`` are slices of 8 / 16 hosts (the report's ``hosts``; the compile sees every
+chip: ``program_devices``), ``h100x16`` (= ``2xh100x8``) two hosts of 8 GPUs. Several slices: ``2xv5p-8`` compiles
+for two v5p-8 slices over the data-center network with ``mesh.dcn_data`` set to the slice count (data parallel
+across slices; ``--set mesh.dcn_data=1`` for one flat mesh over both).
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ import sys
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="Python config file defining get_config()")
-    ap.add_argument("--topology", required=True, help="v5p-8, v5p-64, v5e-16, v6e-8, v6e-64, h100x1, h100x8, "
-                    "h200x1, h200x8, ...")
+    ap.add_argument("--topology", required=True, help="v5p-8, v5p-64, v5e-16, v6e-8, v6e-64, 2xv5p-8 (two slices), "
+                    "h100x1, h100x8, h200x1, h200x8, h100x16 (two hosts of 8), ...")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     ap.add_argument("--mode", choices=("train", "sample"), default="train")
     ap.add_argument("--model", choices=("kontext", "klein-4b", "klein-9b"), default=None,
@@ -58,6 +63,9 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--refs must be >= 0, got {args.refs}")
             res = cfg.data.synthetic_resolution
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, synthetic_refs=(res,) * args.refs))
+        if target.slices > 1 and not any(s.strip().startswith("mesh.dcn_data") for s in args.set):
+            # several slices: data parallel across them (mesh.dcn_data), data / fsdp / tensor within each
+            cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn_data=target.slices))
     except (ConfigError, AOTError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

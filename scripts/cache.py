@@ -4,9 +4,12 @@
         [--set model.path=CONVERTED_MODEL] [--skip-bad] [--enhance QWEN2_5_VL_DIR]
 
 The model comes from ``model.path`` (a ``convert/pipeline.py`` output folder), encoders run in
-``model.param_dtype`` data-parallel over this host's devices. Re-running the same command after
-an interruption continues where it stopped. Bad inputs stop the run with the file and manifest
-line named; ``--skip-bad`` skips them instead and lists them in ``CACHE_DIR/skipped.jsonl``.
+``model.param_dtype`` data-parallel over this host's devices. Several hosts: run the same command on
+every host (``jax.distributed.initialize()`` when ``mesh.distributed`` asks for it, as scripts/train.py),
+with ``--out`` on storage every host sees; each encodes its share of the shards into the one cache.
+Re-running the same command after an interruption (with any number of hosts) continues where it
+stopped. Bad inputs stop the run with the file and manifest line named; ``--skip-bad`` skips them
+instead and lists them in ``CACHE_DIR/skipped.jsonl``.
 Then train with ``--set data.cache_dir=CACHE_DIR``. See :mod:`dreamomni2_jax.cache.stage` for the layout.
 """
 from __future__ import annotations
@@ -57,6 +60,12 @@ def _main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         if not cfg.model.path:
             raise ConfigError("model.path is empty: set it to a converted model folder (convert/pipeline.py)")
+        from dreamomni2_jax import sharding
+
+        sharding.initialize_distributed(cfg.mesh)  # before any other JAX call (several hosts: one cache)
+        import jax
+
+        process, nproc = jax.process_index(), jax.process_count()
         enhancer = None
         if args.enhance:
             from dreamomni2_jax.cache.enhance import QwenEnhancer
@@ -71,11 +80,14 @@ def _main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         index = build_cache(cfg, args.data, args.out, encoders, skip_bad=args.skip_bad, shard_size=args.shard_size,
                             enhancer=enhancer, enhancer_name=args.enhance, default_task=args.task,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, processes=(process, nproc))
     except (BadInput, CacheError, ConfigError, FileNotFoundError) as e:
         hint = " (use --skip-bad to skip bad inputs)" if isinstance(e, BadInput) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2
+    if process:  # process 0 reports the cache
+        print(f"process {process} of {nproc}: done; {args.out} holds {index['num_records']} records")
+        return 0
     print(f"cached {index['num_records']} records in {len(index['shards'])} shards to {args.out} "
           f"({time.perf_counter() - t0:.1f}s); skipped {index['num_skipped']}"
           + (f" (see {args.out}/skipped.jsonl)" if index["num_skipped"] else ""))

@@ -144,6 +144,21 @@ def test_topology_names_and_missing_libtpu(monkeypatch):
         aot.target_devices(t)
 
 
+def test_multi_host_and_multi_slice_target_names():
+    from dreamomni2_jax.tools import aot
+
+    t = aot.parse_target("2xv5p-8")
+    assert (t.platform, t.topology, t.chips, t.slices) == ("tpu", "v5p:2x2x1", 8, 2)
+    assert aot.parse_target("v6e-64").topology == "v6e:8x8" and aot.parse_target("v6e-64").slices == 1
+    for name in ("h100x16", "2xh100x8"):
+        g = aot.parse_target(name)
+        assert (g.platform, g.topology, g.chips, g.hosts) == ("cuda", "2x1x8", 16, 2)
+    assert aot.parse_target("h200x32").topology == "4x1x8"
+    for bad in ("h100x12", "2xh100x4", "0xv5p-8"):
+        with pytest.raises(aot.AOTError):
+            aot.parse_target(bad)
+
+
 def test_compiler_out_of_memory_message_is_parsed():
     from dreamomni2_jax.tools.aot import _next_probe, _oom_numbers
 
@@ -245,3 +260,36 @@ def test_klein_sampler_inputs_have_the_pipelines_ids_and_no_guidance():
     assert noise.shape == (1, 4096, 128) and refs.shape == (1, 8192, 128) and n == 4096 + 8192 + 64
     assert embeds.shape == (2, 64, 7680) and pooled.shape == (2, 0) and guidance is None
     assert dataclasses.replace(fc, num_layers=5, num_single_layers=20) == aot.flux_config(cfg, model="klein-4b")
+
+
+# --------------------------------------------------------------------------- several hosts / slices
+
+SMALL = ("--layers", "1", "1", "--set", "data.synthetic_resolution=[512,512]", "--set",
+         "data.synthetic_refs=[[512,512]]")  # full width, 1 + 1 blocks, 512² target + 1 reference
+
+
+@pytest.mark.slow  # a full-width (1 + 1 blocks) compile for two slices: ~4 min on the loaded 2 cores
+def test_two_v5p_slices_compile_data_parallel_over_dcn():
+    """``2xv5p-8``: two slices of 4 chips (2 hosts) described by libtpu (``num_slices=2``); scripts/aot.py sets
+    ``mesh.dcn_data=2``, so the batch is split over the slices and the parameters are sharded within one slice:
+    the per-chip state is a v5p-8's (4-way FSDP), not an 8-way one."""
+    r = _report(run_aot("--config", "configs/tpu_v5.py", "--topology", "2xv5p-8", *SMALL,
+                        "--set", "data.batch_size=8"))
+    assert r["compiled"] and r["fits"] and (r["chips"], r["slices"], r["hosts"]) == (8, 2, 2)
+    assert r["mesh"] == {"dcn_data": 2, "data": 1, "fsdp": 4, "tensor": 1} and r["batch_per_chip"] == 1
+    assert r["program_devices"] == 8 and r["hlo_num_partitions"] == 4  # one SPMD program per slice
+    assert r["attention"]["in_program"] == "splash"
+    # the state per chip: diffusers' parameters split 4 ways (one slice), not 8 (+ Adam moments, the
+    # caption-dropout embeddings, step counters)
+    ref = reference_bytes_per_chip(4, layers=(1, 1))
+    expected = ref["base"] + 3 * ref["lora"] + (512 * 4096 + 768) * 2
+    assert 0 <= r["state_bytes_per_chip"] - expected <= 256, (r["state_bytes_per_chip"], expected)
+
+
+@pytest.mark.slow  # a full-width (1 + 1 blocks) compile for 16 GPUs
+def test_two_h100_hosts_compile_over_16_gpus():
+    r = _report(run_aot("--config", "configs/gpu_h100.py", "--topology", "h100x16", *SMALL,
+                        "--set", "data.batch_size=16"))
+    assert r["compiled"] and (r["chips"], r["hosts"], r["program_devices"]) == (16, 2, 16)
+    assert r["mesh"] == {"data": 1, "fsdp": 16, "tensor": 1} and r["attention"]["in_program"] == "cudnn"
+    assert r["fits"] and r["device_kind"] == "NVIDIA H100 80GB HBM3"

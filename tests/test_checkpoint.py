@@ -204,14 +204,24 @@ def test_load_lora_from_checkpoint(tmp_path):
 
 
 def test_other_process_count(tmp_path):
-    """A checkpoint written by 2 processes: training restore refuses (data position), export still reads it."""
+    """A checkpoint written by 2 processes, restored by 1: the data position is global, so the one both processes
+    saved is re-split (exact resume); positions that disagree are refused, naming the files; export reads it."""
     ck = C.open_run(tmp_path / "run", _cfg(every_steps=1))
-    ck.save(1, _state(1.0), {"pos": 1}, None)
+    ck.save(1, _state(1.0), {"step": 7, "seed": 0, "process_index": 0, "process_count": 2}, None)
     ck.close()
     data = tmp_path / "run" / "checkpoints" / "1" / "data"
+    saved = json.loads((data / "process_0-of-1.json").read_text())
     (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    other = {**saved, "value": {**saved["value"], "process_index": 1}}
+    (data / "process_1-of-2.json").write_text(json.dumps(other))
     ck = C.open_run(tmp_path / "run", _cfg(every_steps=1))
-    with pytest.raises(C.CheckpointError, match=r"process_0-of-1\.json does not exist .*process_0-of-2\.json") as e:
+    _, data_state, _, step = ck.restore(None, _abstract(_state()))
+    assert step == 1 and data_state == {"step": 7, "seed": 0, "process_index": 0, "process_count": 2}
+    ck.close()
+    (data / "process_1-of-2.json").write_text(json.dumps({**other, "value": {**other["value"], "step": 8}}))
+    ck = C.open_run(tmp_path / "run", _cfg(every_steps=1))
+    with pytest.raises(C.CheckpointError, match=r"process_0-of-1\.json does not exist .*process_0-of-2\.json.*"
+                                                 r"do not agree") as e:
         ck.restore(None, _abstract(_state()))
     assert "corrupt" not in str(e.value)
     ck.close()

@@ -15,6 +15,14 @@ Layout of a cache folder (``scripts/cache.py`` writes it, :mod:`dreamomni2_jax.d
 Input record ``k`` belongs to shard ``k // shard_size``, so a killed run re-run skips finished
 shards and redoes the rest. Every file is written to a temporary name and renamed. Position ids
 are not stored: :mod:`dreamomni2_jax.layout.ids_flux1` rebuilds them from the latent shapes.
+
+Several processes (``jax.distributed``: one per host) build one cache in a folder every host sees:
+process 0 checks / writes ``settings.json`` and lists the unfinished shards, the processes encode
+disjoint shares of them (round-robin, each on its own local devices) and write each shard's files
+and marker, then process 0 alone writes ``empty_prompt.rec``, ``skipped.jsonl`` and ``index.json``.
+A shard's contents depend only on its records, so the cache is the one a single process writes, and
+a killed run resumes with any number of processes. The processes agree (an all-gather) after each
+step, so an error in one stops all of them, each with one line.
 """
 from __future__ import annotations
 
@@ -99,6 +107,52 @@ def _digest(records: Sequence[Record]) -> str:
 def _bad_entry(e: BadInput, rec: Record | None) -> dict:
     return {"where": e.where, "path": e.path, "reason": e.reason, "line": rec.line if rec else None,
             "record": rec.raw if rec else None}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class _Processes:
+    """This process's place among the processes (``jax.distributed``) building one cache, and their agreement
+    steps (collectives over every process's devices: each process must reach the same steps in the same order).
+    One process: no collectives, no JAX calls."""
+
+    def __init__(self, index: int | None = None, count: int | None = None):
+        if index is None or count is None:
+            import jax
+
+            index, count = jax.process_index(), jax.process_count()
+        self.index, self.count = int(index), int(count)
+
+    def __str__(self) -> str:
+        return f"process {self.index} of {self.count}"
+
+    def gather(self, row: Sequence[int]) -> np.ndarray:
+        """Every process's ``row`` (int32, same length everywhere): ``[count, len(row)]``."""
+        row = np.asarray(row, np.int32).reshape(1, -1)
+        if self.count == 1:
+            return row
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(row[0])).reshape(self.count, -1)
+
+    def agree(self, err: Exception | None, step: str, row: Sequence[int] = ()) -> np.ndarray:
+        """Raise ``err`` here, and in every other process a :class:`CacheError` naming the failed processes; else
+        every process's ``row`` (:meth:`gather`)."""
+        rows = self.gather([int(err is not None), *row])
+        if err is not None:
+            raise err
+        failed = [i for i in range(self.count) if rows[i, 0]]
+        if failed:
+            raise CacheError(f"{step}: process{'es' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of "
+                             f"{self.count} failed (see {'their' if len(failed) > 1 else 'its'} output); "
+                             f"process {self.index} stops too")
+        return rows[:, 1:]
+
+
+def _unseen(path: Path, writer: str) -> CacheError:
+    return CacheError(f"{path} not found although {writer} wrote it: the cache folder must be on storage every host "
+                      f"sees (a shared file system, or the same bucket mounted with gcsfuse on every host)")
 
 
 # --------------------------------------------------------------------------- the stage
@@ -200,6 +254,7 @@ def build_cache(
     default_task: str = "editing",
     progress: bool = True,
     hook: Callable[[str, int], None] | None = None,
+    processes: tuple[int, int] | None = None,
 ) -> dict:
     """Encode every record of ``data`` (manifest or folder) into ``out``; returns the index dict.
 
@@ -208,62 +263,128 @@ def build_cache(
     original is kept in the record's ``instruction_original``). ``hook(event, shard)`` is called
     after every record written (``"record"``) and every finished shard (``"shard"``) (tests use it
     to simulate a killed run). Bad inputs raise :class:`BadInput` unless ``skip_bad``.
+
+    ``processes``: ``(index, count)`` of this process among those building the cache together (default:
+    ``jax.process_index(), jax.process_count()``); every one of them calls this with the same arguments.
     """
     from tqdm import tqdm
 
     check_local(out, "--out")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp-*"):
-        stale.unlink()
+    group = _Processes(*(processes or (None, None)))
     settings = CacheSettings.from_config(cfg, data, shard_size, enhancer_name, default_task)
     sfile = out / "settings.json"
+    first = group.index == 0
+    # step 1: process 0 checks / writes settings.json and finds the finished shards; everyone reads the inputs
+    err, digest, done, chunks, pre_bad = None, "0" * 16, [], [], []
+    try:
+        if first:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob("*.tmp-*"):  # a killed run's temporaries (nobody writes before step 3)
+                stale.unlink()
+            _check_settings(sfile, settings, out, write=True)
+        records, parse_bad = read_inputs(data)
+        if parse_bad and not skip_bad:
+            raise parse_bad[0]
+        pre_bad = [_bad_entry(e, None) for e in parse_bad]
+        if not skip_bad:  # cheap checks of everything before hours of encoding
+            for rec in records:
+                _check(rec, settings)
+        chunks = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
+        digest = _digest(records)
+        if first:
+            done = [_finished(out, k, chunk) for k, chunk in enumerate(chunks)]
+    except Exception as e:  # noqa: BLE001 - re-raised by agree (here; the other processes stop with one line)
+        err = e
+    rows = group.agree(err, "cache setup", [len(chunks), *np.frombuffer(bytes.fromhex(digest), np.int32)])
+    if (rows != rows[0]).any():
+        other = int(np.flatnonzero((rows != rows[0]).any(axis=1))[0])
+        raise CacheError(f"{data}: process {other} reads other inputs than process 0 ({int(rows[other, 0])} vs "
+                         f"{int(rows[0, 0])} shards): every host must see the same --data")
+    # step 2: every process sees process 0's settings.json (shared storage, the same command) and process 0's list
+    # of the finished shards
+    err = None
+    try:
+        if not first:
+            if not sfile.is_file():
+                raise _unseen(sfile, "process 0")
+            _check_settings(sfile, settings, out, write=False)
+    except Exception as e:  # noqa: BLE001 - re-raised by agree
+        err = e
+    done = group.agree(err, "cache folder check", done if first else [0] * len(chunks))[0]
+    # step 3: each process encodes its share of the unfinished shards (round-robin), each on its own devices
+    todo = [k for k in range(len(chunks)) if not done[k]]
+    mine = todo[group.index::group.count]
+    err, enc, multiple = None, None, None
+    try:
+        who = f"{group}: " if group.count > 1 else ""
+        if todo:
+            log.info("%s%d of %d shards to encode%s", who, len(mine), len(chunks),
+                     f" (of the {len(todo)} left; the others encode the rest)" if group.count > 1 else "")
+        n_images = sum(1 + len(r.references) for k in mine for r in chunks[k])
+        bar = tqdm(total=n_images, unit="img", disable=not progress or not first, smoothing=0.1,
+                   desc="cache" if group.count == 1 else f"cache ({group}: its share)")
+        for k in mine:
+            if enc is None:
+                enc = _make(encoders)
+                multiple = 2 * enc.downscale
+            _write_shard(out, k, chunks[k], settings, enc, multiple, skip_bad, group_size, enhancer, bar, hook)
+            if hook:
+                hook("shard", k)
+        bar.close()
+    except Exception as e:  # noqa: BLE001 - re-raised by agree
+        err = e
+    group.agree(err, "cache encoding")
+    # step 4: process 0 alone writes the single files from every process's shard markers
+    err, index = None, None
+    try:
+        if first:
+            if not (out / "empty_prompt.rec").exists():
+                if enc is None:
+                    enc = _make(encoders)
+                t5, pooled = enc.encode_text([""])
+                empty = {"text": np.asarray(t5[0]), "pooled": np.asarray(pooled[0])}
+                write_bytes(out / "empty_prompt.rec", encode_record(empty))
+            owners = {k: f"process {i % group.count}" if group.count > 1 else "this run"
+                      for i, k in enumerate(todo)}
+            index = _finalize(out, settings, len(chunks), pre_bad, owners)
+    except Exception as e:  # noqa: BLE001 - re-raised by agree
+        err = e
+    group.agree(err, "cache index")
+    if index is None:  # the other processes: process 0's index (which they must see too)
+        if not (out / "index.json").is_file():
+            raise _unseen(out / "index.json", "process 0")
+        index = _read_json(out / "index.json")
+    return index
+
+
+def _make(encoders) -> Encoders:
+    return encoders() if callable(encoders) and not hasattr(encoders, "encode_images") else encoders
+
+
+def _check_settings(sfile: Path, settings: CacheSettings, out: Path, write: bool) -> None:
+    """``settings.json`` must hold ``settings`` (written when absent and ``write``)."""
     if sfile.exists():
         old = _read_json(sfile)
         if old != asdict(settings):
             diff = {k: (old.get(k), v) for k, v in asdict(settings).items() if old.get(k) != v}
-            raise CacheError(f"{out} holds a cache built with other settings {diff} (old, new); use a new --out")
-    else:
+            raise CacheError(f"{out} holds a cache built with other settings {diff} (old, new); use a new --out"
+                             + ("" if write else " (or process 0 runs another command than this one)"))
+    elif write:
         write_bytes(sfile, json.dumps(asdict(settings), indent=1))
 
-    records, parse_bad = read_inputs(data)
-    if parse_bad and not skip_bad:
-        raise parse_bad[0]
-    pre_bad: list[dict] = [_bad_entry(e, None) for e in parse_bad]
-    if not skip_bad:  # cheap checks of everything before hours of encoding
-        for rec in records:
-            _check(rec, settings)
-    chunks = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
-    todo = []
-    for k, chunk in enumerate(chunks):
-        side = out / f"shard-{k:05d}.json"
-        if side.exists():
-            meta = json.loads(side.read_text())
-            if meta["digest"] != _digest(chunk):
-                raise CacheError(f"{side}: inputs changed since this shard was written; use a new --out")
-            if meta["num_records"] and not (out / shard_name(k)).exists():
-                raise CacheError(f"{out / shard_name(k)} missing although {side} marks it complete")
-        else:
-            todo.append(k)
-    enc = None
-    multiple = None
-    n_images = sum(1 + len(r.references) for k in todo for r in chunks[k])
-    bar = tqdm(total=n_images, unit="img", disable=not progress, desc="cache", smoothing=0.1)
-    for k in todo:
-        if enc is None:
-            enc = encoders() if callable(encoders) and not hasattr(encoders, "encode_images") else encoders
-            multiple = 2 * enc.downscale
-        _write_shard(out, k, chunks[k], settings, enc, multiple, skip_bad, group_size, enhancer, bar, hook)
-        if hook:
-            hook("shard", k)
-    bar.close()
-    if not (out / "empty_prompt.rec").exists():
-        if enc is None:
-            enc = encoders() if callable(encoders) and not hasattr(encoders, "encode_images") else encoders
-        t5, pooled = enc.encode_text([""])
-        empty = {"text": np.asarray(t5[0]), "pooled": np.asarray(pooled[0])}
-        write_bytes(out / "empty_prompt.rec", encode_record(empty))
-    return _finalize(out, settings, len(chunks), pre_bad)
+
+def _finished(out: Path, k: int, chunk: list[Record]) -> bool:
+    """Whether shard ``k`` is complete (its marker exists; :class:`CacheError` if it is of other inputs)."""
+    side = out / f"shard-{k:05d}.json"
+    if not side.exists():
+        return False
+    meta = _read_json(side)
+    if meta["digest"] != _digest(chunk):
+        raise CacheError(f"{side}: inputs changed since this shard was written; use a new --out")
+    if meta["num_records"] and not (out / shard_name(k)).exists():
+        raise CacheError(f"{out / shard_name(k)} missing although {side} marks it complete")
+    return True
 
 
 def _write_shard(out: Path, k: int, chunk: list[Record], s: CacheSettings, enc: Encoders, multiple: int,
@@ -327,12 +448,20 @@ def _write_shard(out: Path, k: int, chunk: list[Record], s: CacheSettings, enc: 
                                                           "records": entries, "skipped": skipped}))
 
 
-def _finalize(out: Path, s: CacheSettings, num_chunks: int, pre_bad: list[dict]) -> dict:
+def _finalize(out: Path, s: CacheSettings, num_chunks: int, pre_bad: list[dict],
+              owners: dict[int, str] | None = None) -> dict:
+    """``index.json`` and ``skipped.jsonl`` from the shard markers (``owners``: who wrote shard k in this run, named
+    when its files are not visible here)."""
     records, skipped, shards = [], list(pre_bad), []
     for k in range(num_chunks):
-        meta = json.loads((out / f"shard-{k:05d}.json").read_text())
+        side = out / f"shard-{k:05d}.json"
+        if not side.is_file():
+            raise _unseen(side, (owners or {}).get(k, "an earlier run"))
+        meta = _read_json(side)
         skipped += meta["skipped"]
         if meta["num_records"]:
+            if not (out / shard_name(k)).is_file():
+                raise _unseen(out / shard_name(k), (owners or {}).get(k, "an earlier run"))
             shards.append({"file": shard_name(k), "num_records": meta["num_records"]})
             records += meta["records"]
     if not records:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -54,12 +57,28 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
         path = self._file(directory)
-        if not path.exists():
+        if path.exists():
+            return _decode_data_state(json.loads(path.read_text()))
+        return self._resplit(directory, path)
+
+    @staticmethod
+    def _resplit(directory: epath.Path, path: epath.Path):
+        """A checkpoint written by another number of processes: the data position is global (the step of the
+        global batch plan; every process takes its share of the same global batches), so every saved process must
+        agree on it and any one of them continues exactly; process 0's state is returned."""
+        saved = sorted(directory.glob("process_*-of-*.json")) if directory.exists() else []
+        states = [_decode_data_state(json.loads(p.read_text())) for p in saved]
+        steps = {s.get("step") for s in states if isinstance(s, dict)}
+        if not states or len(steps) != 1 or not all(isinstance(s, dict) for s in states):
             found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
             raise CheckpointError(f"{path} does not exist (files there: {found}); the checkpoint was written by a "
-                                  f"different number of processes than the {jax.process_count()} running now, so "
-                                  "the data iterator position cannot be restored")
-        return _decode_data_state(json.loads(path.read_text()))
+                                  f"different number of processes than the {jax.process_count()} running now and "
+                                  "its per-process data positions do not agree, so the data position cannot be "
+                                  "re-split")
+        first = next(p for p in saved if p.name.startswith("process_0-"))
+        log.info("data position of %s (written by %d process(es)) re-split over %d: step %s", directory,
+                 len(saved), jax.process_count(), next(iter(steps)))
+        return _decode_data_state(json.loads(first.read_text()))
 
     def metadata(self, directory: epath.Path):
         return None

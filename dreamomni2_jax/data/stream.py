@@ -268,7 +268,9 @@ class _StepStream:
     def set_state(self, state: dict[str, Any] | bytes | str) -> None:
         if isinstance(state, (bytes, str)):
             state = json.loads(state)
-        diff = {k: (state.get(k), v) for k, v in self.fingerprint.items() if state.get(k) != v}
+        # the position is global (a step of the global batch plan): another process count or index re-splits it
+        diff = {k: (state.get(k), v) for k, v in self.fingerprint.items()
+                if state.get(k) != v and k not in ("process_index", "process_count")}
         if diff:
             raise ValueError(f"data iterator state is for another stream: {diff} (saved, current)")
         self.close()

@@ -101,8 +101,10 @@ def kernel_specs(mesh, batch: int, heads: int) -> tuple[P, P]:
     names = set(mesh.axis_names)
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
     batch_axes: tuple = ()
-    for cand in (("data", "fsdp"), ("fsdp",), ("data",)):
-        if set(cand) <= names and size(cand) > 1 and batch % size(cand) == 0:
+    dcn = ("dcn_data",) if "dcn_data" in names else ()  # a multi-slice mesh (sharding.batch_axes)
+    for cand in (dcn + ("data", "fsdp"), dcn + ("fsdp",), dcn + ("data",), dcn, ("data", "fsdp"), ("fsdp",),
+                 ("data",)):
+        if cand and set(cand) <= names and size(cand) > 1 and batch % size(cand) == 0:
             batch_axes = cand
             break
     head_axes: tuple = ()

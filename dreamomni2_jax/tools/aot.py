@@ -34,6 +34,8 @@ class Target:
     chips: int
     hbm_bytes: int  # per chip, as the compiler sees it (TPU) / the device reports it (GPU)
     usable_fraction: float = 1.0  # of hbm_bytes a program may use (GPU: CUDA context, cuDNN / NCCL buffers)
+    slices: int = 1  # TPU multi-slice: this many copies of ``topology`` over the data-center network
+    hosts: int = 1  # NVIDIA: hosts of 8 GPUs (TPU: the slice's hosts are read from its devices)
 
 
 # TPU: (libtpu name, TensorCores per chip counted in the slice name, HBM per chip as libtpu's compiler reports it)
@@ -48,23 +50,34 @@ GPU_USABLE = 0.92
 
 
 def parse_target(name: str) -> Target:
-    """``v5p-8`` / ``v5e-16`` / ``v6e-64`` (slice names: v5p counts TensorCores, 2 per chip) or ``h100x8``."""
+    """``v5p-8`` / ``v5e-16`` / ``v6e-64`` (slice names: v5p counts TensorCores, 2 per chip; several hosts from
+    v5p-16 / v6e-16 on), ``2xv5p-8`` (2 slices over the data-center network: multi-slice), ``h100x8`` (one host)
+    or ``h100x16`` / ``2xh100x8`` (2 hosts of 8 GPUs)."""
     n = name.strip().lower()
-    m = re.fullmatch(r"(v5p|v5e|v6e)-(\d+)", n)
+    m = re.fullmatch(r"(?:(\d+)x)?(v5p|v5e|v6e)-(\d+)", n)
     if m:
-        gen, per_chip, hbm = _TPU[m.group(1)]
-        cores = int(m.group(2))
+        gen, per_chip, hbm = _TPU[m.group(2)]
+        slices, cores = int(m.group(1) or 1), int(m.group(3))
         chips = cores // per_chip
         shapes = _TPU_3D if gen == "v5p" else _TPU_2D
         if cores % per_chip or chips not in shapes:
             raise AOTError(f"--topology {name}: unknown slice size; known: "
-                           + ", ".join(f"{m.group(1)}-{c * per_chip}" for c in shapes))
-        return Target(name, "tpu", f"{gen}:{shapes[chips]}", chips, hbm)
-    m = re.fullmatch(r"(h100|h200)x(1|2|4|8)", n)
+                           + ", ".join(f"{m.group(2)}-{c * per_chip}" for c in shapes))
+        if slices < 1:
+            raise AOTError(f"--topology {name}: the number of slices must be >= 1")
+        return Target(name, "tpu", f"{gen}:{shapes[chips]}", chips * slices, hbm, slices=slices)
+    m = re.fullmatch(r"(?:(\d+)x)?(h100|h200)x(\d+)", n)
     if m:
-        return Target(name, "cuda", f"1x1x{m.group(2)}", int(m.group(2)), _GPU[m.group(1)][1], GPU_USABLE)
-    raise AOTError(f"--topology {name!r}: expected a TPU slice (v5p-8, v5p-64, v5e-16, v6e-8, v6e-64, ...) or an "
-                   "NVIDIA host (h100x1, h100x8, h200x1, h200x8)")
+        hosts, gpus = int(m.group(1) or 1), int(m.group(3))
+        if m.group(1) is None and gpus > 8 and gpus % 8 == 0:  # h100x16: hosts of 8
+            hosts, gpus = gpus // 8, 8
+        if hosts >= 1 and (gpus in (1, 2, 4) and hosts == 1 or gpus == 8):
+            # "<slices>x<hosts per slice>x<devices per host>": a slice is an NVLink domain, here one host
+            return Target(name, "cuda", f"{hosts}x1x{gpus}", hosts * gpus, _GPU[m.group(2)][1], GPU_USABLE,
+                          hosts=hosts)
+    raise AOTError(f"--topology {name!r}: expected a TPU slice (v5p-8, v5p-64, v5e-16, v6e-8, v6e-64, ...), "
+                   "several slices (2xv5p-8), an NVIDIA host (h100x1, h100x8, h200x1, h200x8) or hosts of 8 GPUs "
+                   "(h100x16, 2xh100x8)")
 
 
 def gpu_target_config(name: str) -> str:
@@ -95,7 +108,8 @@ def target_devices(target: Target) -> list:
         # compile-only: no TPU is opened, so several compiles (and a training job on a TPU VM) may run at once
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU VM metadata server to ask
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology).devices)
+        extra = {"num_slices": target.slices} if target.slices > 1 else {}
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **extra).devices)
     if os.environ.get("JAX_PLATFORMS", "") != "cpu":
         raise AOTError("compiling for NVIDIA GPUs without a GPU needs JAX_PLATFORMS=cpu set before JAX starts "
                        "(scripts/aot.py sets it for h100/h200 targets)")
@@ -104,7 +118,8 @@ def target_devices(target: Target) -> list:
     except ImportError as e:
         raise AOTError(f"compiling for {target.name} needs the CUDA plugin: pip install -e '.[cuda12]' "
                        "(the `cuda12` extra)") from e
-    topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target.name),
+    gpu = re.search(r"h[12]00", target.name.lower()).group()
+    topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(gpu),
                                         topology=target.topology)
     return list(topo.devices)
 
@@ -324,10 +339,14 @@ def compile_report(cfg, target: Target, *, mode: str = "train", layers=None, sam
                    model: str | None = None) -> dict:
     """Compile ``mode`` ("train" | "sample") of ``cfg`` for ``target`` (``model``: see :func:`flux_config`); the
     JSON-ready report."""
+    import jax
+
     from dreamomni2_jax import families
     from dreamomni2_jax.models.attention import resolve_impl
 
     devices = target_devices(target)
+    if len(devices) != target.chips:
+        raise AOTError(f"{target.name}: the compiler describes {len(devices)} devices, expected {target.chips}")
     fc = flux_config(cfg, layers, model)
     cfg = for_family(cfg, fc)
     t0 = time.perf_counter()
@@ -336,7 +355,8 @@ def compile_report(cfg, target: Target, *, mode: str = "train", layers=None, sam
     t1 = time.perf_counter()
     usable = int(target.hbm_bytes * target.usable_fraction)
     report = {"target": target.name, "platform": target.platform, "topology": target.topology,
-              "chips": target.chips, "device_kind": devices[0].device_kind, "mode": mode,
+              "chips": target.chips, "slices": target.slices,
+              "hosts": len({d.process_index for d in devices}), "device_kind": devices[0].device_kind, "mode": mode,
               "model": {"family": families.for_config(fc).name, "double_blocks": fc.num_layers,
                         "single_blocks": fc.num_single_layers, "inner_dim": fc.inner_dim},
               "lora": {"preset": cfg.lora.preset, "rank": cfg.lora.rank},
@@ -364,7 +384,13 @@ def compile_report(cfg, target: Target, *, mode: str = "train", layers=None, sam
            "generated_code_bytes": mem.generated_code_size_in_bytes}
     peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
     peak = max(peak, per["argument_bytes"] + per["output_bytes"] - per["alias_bytes"] + per["temp_bytes"])
-    report["attention"]["in_program"] = attention_in_program(compiled.as_text())
+    text = compiled.as_text()
+    report["attention"]["in_program"] = attention_in_program(text)
+    # every chip of the target is in the program: its inputs span them (a multi-slice program is one SPMD
+    # program per slice, num_partitions = the chips of one slice, joined by the data-center network collectives)
+    report["program_devices"] = max(len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings))
+    parts = re.search(r"num_partitions=(\d+)", text)
+    report["hlo_num_partitions"] = int(parts.group(1)) if parts else None
     report.update({"compile_s": round(t2 - t1, 1), "compiled": True, "per_chip": per,
                    "peak_bytes_per_chip": peak, "capacity_bytes": target.hbm_bytes, "usable_bytes": usable,
                    "fits": peak <= usable, "headroom_bytes": usable - peak})

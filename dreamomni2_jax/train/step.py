@@ -193,7 +193,7 @@ def loss_and_grads(lora: nnx.State, frozen: nnx.State, batch: dict, rng: jax.Arr
     micro, micro_idx = _micro_batches(batch, k), _micro_batches({"i": index}, k)["i"]
     if statics.mesh is not None:
         micro = {n: jax.lax.with_sharding_constraint(v, jax.sharding.NamedSharding(
-            statics.mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, *([None] * (v.ndim - 2)))))
+            statics.mesh, jax.sharding.PartitionSpec(None, shd.batch_axes(statics.mesh), *([None] * (v.ndim - 2)))))
             for n, v in micro.items()}
 
     def body(carry, xs):
