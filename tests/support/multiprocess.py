@@ -69,7 +69,8 @@ def start(cmd: Sequence[str], nproc: int, devices: int, *, cwd: Path, logs: Path
     for rank in (range(nproc) if ranks is None else ranks):
         log = logs / f"proc{rank}.log"
         with open(log, "w") as fh:
-            p = subprocess.Popen([str(a).replace("{rank}", str(rank)) for a in cmd], cwd=cwd, env=process_env(rank, nproc, devices, port, env), stdout=fh,
+            args = [str(a).replace("{rank}", str(rank)) for a in cmd]
+            p = subprocess.Popen(args, cwd=cwd, env=process_env(rank, nproc, devices, port, env), stdout=fh,
                                  stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(Proc(rank, p, log))
     return procs
