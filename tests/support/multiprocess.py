@@ -87,14 +87,19 @@ def kill(procs: Sequence[Proc], sig: int = signal.SIGKILL) -> None:
 
 def wait(procs: Sequence[Proc], timeout_s: float, grace_s: float = 60.0,
          until: Callable[[], bool] | None = None) -> list[Proc]:
-    """Wait for every process (or for ``until()``); kill the whole group on the timeout, or when one process failed
-    and the others are still running ``grace_s`` later. Returns ``procs`` with return codes and outputs."""
+    """Wait for every process to end; kill the whole group on the timeout, or when one process failed and the others
+    are still running ``grace_s`` later. Returns ``procs`` with return codes and outputs.
+
+    With ``until``: return as soon as ``until()`` is true, leaving the processes running (return codes None), so a
+    test can then signal them (:func:`kill`) and :func:`wait` again; the timeout still kills the group."""
     deadline = time.monotonic() + timeout_s
     failed_at = None
     while True:
         codes = [p.popen.poll() for p in procs]
-        if all(c is not None for c in codes) or (until is not None and until()):
+        if all(c is not None for c in codes):
             break
+        if until is not None and until():
+            return list(procs)
         now = time.monotonic()
         if failed_at is None and any(c not in (None, 0) for c in codes):
             failed_at = now
