@@ -43,6 +43,7 @@ from pathlib import Path
 
 from dreamomni2_jax.images.io import BadInput, image_size
 from dreamomni2_jax.images.sizes import pair_aspect_mismatch
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TASKS = ("editing", "generation")
 TASK_SUFFIX = {"editing": " It is editing task.", "generation": " It is generation task."}

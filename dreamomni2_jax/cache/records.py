@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dreamomni2_jax.utils.dtypes import np_dtype
+
 FORMAT = "dreamomni2-cache"
 VERSION = 3  # 2: editing source and target resized together (v1 caches trained on misaligned pairs);
 # 3: the prompt embeddings are stored as "text" (FLUX.1: T5, klein: Qwen3), not "t5"

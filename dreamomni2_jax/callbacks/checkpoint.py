@@ -6,11 +6,10 @@ from pathlib import Path
 
 import jax
 
-from dreamomni2_jax.checkpoint.store import (CheckpointError, RunCheckpointer, open_run, read_config,
-    resolve_checkpoint)
+from dreamomni2_jax.checkpoint.run_dir import BRANCHES, SUPERSEDED, branch_aside, trim_metrics, write_config
+from dreamomni2_jax.checkpoint.store import CheckpointError, RunCheckpointer, open_run, read_config, resolve_checkpoint
 from dreamomni2_jax.cli import UserError
 from dreamomni2_jax.config import Config
-from dreamomni2_jax.checkpoint.run_dir import BRANCHES, SUPERSEDED, branch_aside, trim_metrics, write_config
 from dreamomni2_jax.lora.layers import lora_metadata
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,6 @@ def read_eval_records(cache_dir: str | Path, n: int, max_sequence_length: int) -
     ``data.max_sequence_length`` (they could not be batched with the other validation prompts)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-
     root = Path(cache_dir)
     index = load_index(root)
     out: list[EvalRecord] = []
@@ -68,7 +67,6 @@ def read_eval_records(cache_dir: str | Path, n: int, max_sequence_length: int) -
 def decode_latent(vae, z: np.ndarray) -> np.ndarray:
     """Normalised latent ``[h, w, C]`` (as cached) -> uint8 ``[h * f, w * f, 3]`` through the VAE decoder."""
     import jax.numpy as jnp
-
 
     x = denormalize_latents(jnp.asarray(z, jnp.float32)[None], vae.config).astype(vae.dtype)
     img = np.clip(np.asarray(decode_latents(vae, x), np.float32)[0] / 2 + 0.5, 0.0, 1.0)

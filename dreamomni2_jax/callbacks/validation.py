@@ -24,7 +24,6 @@ T5/CLIP embeddings are computed once and the text encoders are dropped right aft
 from __future__ import annotations
 
 import functools
-
 import logging
 import time
 from pathlib import Path
@@ -34,19 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamomni2_jax.config import Config, ValidationSample
-from dreamomni2_jax.utils.dtypes import np_dtype
-from dreamomni2_jax.images.sizes import editing_size
-from dreamomni2_jax.images.io import open_image
-from dreamomni2_jax.images.grid import ROW_HEIGHT, make_grid
-from dreamomni2_jax.utils.tensorboard import summary_writer
-from dreamomni2_jax.callbacks.previews import read_eval_records
 from dreamomni2_jax import families
-from dreamomni2_jax.sample.pipeline import Pipeline
+from dreamomni2_jax.callbacks.previews import decode_latent, read_eval_records
+from dreamomni2_jax.config import Config, ValidationSample
+from dreamomni2_jax.images.grid import ROW_HEIGHT, make_grid
+from dreamomni2_jax.images.io import open_image
+from dreamomni2_jax.images.sizes import editing_size
+from dreamomni2_jax.sample.pipeline import Pipeline, save_png, to_uint8
 from dreamomni2_jax.sample.schedule import FlowMatchConfig
-from dreamomni2_jax.callbacks.previews import decode_latent
-from dreamomni2_jax.sample.pipeline import to_uint8
-from dreamomni2_jax.sample.pipeline import save_png
+from dreamomni2_jax.utils.dtypes import np_dtype
+from dreamomni2_jax.utils.tensorboard import summary_writer
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import os
 import time
 from pathlib import Path
 
-from dreamomni2_jax.utils.atomic_write import write_text
 from dreamomni2_jax.checkpoint.store import complete_steps
 from dreamomni2_jax.cli import UserError
 from dreamomni2_jax.config import Config
+from dreamomni2_jax.utils.atomic_write import write_text
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"

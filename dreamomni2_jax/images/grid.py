@@ -1,8 +1,6 @@
 """Validation grids: rows of images with a caption line, as one uint8 array."""
 from __future__ import annotations
 
-
-
 import numpy as np
 from PIL import Image
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-
 # Copied from diffusers/pipelines/flux/pipeline_flux_kontext.py (width, height).
 PREFERRED_KONTEXT_RESOLUTIONS = [
     (672, 1568),

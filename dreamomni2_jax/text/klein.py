@@ -83,7 +83,6 @@ def load_klein_text(root: str | Path, dtype=None, param_sharding=None) -> KleinT
     """Qwen3 ``text_encoder/`` + ``tokenizer/`` of a converted (or diffusers) klein folder."""
     import jax.numpy as jnp
 
-
     root = Path(root)
     for sub in ("text_encoder", "tokenizer"):
         if not (root / sub).is_dir():

@@ -71,7 +71,6 @@ class LoopContext:
         to evaluate (:func:`optimizers.eval_params`), or their EMA with ``ema``."""
         from flax import nnx
 
-
         if ema and self.state.ema is None:
             raise ValueError("the EMA adapters were asked for but train.ema_decay is 0")
         lora = self.state.ema if ema else eval_params(self.cfg.optim, self.state.opt_state, self.state.lora)

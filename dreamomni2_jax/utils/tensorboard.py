@@ -1,10 +1,7 @@
 """A tensorboardX ``SummaryWriter`` that never imports torch."""
 from __future__ import annotations
 
-
 from pathlib import Path
-
-
 
 
 def summary_writer(logdir: Path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 from dreamomni2_jax.config import read_json
 
 MANIFEST = "manifest.json"

@@ -121,36 +121,37 @@ def _done(run: Path, step: int) -> bool:
 
 @pytest.fixture(scope="module")
 def straight(setup, tmp_path_factory):
-    """1 process x 8 devices, 8 steps, a validation grid at step 4."""
+    """1 process x 8 devices, 6 steps, a validation grid at the last step (sampling during a run perturbs the steps
+    after it: see the closing note of issue 23; so it comes last here)."""
     run = tmp_path_factory.mktemp("one") / "run"
-    _one_process(setup, run, "--set", "sample.every_steps=4")
+    _one_process(setup, run, "--set", "sample.every_steps=6", "--set", "train.steps=6")
     losses = _losses(run)
-    assert sorted(losses) == list(range(1, 9)) and len(set(losses.values())) == 8
+    assert sorted(losses) == list(range(1, 7)) and len(set(losses.values())) == 6
     return run, losses
 
 
 @pytest.fixture(scope="module")
 def two(setup, tmp_path_factory):
-    """2 processes x 4 devices, 6 steps, a validation grid at step 4."""
+    """The same as 2 processes x 4 devices."""
     run = tmp_path_factory.mktemp("two") / "run"
-    procs = _launch(setup, run, 2, 4, "--set", "sample.every_steps=4", "--set", "train.steps=6")
+    procs = _launch(setup, run, 2, 4, "--set", "sample.every_steps=6", "--set", "train.steps=6")
     return run, procs
 
 
-def test_two_processes_train_the_one_process_losses_bitwise(straight, two):
+def test_two_processes_train_the_one_process_losses(straight, two):
     (_, want), (run, procs) = straight, two
     assert "2 process(es), 8 devices" in procs[0].output and "global batch 8 (4 per process)" in procs[0].output
     assert "step 1 loss" not in procs[1].output  # logs and metrics: process 0 only
-    _assert_close(_losses(run), {s: want[s] for s in range(1, 7)})
+    _assert_close(_losses(run), want)
     step_dir = run / "checkpoints" / "6" / "data"
     assert sorted(p.name for p in step_dir.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_validation_grid_is_written_once_and_matches_one_process(straight, two):
     (one, _), (run, _) = straight, two
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000004.png"]
-    got = np.asarray(Image.open(run / "samples" / "step_000004.png"), np.int16)
-    want = np.asarray(Image.open(one / "samples" / "step_000004.png"), np.int16)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000006.png"]
+    got = np.asarray(Image.open(run / "samples" / "step_000006.png"), np.int16)
+    want = np.asarray(Image.open(one / "samples" / "step_000006.png"), np.int16)
     assert got.shape == want.shape and np.abs(got - want).max() <= 1
 
 
@@ -215,15 +216,18 @@ def test_sigterm_to_every_process_saves_the_same_step_and_exits_zero(setup, tmp_
 
 
 def test_one_process_resumes_what_two_wrote_exactly(setup, straight, two, tmp_path):
-    """The data position is global: a checkpoint of 2 processes continues on 1 (re-split), the same losses."""
-    (_, want), (run, _) = straight, two
-    copy = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
-    proc = _one_process(setup, copy, "--set", "train.steps=8")
-    assert "re-split over 1" in proc.stderr
-    got = _losses(copy)
-    assert got == _losses(run) | {7: got[7], 8: got[8]}  # steps 1-6 are the 2-process run's
-    _assert_close(got, want)
+    """The data position is global: a checkpoint of 2 processes continues on 1 (re-split) as the 1-process run's
+    own checkpoint does."""
+    (one, _), (run, _) = straight, two
+    got = {}
+    for name, src in (("two", run), ("one", one)):
+        copy = tmp_path / name
+        subprocess.run(["cp", "-r", str(src), str(copy)], check=True)
+        proc = _one_process(setup, copy, "--set", "train.steps=8")
+        assert ("re-split over 1" in proc.stderr) == (name == "two")
+        got[name] = _losses(copy)
+    assert {s: got["two"][s] for s in range(1, 7)} == _losses(run)  # steps 1-6: the 2-process run's records
+    _assert_close(got["two"], got["one"])
 
 
 def test_four_processes_of_two_devices(setup, straight, tmp_path):
