@@ -241,7 +241,8 @@ FEATURES = {
     "ema-dora-masks-refdrop-heldout-schedulefree": (
         "train.ema_decay=0.9", "train.ema_warmup=true", "lora.variant=dora", "train.loss_mask=difference",
         "train.mask_floor=0.2", "data.reference_dropout=0.5", "train.eval_every=2", "train.eval_sigmas=2",
-        "optim.name=schedule_free_adamw", "optim.schedule_free_warmup=2"),
+        "optim.name=schedule_free_adamw", "optim.schedule=constant", "optim.warmup_steps=0",
+        "optim.schedule_free_warmup=2"),
     "prodigy": ("optim.name=prodigy", "optim.lr=1.0"),
     "muon": ("optim.name=muon",),
     "adafactor": ("optim.name=adafactor",),
