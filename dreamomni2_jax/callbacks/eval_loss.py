@@ -98,7 +98,7 @@ class HeldOut:
         groups: dict = {}
         for i, (a, _) in enumerate(records):
             groups.setdefault(data._key(a), []).append(i)
-        self.batches = []  # (local batch dict, record indices [local], valid [local])
+        self.batches = []  # (local batch dict, record indices [local], valid [global batch])
         for key in sorted(groups):
             idx = groups[key]
             for lo in range(0, len(idx), bsz):
@@ -108,7 +108,7 @@ class HeldOut:
                 mine = slice(process_index * local, (process_index + 1) * local)
                 rows = [records[i] for i in part[mine]]
                 batch = data.process_samples(rows, 0, opts, cfg.model.position_scheme, None, None)
-                self.batches.append((batch, np.asarray(part[mine], np.int32), np.asarray(valid[mine], bool)))
+                self.batches.append((batch, np.asarray(part[mine], np.int32), np.asarray(valid, bool)))
         self.num_records = len(records)
         self.n_sigmas = cfg.train.eval_sigmas
         self._fns: dict = {}
@@ -126,19 +126,17 @@ class HeldOut:
         """``{"eval_loss", "eval_loss_by_sigma"}`` of ``lora`` (default: the state's adapters)."""
         lora = state.lora if lora is None else lora
         total, count = np.zeros(self.n_sigmas), 0
-        for local, record, valid in self.batches:
+        for local, record, v in self.batches:
             keys = ts.batch_keys(local)
             if statics.mesh is not None:
                 batch = shd.put_batch({k: local[k] for k in keys}, statics.mesh)
-                rec = shd.put_batch({"r": record, "v": valid}, statics.mesh)
-                record_g, valid_g = rec["r"], rec["v"]
+                record_g = shd.put_batch({"r": record}, statics.mesh)["r"]
             else:
-                batch, record_g, valid_g = {k: jnp.asarray(local[k]) for k in keys}, jnp.asarray(record), valid
+                batch, record_g = {k: jnp.asarray(local[k]) for k in keys}, jnp.asarray(record)
             shapes = tuple((k, v.shape) for k, v in batch.items())
             if shapes not in self._fns:
                 self._fns[shapes] = self._fn(statics, state, batch)
-            losses = np.asarray(jax.device_get(self._fns[shapes](lora, state.frozen, batch, record_g)))
-            v = np.asarray(jax.device_get(valid_g))
+            losses = np.asarray(jax.device_get(self._fns[shapes](lora, state.frozen, batch, record_g)))  # replicated
             total += (losses * v[:, None]).sum(0)
             count += int(v.sum())
         by_sigma = total / count
